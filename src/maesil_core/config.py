@@ -1,0 +1,398 @@
+"""Configuration dataclasses shared by the Python API, the CLI and the napari widgets.
+
+One dataclass per concern:
+
+- :class:`DataConfig`   how CT volumes are read and preprocessed (spacing, HU window, crops).
+- :class:`ModelConfig`  the architecture (method, superpatch and patch size, widths, masking).
+- :class:`TrainConfig`  the optimisation (steps, batch, lr schedule, precision, checkpoints).
+- :class:`RunConfig`    the three together; a *preset* is just a named ``RunConfig``.
+
+Spatial sizes are voxel counts along the array axes (D, H, W) of the RAS-oriented volume
+(MONAI's channel-first layout ``(C, D, H, W)`` after ``Orientation("RAS")``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+Int3 = tuple[int, int, int]
+Float3 = tuple[float, float, float]
+
+#: Named HU windows (low, high). ``abdomen`` follows MIM-Med3D (-175..250 HU).
+HU_WINDOWS: dict[str, tuple[float, float]] = {
+    "abdomen": (-175.0, 250.0),
+    "soft-tissue": (-160.0, 240.0),
+    "lung": (-1000.0, 400.0),
+    "bone": (-500.0, 1300.0),
+    "brain": (0.0, 80.0),
+    "wide": (-1024.0, 1500.0),
+}
+
+
+def as_int3(value: int | tuple[int, ...] | list[int], name: str = "size") -> Int3:
+    """``8`` -> ``(8, 8, 8)``; a 3-sequence is kept. Anything else is a ConfigError."""
+    if isinstance(value, int):
+        return (value, value, value)
+    values = tuple(int(v) for v in value)
+    if len(values) == 1:
+        return (values[0],) * 3
+    if len(values) != 3:
+        raise ConfigError(f"{name} must be one number or three (D H W), got {list(value)}.")
+    return values  # type: ignore[return-value]
+
+
+@dataclass
+class DataConfig:
+    """How volumes become training crops.
+
+    ``intensity`` chooses how voxel values map to [0, 1]:
+    ``"hu"`` clips ``hu_window`` (HU) to [0, 1]; ``"percentile"`` rescales the 0.5..99.5
+    percentiles (for scans not in HU); ``"auto"`` uses ``"hu"`` when the values look like HU
+    and ``"percentile"`` otherwise, with a warning.
+    """
+
+    spacing: Float3 | None = (1.5, 1.5, 1.5)  #: target voxel spacing in mm; None keeps native
+    hu_window: tuple[float, float] | str = "abdomen"  #: (low, high) HU or a HU_WINDOWS name
+    intensity: str = "auto"  #: "auto" | "hu" | "percentile"
+    crops_per_volume: int = 4  #: random superpatch crops drawn from each loaded volume
+    foreground_crop: bool = True  #: crop away air around the body before sampling
+    cache: str = "memory"  #: "memory" (CacheDataset) | "disk" (PersistentDataset) | "none"
+    cache_dir: str | None = None  #: for cache="disk"; default <run_dir>/cache
+    num_workers: int = 2  #: DataLoader worker processes (0 = in the main process)
+
+    def window(self) -> tuple[float, float]:
+        """The HU window as numbers."""
+        if isinstance(self.hu_window, str):
+            if self.hu_window not in HU_WINDOWS:
+                raise ConfigError(
+                    f"unknown HU window {self.hu_window!r}; use one of {sorted(HU_WINDOWS)} "
+                    "or two numbers LOW HIGH."
+                )
+            return HU_WINDOWS[self.hu_window]
+        low, high = (float(v) for v in self.hu_window)
+        if not high > low:
+            raise ConfigError(f"HU window must have high > low, got {low}..{high}.")
+        return low, high
+
+    def validate(self) -> None:
+        self.window()
+        if self.intensity not in ("auto", "hu", "percentile"):
+            raise ConfigError(f"intensity must be auto, hu or percentile, got {self.intensity!r}.")
+        if self.spacing is not None and any(float(s) <= 0 for s in self.spacing):
+            raise ConfigError(f"spacing must be positive millimetres, got {self.spacing}.")
+        if self.crops_per_volume < 1:
+            raise ConfigError("crops_per_volume must be at least 1.")
+        if self.cache not in ("memory", "disk", "none"):
+            raise ConfigError(f"cache must be memory, disk or none, got {self.cache!r}.")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers must be 0 or more.")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. ``method`` picks the model class in ``models.registry``.
+
+    For masked autoencoders a *superpatch* of ``superpatch`` voxels is cut into patches of
+    ``patch`` voxels: ``grid = superpatch // patch`` tokens per axis.
+    Masking (``mask_mode``): ``"dual"`` = coarse blocks of ``block`` patches (a share
+    ``coarse_fraction`` of the masked tokens) united with fine random patches, total
+    ``mask_ratio``; ``"random"`` = fine only; ``"block"`` = coarse only.
+    """
+
+    method: str = "maesil"
+    superpatch: Int3 = (128, 128, 128)
+    patch: Int3 = (8, 8, 8)
+    in_channels: int = 1
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    mask_mode: str = "dual"
+    mask_ratio: float = 0.75
+    block: Int3 = (2, 2, 2)
+    coarse_fraction: float = 0.5
+    norm_pix_loss: bool = False
+    #: free-form method-specific options (e.g. GL-MAE's global view size, VQ codebook size)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.superpatch = as_int3(self.superpatch, "superpatch")
+        self.patch = as_int3(self.patch, "patch")
+        self.block = as_int3(self.block, "block")
+
+    @property
+    def grid(self) -> Int3:
+        """Patches per axis, ``superpatch // patch``."""
+        return tuple(s // p for s, p in zip(self.superpatch, self.patch))  # type: ignore[return-value]
+
+    @property
+    def num_patches(self) -> int:
+        d, h, w = self.grid
+        return d * h * w
+
+    def validate(self) -> None:
+        for s, p in zip(self.superpatch, self.patch):
+            if p <= 0 or s <= 0:
+                raise ConfigError("superpatch and patch sizes must be positive.")
+            if s % p:
+                raise ConfigError(
+                    f"patch {list(self.patch)} does not divide superpatch {list(self.superpatch)}: "
+                    "choose a superpatch that is a multiple of the patch on every axis."
+                )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}."
+            )
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ConfigError(
+                f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                f"decoder_num_heads {self.decoder_num_heads}."
+            )
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(
+                f"mask_ratio must be between 0 and 1 (exclusive), got {self.mask_ratio}."
+            )
+        if self.mask_mode not in ("dual", "random", "block"):
+            raise ConfigError(f"mask_mode must be dual, random or block, got {self.mask_mode!r}.")
+        if not 0.0 <= self.coarse_fraction <= 1.0:
+            raise ConfigError(f"coarse_fraction must be in [0, 1], got {self.coarse_fraction}.")
+        if self.mask_mode in ("dual", "block"):
+            for g, b in zip(self.grid, self.block):
+                if b <= 0 or g % b:
+                    raise ConfigError(
+                        f"mask block {list(self.block)} (in patches) does not divide the patch grid "
+                        f"{list(self.grid)}: pick a block that divides superpatch/patch on every axis."
+                    )
+        if round(self.mask_ratio * self.num_patches) >= self.num_patches:
+            raise ConfigError("mask_ratio leaves no visible patch; lower it.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping for one run (pretraining or fine-tuning)."""
+
+    steps: int = 1000  #: optimiser steps
+    batch_size: int = 2  #: superpatches per step and per GPU (before accumulation)
+    accum_steps: int = 1  #: gradient accumulation
+    lr: float = 1.5e-4  #: peak learning rate for the whole batch (batch_size x accum x GPUs)
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 50
+    grad_clip: float = 1.0  #: max gradient norm; 0 disables
+    seed: int = 0
+    device: str = "auto"  #: "auto" | "cpu" | "cuda" | "cuda:N"
+    precision: str = "auto"  #: "auto" (bf16 on GPUs that support it) | "bf16" | "fp32"
+    checkpoint_every: int = (
+        500  #: steps between checkpoints (also written at the end and on cancel)
+    )
+    keep_checkpoints: int = 3  #: newest periodic checkpoints kept on disk
+    log_every: int = 10  #: steps between log lines / CSV rows
+    compile: bool = False  #: torch.compile the model (GPU)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps must be at least 1.")
+        if self.batch_size < 1:
+            raise ConfigError("batch size must be at least 1.")
+        if self.accum_steps < 1:
+            raise ConfigError("accum_steps must be at least 1.")
+        if self.lr <= 0:
+            raise ConfigError("learning rate must be positive.")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps must be 0 or more.")
+        if self.checkpoint_every < 1:
+            raise ConfigError("checkpoint_every must be at least 1 step.")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}.")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}.")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved in every checkpoint."""
+
+    preset: str = "base"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return cls(
+            preset=d.get("preset", "custom"),
+            data=_build(DataConfig, d.get("data", {})),
+            model=_build(ModelConfig, d.get("model", {})),
+            train=_build(TrainConfig, d.get("train", {})),
+        )
+
+    def override(self, section: str, **values: Any) -> RunConfig:
+        """Return a copy with ``values`` set in ``section`` (None values are ignored)."""
+        new = copy.deepcopy(self)
+        target = getattr(new, section)
+        names = {f.name for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key not in names:
+                raise ConfigError(f"unknown {section} setting {key!r}; known: {sorted(names)}.")
+            setattr(target, key, value)
+        if section == "model":
+            target.__post_init__()
+        return new
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} settings {sorted(unknown)}; known: {sorted(names)}."
+        )
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _tiny() -> RunConfig:
+    return RunConfig(
+        preset="tiny",
+        data=DataConfig(spacing=(3.0, 3.0, 3.0), crops_per_volume=4, num_workers=0),
+        model=ModelConfig(
+            superpatch=(32, 32, 32),
+            patch=(8, 8, 8),
+            embed_dim=96,
+            depth=4,
+            num_heads=3,
+            decoder_embed_dim=64,
+            decoder_depth=2,
+            decoder_num_heads=4,
+            block=(2, 2, 2),
+        ),
+        train=TrainConfig(
+            steps=300, batch_size=4, lr=1e-3, warmup_steps=20, checkpoint_every=100, log_every=10
+        ),
+    )
+
+
+def _small() -> RunConfig:
+    return RunConfig(
+        preset="small",
+        data=DataConfig(spacing=(2.0, 2.0, 2.0)),
+        model=ModelConfig(
+            superpatch=(64, 64, 64),
+            patch=(8, 8, 8),
+            embed_dim=384,
+            depth=6,
+            num_heads=6,
+            decoder_embed_dim=256,
+            decoder_depth=4,
+            decoder_num_heads=8,
+            block=(2, 2, 2),
+        ),
+        train=TrainConfig(steps=5000, batch_size=4, lr=5e-4, warmup_steps=200),
+    )
+
+
+def _base() -> RunConfig:
+    return RunConfig(
+        preset="base",
+        data=DataConfig(spacing=(1.5, 1.5, 1.5)),
+        model=ModelConfig(
+            superpatch=(128, 128, 128),
+            patch=(8, 8, 8),
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            decoder_embed_dim=512,
+            decoder_depth=8,
+            decoder_num_heads=16,
+            block=(4, 4, 4),
+        ),
+        train=TrainConfig(
+            steps=100_000, batch_size=2, lr=1.5e-4, warmup_steps=2000, checkpoint_every=1000
+        ),
+    )
+
+
+def _mim_med3d() -> RunConfig:
+    """MIM-Med3D's MAE configuration: ViT-B, 96^3 input, 16^3 patches, decoder 512 x 8."""
+    return RunConfig(
+        preset="mim-med3d",
+        data=DataConfig(spacing=(1.5, 1.5, 2.0)),
+        model=ModelConfig(
+            method="mae",
+            superpatch=(96, 96, 96),
+            patch=(16, 16, 16),
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            decoder_embed_dim=512,
+            decoder_depth=8,
+            decoder_num_heads=8,
+            mask_mode="random",
+            block=(1, 1, 1),
+        ),
+        train=TrainConfig(
+            steps=100_000, batch_size=4, lr=3e-4, warmup_steps=2000, checkpoint_every=1000
+        ),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "mim-med3d": _mim_med3d}
+
+
+def preset(name: str) -> RunConfig:
+    """A fresh copy of a named preset (``tiny``, ``small``, ``base``, ``mim-med3d``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return PRESETS[name]()
+
+
+def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a JSON config file (``{"preset": ..., "data": {...}, "model": {...}, ...}``).
+
+    Keys not in the file keep the values of ``base`` (or of the file's ``preset``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; give the path of a JSON file.")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"config file {path} is not valid JSON ({exc}); fix or remove it."
+        ) from exc
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object.")
+    start = base if base is not None else preset(d.get("preset", "base"))
+    merged = start.to_dict()
+    for section in ("data", "model", "train"):
+        merged[section].update(d.get(section, {}))
+    merged["preset"] = d.get("preset", start.preset)
+    return RunConfig.from_dict(merged)

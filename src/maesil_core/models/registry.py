@@ -1,0 +1,44 @@
+"""Method name -> model class.
+
+Every pretraining model takes a :class:`~maesil_core.config.ModelConfig` and returns a
+:class:`~maesil_core.models.base.PretrainOutput` from ``forward(x)`` with x (B, C, D, H, W)
+in [0, 1]. Models with a ViT encoder expose it as ``model.encoder`` for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+
+# method name -> "module:Class" (imported lazily so one broken method cannot break the others)
+_METHODS: dict[str, str] = {
+    "maesil": "maesil_core.models.maesil:MAESIL",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Register ``name`` -> ``"package.module:ClassName"``."""
+    _METHODS[name] = target
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def model_class(method: str) -> type[nn.Module]:
+    if method not in _METHODS:
+        raise ConfigError(
+            f"unknown method {method!r}; choose one of {', '.join(available_methods())}."
+        )
+    module_name, class_name = _METHODS[method].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Validate ``cfg`` and build the model it describes."""
+    cfg.validate()
+    return model_class(cfg.method)(cfg)
