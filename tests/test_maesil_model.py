@@ -1,0 +1,242 @@
+"""MAESIL model: patchify, shapes, masked-only loss, encoder on visible tokens, pos embeds, training."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maesil_core.config import ModelConfig, preset
+from maesil_core.errors import ConfigError
+from maesil_core.models.base import PretrainOutput
+from maesil_core.models.maesil import MAESIL
+from maesil_core.models.masking import make_mask, mask_to_voxels
+from maesil_core.models.registry import build_model
+from maesil_core.models.vit3d import (
+    PatchEmbed3D,
+    ViTEncoder3D,
+    pos_embed_3d_sincos,
+    resize_pos_embed,
+)
+
+CT = Path("/work/shared/data/abdomen_ct/ct.nii.gz")
+
+
+def tiny(**changes) -> ModelConfig:
+    return dataclasses.replace(preset("tiny").model, **changes)
+
+
+@pytest.fixture(scope="module")
+def model() -> MAESIL:
+    torch.manual_seed(0)
+    return build_model(tiny())
+
+
+# --------------------------------------------------------------------------- patches
+
+
+@pytest.mark.parametrize(
+    "superpatch,patch,channels",
+    [((32, 32, 32), (8, 8, 8), 1), ((16, 32, 32), (4, 8, 8), 1), ((16, 32, 32), (4, 8, 8), 2)],
+)
+def test_patchify_unpatchify_inverse(superpatch, patch, channels):
+    m = MAESIL(tiny(superpatch=superpatch, patch=patch, in_channels=channels))
+    x = torch.randn(2, channels, *superpatch)
+    tokens = m.patchify(x)
+    assert tokens.shape == (2, math.prod(m.grid), math.prod(patch) * channels)
+    assert torch.equal(m.unpatchify(tokens), x)
+    # token i is the i-th patch in C order over the grid, the order PatchEmbed3D uses
+    gd, gh, gw = m.grid
+    d, h, w = 1, 2, 3
+    i = (d * gh + h) * gw + w
+    pd, ph, pw = patch
+    cube = x[0, :, d * pd : (d + 1) * pd, h * ph : (h + 1) * ph, w * pw : (w + 1) * pw]
+    assert torch.equal(tokens[0, i], cube.permute(1, 2, 3, 0).reshape(-1))
+
+
+def test_patch_embed_order_matches_patchify():
+    cfg = tiny(superpatch=(16, 32, 32), patch=(4, 8, 8))
+    m = MAESIL(cfg)
+    pe = PatchEmbed3D(cfg.patch, 1, 5)
+    x = torch.randn(1, 1, *cfg.superpatch)
+    w = pe.proj.weight.reshape(5, -1)  # (E, C*pd*ph*pw) in (C, pd, ph, pw) order == ours for C=1
+    expected = m.patchify(x) @ w.T + pe.proj.bias
+    torch.testing.assert_close(pe(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def test_forward_shapes_and_output(model):
+    x = torch.rand(2, 1, 32, 32, 32)
+    out = model(x)
+    assert isinstance(out, PretrainOutput)
+    assert out.loss.ndim == 0 and out.loss.requires_grad
+    assert out.pred.shape == x.shape and out.mask.shape == (2, 1, 32, 32, 32)
+    assert out.mask.mean().item() == pytest.approx(round(0.75 * 64) / 64)
+    assert out.logs == {}
+
+
+def test_encoder_sees_only_visible_tokens(model):
+    x = torch.rand(3, 1, 32, 32, 32)
+    mask = make_mask(model.cfg, 3, generator=torch.Generator().manual_seed(0))
+    latent = model.forward_encoder(x, mask)
+    assert latent.shape == (3, 64 - 48, model.cfg.embed_dim)
+    assert model.forward_decoder(latent, mask).shape == (3, 64, 8**3)
+    # changing the voxels of masked patches changes neither the latent nor the prediction
+    vox = mask_to_voxels(mask, model.grid, model.patch)
+    x2 = x + vox * torch.randn_like(x)
+    torch.testing.assert_close(model.forward_encoder(x2, mask), latent)
+
+
+def test_loss_only_on_masked_patches(model):
+    x = torch.rand(2, 1, 32, 32, 32)
+    mask = make_mask(model.cfg, 2, generator=torch.Generator().manual_seed(1))
+    pred = torch.randn(2, 64, 8**3, requires_grad=True)
+    loss = model.forward_loss(x, pred, mask)
+    (grad,) = torch.autograd.grad(loss, pred)
+    assert torch.all(grad[~mask] == 0)
+    assert torch.all(grad[mask].abs().sum(-1) > 0)
+    # and it is the plain MSE over the masked patches
+    target = model.patchify(x)
+    expected = ((pred - target) ** 2)[mask].mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_norm_pix_loss_and_display_denormalisation():
+    torch.manual_seed(0)
+    m = MAESIL(tiny(norm_pix_loss=True))
+    x = torch.rand(1, 1, 32, 32, 32)
+    target = m.patchify(x)
+    mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    # a perfect normalised prediction costs nothing and displays as the input
+    perfect = (target - mean) / std
+    mask = make_mask(m.cfg, 1)
+    assert m.forward_loss(x, perfect, mask).item() == pytest.approx(0.0, abs=1e-8)
+    torch.testing.assert_close(m.to_voxels(x, perfect), x, atol=1e-5, rtol=1e-5)
+
+
+def test_reconstruct_keeps_visible_voxels(model):
+    x = torch.rand(2, 1, 32, 32, 32)
+    recon, vox_mask, raw = model.reconstruct(
+        x, generator=torch.Generator().manual_seed(0), return_raw=True
+    )
+    assert recon.shape == raw.shape == x.shape and vox_mask.shape == (2, 1, 32, 32, 32)
+    visible = vox_mask == 0
+    assert torch.equal(recon[visible], x[visible])
+    assert torch.equal(recon[~visible], raw[~visible])
+    recon_r, vm_r = model.reconstruct(x, mode="random", ratio=0.5)
+    assert vm_r.mean().item() == pytest.approx(0.5)
+
+
+def test_wrong_input_size_is_config_error(model):
+    with pytest.raises(ConfigError, match=r"32, 32, 32.*\(1, 1, 32, 32, 16\)"):
+        model(torch.rand(1, 1, 32, 32, 16))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"superpatch": (32, 32, 36)},  # patch 8 does not divide 36
+        {"block": (3, 3, 3)},  # block does not divide the 4^3 grid
+        {"num_heads": 5},
+        {"mask_ratio": 1.0},
+    ],
+)
+def test_invalid_config_raises_config_error(changes):
+    with pytest.raises(ConfigError):
+        build_model(tiny(**changes))
+
+
+# --------------------------------------------------------------------------- encoder, pos embeds
+
+
+def test_pos_embed_sincos_shapes_and_values():
+    for e in (96, 64, 512, 100, 7):
+        pos = pos_embed_3d_sincos(e, (2, 3, 4))
+        assert pos.shape == (24, e) and pos.dtype == torch.float32
+        assert torch.isfinite(pos).all()
+        assert len({tuple(r.tolist()) for r in pos}) == 24  # every position distinct
+    pos = pos_embed_3d_sincos(96, (4, 4, 4))
+    assert torch.equal(pos[0, :16], torch.zeros(16)) and torch.equal(pos[0, 16:32], torch.ones(16))
+
+
+def test_resize_pos_embed():
+    pos = pos_embed_3d_sincos(96, (4, 4, 4))
+    assert resize_pos_embed(pos, (4, 4, 4), (4, 4, 4)) is pos
+    learned = torch.randn(64, 96)
+    torch.testing.assert_close(resize_pos_embed(learned, (4, 4, 4), (4, 4, 4)), learned)
+    bigger = resize_pos_embed(learned, (4, 4, 4), (6, 4, 8))
+    assert bigger.shape == (6 * 4 * 8, 96)
+    const = torch.ones(64, 8)
+    torch.testing.assert_close(resize_pos_embed(const, (4, 4, 4), (2, 5, 3)), torch.ones(30, 8))
+    with pytest.raises(ValueError):
+        resize_pos_embed(learned, (4, 4, 2), (4, 4, 4))
+
+
+def test_forward_features_layers_and_resize(model):
+    enc = model.encoder
+    assert enc.grid == (4, 4, 4) and enc.embed_dim == 96 and enc.patch == (8, 8, 8)
+    x = torch.rand(2, 1, 32, 32, 32)
+    feats = enc.forward_features(x, [0, 2, 3])
+    assert [f.shape for f in feats] == [(2, 64, 96)] * 3
+    torch.testing.assert_close(feats[-1], enc(x))  # last block = forward, after the final norm
+    torch.testing.assert_close(enc.forward_features(x, [-1])[0], feats[-1])
+    # another grid: positions recomputed (default) or interpolated
+    y = torch.rand(1, 1, 48, 32, 24)
+    assert [f.shape for f in enc.forward_features(y, [1, 3])] == [(1, 72, 96)] * 2
+    interp = ViTEncoder3D(tiny(), pos_resize="interpolate")
+    assert interp.forward_features(y, [1])[0].shape == (1, 72, 96)
+    assert interp.pos_embed_for((4, 4, 4)) is interp.pos_embed
+    with pytest.raises(ConfigError):
+        enc.forward_features(torch.rand(1, 1, 30, 32, 32), [0])
+    with pytest.raises(ConfigError):
+        enc.forward_features(x, [4])
+
+
+# --------------------------------------------------------------------------- training
+
+
+def ct_crops(n: int, size: int = 32) -> torch.Tensor:
+    """n fixed 32^3 crops of the sample CT, windowed -175..250 HU to [0, 1]."""
+    nib = pytest.importorskip("nibabel")
+    if not CT.is_file():
+        pytest.skip(f"{CT} not available")
+    vol = np.asarray(nib.load(str(CT)).dataobj, dtype=np.float32)
+    vol = np.clip((vol + 175.0) / 425.0, 0.0, 1.0)
+    # the sample is only 30 slices deep on its last axis: pad it with air (0) to the crop size
+    pad = [(0, max(0, size - s)) for s in vol.shape]
+    vol = np.pad(vol, pad)
+    rng = np.random.default_rng(0)
+    crops = []
+    while len(crops) < n:
+        start = [int(rng.integers(0, s - size + 1)) for s in vol.shape]
+        crop = vol[tuple(slice(a, a + size) for a in start)]
+        if crop.std() > 0.1:  # skip crops that are almost all air
+            crops.append(crop)
+    return torch.from_numpy(np.stack(crops))[:, None]
+
+
+def test_short_training_lowers_masked_loss():
+    torch.manual_seed(0)
+    m = build_model(tiny())
+    x = ct_crops(8)
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return m(x, generator=torch.Generator().manual_seed(123)).loss.item()
+
+    initial = eval_loss()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        loss = m(x, generator=gen).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    final = eval_loss()
+    assert final < 0.6 * initial, (initial, final)
