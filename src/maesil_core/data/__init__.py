@@ -1,0 +1,47 @@
+"""CT data: readers/writers, MONAI transforms, datasets and loaders, phantom, downloads."""
+
+from .datasets import (
+    check_inputs,
+    infinite,
+    make_pretrain_loader,
+    resolve_inputs,
+    resolve_pairs,
+)
+from .io import (
+    Volume,
+    load_labels,
+    load_volume,
+    read_label_names,
+    resample_labels_to,
+    save_volume,
+)
+from .transforms import (
+    CheckFinited,
+    IntensityToUnitd,
+    LoadVolumed,
+    inference_transforms,
+    invert_to_input,
+    load_transforms,
+    pretrain_transforms,
+)
+
+__all__ = [
+    "CheckFinited",
+    "IntensityToUnitd",
+    "LoadVolumed",
+    "Volume",
+    "check_inputs",
+    "inference_transforms",
+    "infinite",
+    "invert_to_input",
+    "load_labels",
+    "load_transforms",
+    "load_volume",
+    "make_pretrain_loader",
+    "pretrain_transforms",
+    "read_label_names",
+    "resample_labels_to",
+    "resolve_inputs",
+    "resolve_pairs",
+    "save_volume",
+]

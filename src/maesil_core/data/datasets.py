@@ -1,0 +1,370 @@
+"""Finding CT files and feeding them to training.
+
+- :func:`resolve_inputs` turns files, folders, globs, ``.txt`` lists and MSD
+  ``dataset.json`` files into a list of volumes (a DICOM series folder counts as one).
+- :func:`resolve_pairs` pairs images with label maps for fine-tuning.
+- :func:`check_inputs` reads headers only, so a bad file fails before training starts.
+- :func:`make_pretrain_loader` builds the MONAI dataset + DataLoader of superpatches.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from monai.data import DataLoader as MonaiDataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..config import DataConfig
+from ..errors import DataError
+from .io import has_image_suffix, is_dicom_dir, is_dicom_file
+from .transforms import IMAGE_KEY, pretrain_transforms
+
+#: name fragments that mark label files (skipped when a folder is scanned for images)
+LABEL_MARKERS = ("label", "seg", "mask")
+
+_NOTHING_FOUND = (
+    "no CT files found in {where}; give .nii/.nii.gz files, DICOM folders, a .txt list "
+    "or a dataset.json"
+)
+
+
+def _is_label_name(rel: Path) -> bool:
+    return any(m in part.lower() for part in rel.parts for m in LABEL_MARKERS)
+
+
+def _scan_folder(folder: Path, skip_labels: bool) -> list[Path]:
+    """CT files under ``folder`` (recursive); each DICOM series folder counts as one."""
+    if is_dicom_dir(folder):
+        return [folder]
+    found: list[Path] = []
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith("."):
+            continue
+        rel = child.relative_to(folder)
+        if skip_labels and _is_label_name(rel):
+            continue
+        if child.is_dir():
+            found += _scan_folder(child, skip_labels)
+        elif child.is_file() and has_image_suffix(child):
+            found.append(child)
+    return found
+
+
+def _read_list(txt: Path) -> list[str]:
+    entries = []
+    for line in txt.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            p = Path(line).expanduser()
+            entries.append(str(p if p.is_absolute() else txt.parent / p))
+    return entries
+
+
+def _read_dataset_json(path: Path, with_labels: bool = False) -> list[Any]:
+    """MSD-style ``dataset.json``: ``training`` entries' images (and ``test`` images).
+
+    With ``with_labels``, the ``training`` entries as ``{"image", "label"}`` dicts.
+    """
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); fix the dataset file.") from exc
+    if not isinstance(meta, dict) or not ({"training", "test"} & set(meta)):
+        raise DataError(
+            f"{path} is not an MSD-style dataset.json (no 'training' or 'test' list); "
+            'write {"training": [{"image": "...", "label": "..."}], "test": ["..."]}.'
+        )
+
+    def rel(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else path.parent / q)
+
+    training = meta.get("training", []) or []
+    if with_labels:
+        pairs = []
+        for entry in training:
+            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                raise DataError(
+                    f"{path}: every 'training' entry needs 'image' and 'label' for fine-tuning."
+                )
+            pairs.append({"image": rel(entry["image"]), "label": rel(entry["label"])})
+        return pairs
+    images = []
+    for entry in training:
+        images.append(rel(entry["image"] if isinstance(entry, dict) else entry))
+    for entry in meta.get("test", []) or []:
+        images.append(rel(entry["image"] if isinstance(entry, dict) else entry))
+    return images
+
+
+def _resolve_one(item: str | Path, skip_labels: bool, depth: int = 0) -> list[Path]:
+    if depth > 5:
+        raise DataError(f"{item}: lists nested too deeply; list image files directly.")
+    text = str(item)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        found = _scan_folder(path, skip_labels)
+        if not found:
+            raise DataError(_NOTHING_FOUND.format(where=path))
+        return found
+    if path.is_file():
+        low = path.name.lower()
+        if low.endswith(".txt"):
+            out: list[Path] = []
+            for entry in _read_list(path):
+                out += _resolve_one(entry, skip_labels, depth + 1)
+            if not out:
+                raise DataError(_NOTHING_FOUND.format(where=path))
+            return out
+        if low.endswith(".json"):
+            out = []
+            for entry in _read_dataset_json(path):
+                out += _resolve_one(entry, False, depth + 1)
+            if not out:
+                raise DataError(_NOTHING_FOUND.format(where=path))
+            return out
+        if has_image_suffix(path):
+            return [path]
+        if is_dicom_file(path):
+            return [path.parent]
+        raise DataError(
+            f"{path} is not a CT file; give .nii/.nii.gz/.nrrd files, DICOM folders, "
+            "a .txt list or a dataset.json."
+        )
+    if any(c in text for c in "*?["):
+        matches = sorted(glob.glob(text, recursive=True))
+        out = []
+        for m in matches:
+            mp = Path(m)
+            if mp.is_file() and not (has_image_suffix(mp) or is_dicom_file(mp)):
+                continue
+            if skip_labels and mp.is_file() and _is_label_name(Path(mp.name)):
+                continue
+            out += _resolve_one(mp, skip_labels, depth + 1)
+        if not out:
+            raise DataError(_NOTHING_FOUND.format(where=f"the pattern {text!r}"))
+        return out
+    raise DataError(f"{path} does not exist; check the path (or quote a glob pattern).")
+
+
+def resolve_inputs(
+    items: Sequence[str | Path] | str | Path, *, skip_labels: bool = True
+) -> list[str]:
+    """Expand files, folders, globs, ``.txt`` lists and ``dataset.json`` into volume paths.
+
+    Folders are scanned recursively for ``.nii/.nii.gz/.nrrd`` files and DICOM series
+    (one entry per series folder); names containing label/seg/mask are skipped there
+    (``skip_labels``). Returns absolute paths as strings, in order, without duplicates.
+    """
+    if isinstance(items, (str, Path)):
+        items = [items]
+    if not items:
+        raise DataError(_NOTHING_FOUND.format(where="the (empty) input list"))
+    out: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        for p in _resolve_one(item, skip_labels):
+            s = str(Path(p).resolve())
+            if s not in seen:
+                seen.add(s)
+                out.append(s)
+    return out
+
+
+def resolve_pairs(
+    images: Sequence[str | Path] | str | Path,
+    labels: Sequence[str | Path] | str | Path | None = None,
+) -> list[dict[str, str]]:
+    """``[{"image": path, "label": path}, ...]`` for fine-tuning.
+
+    Either ``images`` is a ``dataset.json`` (its ``training`` image/label entries) and
+    ``labels`` is None, or both resolve (like :func:`resolve_inputs`, label names kept
+    for ``labels``) to the same number of files, paired in order (folders sorted by name).
+    """
+    if isinstance(images, (str, Path)):
+        images = [images]
+    if labels is None:
+        if len(images) == 1 and str(images[0]).lower().endswith(".json"):
+            path = Path(images[0])
+            if not path.is_file():
+                raise DataError(f"{path} does not exist; check the path.")
+            pairs = _read_dataset_json(path, with_labels=True)
+            if not pairs:
+                raise DataError(f"{path} has no 'training' image/label pairs.")
+            for pair in pairs:
+                for key in ("image", "label"):
+                    if not Path(pair[key]).exists():
+                        raise DataError(f"{pair[key]} (listed in {path}) does not exist.")
+            return pairs
+        raise DataError(
+            "fine-tuning needs label maps: give labels (files/folder/.txt) or a dataset.json "
+            "with image/label pairs."
+        )
+    image_files = resolve_inputs(images)
+    label_files = resolve_inputs(labels, skip_labels=False)
+    if len(image_files) != len(label_files):
+        raise DataError(
+            f"found {len(image_files)} images but {len(label_files)} label maps; give one "
+            "label map per image (same order), or a dataset.json with image/label pairs."
+        )
+    return [{"image": i, "label": lab} for i, lab in zip(image_files, label_files)]
+
+
+def check_inputs(files: Sequence[str | Path]) -> list[str]:
+    """Cheap header check of every file (no voxel data read): exists, readable, 3D.
+
+    Raises a DataError naming the first bad file; returns the files as strings.
+    NaN checks need the voxels: they happen in ``load_volume`` when each file is loaded.
+    """
+    import nibabel as nib
+
+    out = []
+    for f in files:
+        p = Path(f)
+        if not p.exists():
+            raise DataError(f"{p} does not exist; check the path.")
+        if p.is_dir():
+            if not is_dicom_dir(p):
+                raise DataError(
+                    f"{p} is a folder without DICOM files; give .nii/.nii.gz files or a "
+                    "DICOM series folder."
+                )
+        elif p.name.lower().endswith((".nii", ".nii.gz")):
+            try:
+                img = nib.load(str(p))
+                shape = tuple(img.shape)
+            except Exception as exc:
+                raise DataError(
+                    f"{p} is not a readable NIfTI file ({type(exc).__name__}); "
+                    "re-copy or re-export it, or leave it out."
+                ) from exc
+            spatial = [s for s in shape[3:] if s != 1]
+            if len(shape) < 3 or min(shape[:3]) < 2:
+                raise DataError(f"{p} is a 2D image (shape {shape}); give 3D CT volumes.")
+            if spatial:
+                raise DataError(
+                    f"{p} has shape {shape} (several channels or time points); give single "
+                    "3D volumes."
+                )
+        elif not has_image_suffix(p):
+            raise DataError(f"{p} is not a CT file; give .nii/.nii.gz/.nrrd or DICOM folders.")
+        out.append(str(p))
+    return out
+
+
+def _cache_key(data_cfg: DataConfig, superpatch: Sequence[int]) -> str:
+    """Hash of the settings that change the cached (deterministic) part of the chain."""
+    spec = json.dumps(
+        [
+            data_cfg.spacing,
+            data_cfg.window(),
+            data_cfg.intensity,
+            data_cfg.foreground_crop,
+            list(superpatch),
+        ],
+        default=list,
+    )
+    return hashlib.sha1(spec.encode()).hexdigest()[:12]
+
+
+def _collate_trim(batch: list, batch_size: int) -> dict:
+    """``list_data_collate`` (flattens the per-volume crop lists), then keep ``batch_size``."""
+    out = list_data_collate(batch)
+    return {k: (v[:batch_size] if hasattr(v, "__getitem__") else v) for k, v in out.items()}
+
+
+def make_pretrain_loader(
+    files: Sequence[str | Path],
+    data_cfg: DataConfig,
+    superpatch: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    cache_dir: str | Path | None = None,
+) -> DataLoader:
+    """A DataLoader of superpatch batches ``{"image": (B, 1, D, H, W)}`` float32 in [0, 1].
+
+    ``batch_size`` counts superpatches: each step loads ``ceil(batch_size /
+    crops_per_volume)`` volumes, draws ``crops_per_volume`` crops from each and keeps the
+    first ``batch_size``. Batches are full unless there are fewer volumes (per rank)
+    than a batch needs; then every epoch is one smaller batch.
+    ``data_cfg.cache``: ``"memory"`` caches the deterministic part (load, RAS, spacing,
+    intensity, foreground crop, pad) in RAM (CacheDataset), ``"disk"`` in ``cache_dir``
+    (PersistentDataset, one subfolder per preprocessing setting), ``"none"`` recomputes.
+    With ``world_size > 1`` a DistributedSampler shards the volumes; loop with
+    :func:`infinite`, which calls ``set_epoch``.
+    """
+    files = [str(f) for f in files]
+    if not files:
+        raise DataError(_NOTHING_FOUND.format(where="the input list"))
+    if batch_size < 1:
+        raise DataError("batch size must be at least 1.")
+    transform = pretrain_transforms(data_cfg, superpatch)
+    transform.set_random_state(seed=(seed + 1000 * rank) % (2**32))
+    data = [{IMAGE_KEY: f} for f in files]
+    if data_cfg.cache == "memory":
+        dataset = CacheDataset(data, transform, num_workers=None, progress=False, copy_cache=True)
+    elif data_cfg.cache == "disk":
+        root = cache_dir or data_cfg.cache_dir
+        if root is None:
+            raise DataError("cache='disk' needs a cache folder: pass cache_dir or set cache_dir.")
+        folder = Path(root) / f"pretrain-{_cache_key(data_cfg, superpatch)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        dataset = PersistentDataset(data, transform, cache_dir=folder)
+    else:
+        dataset = Dataset(data, transform)
+
+    crops = int(data_cfg.crops_per_volume)
+    volumes_per_batch = max(1, math.ceil(batch_size / crops))
+    per_rank = math.ceil(len(files) / world_size)
+    drop_last = per_rank >= volumes_per_batch
+    sampler = None
+    generator = torch.Generator().manual_seed(seed + 1000 * rank)
+    if world_size > 1:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+    workers = int(data_cfg.num_workers)
+    return MonaiDataLoader(
+        dataset,
+        batch_size=volumes_per_batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        collate_fn=partial(_collate_trim, batch_size=batch_size),
+        generator=generator,
+    )
+
+
+def infinite(loader: DataLoader, sampler: Any = None) -> Iterator[Any]:
+    """Loop over ``loader`` forever, calling ``sampler.set_epoch(epoch)`` each epoch.
+
+    ``sampler`` defaults to the loader's own sampler when it has ``set_epoch``.
+    """
+    if sampler is None:
+        sampler = getattr(loader, "sampler", None)
+    epoch = 0
+    while True:
+        if sampler is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        if not got:
+            raise DataError("the data loader is empty; give at least one volume.")
+        epoch += 1

@@ -1,0 +1,469 @@
+"""Reading and writing CT volumes: NIfTI, NRRD and DICOM series.
+
+Arrays are ``(X, Y, Z)`` in the file's own voxel order (as nibabel's ``get_fdata`` gives);
+the ``affine`` maps voxel indices to world millimetres in RAS+ (nibabel convention).
+Every problem a user can fix is raised as :class:`~maesil_core.errors.DataError` with
+one line that names the file, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import DataError
+
+#: file name endings read as NIfTI / NRRD
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
+
+#: a scan whose minimum is below this is taken to be in Hounsfield units
+HU_MIN_THRESHOLD = -500.0
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D scan: ``array`` (X, Y, Z) float32 (int for label maps), ``affine`` (4, 4) RAS mm."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str
+    is_hu: bool = True
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the array axes (column norms of the affine)."""
+        sp = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
+        return (float(sp[0]), float(sp[1]), float(sp[2]))
+
+    @property
+    def name(self) -> str:
+        """File or folder name without the image suffix (``ct.nii.gz`` -> ``ct``)."""
+        return strip_suffix(Path(self.path).name)
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        """Orientation codes of the array axes, e.g. ``('L', 'P', 'S')``."""
+        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+
+
+def strip_suffix(name: str) -> str:
+    """``ct.nii.gz`` -> ``ct``; ``scan.nrrd`` -> ``scan``; other names unchanged."""
+    low = name.lower()
+    for suffix in IMAGE_SUFFIXES + (".json", ".txt"):
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def has_image_suffix(path: str | Path) -> bool:
+    """True for ``.nii``, ``.nii.gz``, ``.nrrd`` and ``.nhdr`` names."""
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def looks_like_hu(array: np.ndarray) -> bool:
+    """The HU heuristic: values reach below about -500 (air is -1000 HU)."""
+    return bool(array.size) and float(np.min(array)) < HU_MIN_THRESHOLD
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """Cheap check: the ``DICM`` preamble marker, or a ``.dcm`` name."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_dir(path: str | Path) -> bool:
+    """True if the folder directly holds DICOM files (looks at up to 5 files)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    checked = 0
+    for child in sorted(path.iterdir()):
+        if child.is_file() and not child.name.startswith("."):
+            if is_dicom_file(child):
+                return True
+            checked += 1
+            if checked >= 5:
+                break
+    return False
+
+
+def _read_any(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Raw ``(array, affine RAS, path)`` of any supported input; array keeps the file's dtype
+    (float32 for DICOM after rescaling)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the path (and that the drive is mounted).")
+    if path.is_dir():
+        array, affine = _read_dicom_series(path)
+    else:
+        low = path.name.lower()
+        if low.endswith(NIFTI_SUFFIXES):
+            array, affine = _read_nifti(path)
+        elif low.endswith(NRRD_SUFFIXES):
+            array, affine = _read_nrrd(path)
+        elif is_dicom_file(path):
+            raise DataError(
+                f"{path} is a single DICOM file; give the folder that holds the whole series."
+            )
+        else:
+            raise DataError(
+                f"{path} is not a supported image file; give a .nii/.nii.gz or .nrrd file "
+                "or a DICOM series folder."
+            )
+    return _check_3d(array, path), affine, str(path)
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        img = nib.load(str(path))
+        array = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel raises EOFError, zlib.error, OSError, ValueError, ...
+        kind = "truncated or corrupt" if _is_gzip(path) else "not a valid NIfTI file"
+        raise DataError(
+            f"{path} is {kind} ({type(exc).__name__}: {_first_line(exc)}); "
+            "re-copy or re-export the file."
+        ) from exc
+    return array, affine
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no details"
+
+
+def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        import nrrd  # noqa: F401  (MONAI's NrrdReader needs pynrrd)
+        from monai.data import NrrdReader
+    except ImportError as exc:
+        raise DataError(
+            f"{path} is NRRD, which needs pynrrd: `pip install pynrrd` (or convert it to NIfTI)."
+        ) from exc
+    try:
+        reader = NrrdReader()
+        array, meta = reader.get_data(reader.read(str(path)))
+        affine = np.asarray(meta["affine"], dtype=np.float64)  # MONAI gives RAS by default
+    except Exception as exc:
+        raise DataError(
+            f"{path} is not a readable NRRD file ({type(exc).__name__}: {_first_line(exc)}); "
+            "re-export it or convert it to NIfTI."
+        ) from exc
+    return np.asarray(array), affine
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one DICOM series: slices sorted along the slice normal, HU via rescale tags.
+
+    Returns ``array`` (columns, rows, slices) float32 and its RAS affine.
+    """
+    import pydicom
+
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if not files and not any(folder.iterdir()):
+        raise DataError(f"{folder} is an empty folder; give a folder that holds a DICOM series.")
+    series: dict[str, list] = defaultdict(list)
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        except Exception:
+            continue
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            continue
+        series[str(ds.get("SeriesInstanceUID", ""))].append((f, ds))
+    if not series:
+        raise DataError(
+            f"{folder} holds no DICOM image slices; give a DICOM series folder or "
+            ".nii/.nii.gz files (folders of several scans: use resolve_inputs)."
+        )
+    uid, slices = max(series.items(), key=lambda kv: len(kv[1]))
+    if len(series) > 1:
+        warnings.warn(
+            f"{folder} holds {len(series)} DICOM series; using the largest ({len(slices)} slices).",
+            stacklevel=3,
+        )
+    iop = np.asarray(slices[0][1].ImageOrientationPatient, dtype=np.float64)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array([np.asarray(ds.ImagePositionPatient, float) for _, ds in slices])
+    order = np.argsort(positions @ normal)
+    slices = [slices[i] for i in order]
+    positions = positions[order]
+    if len(slices) < 2:
+        raise DataError(
+            f"{folder} holds a single DICOM slice (2D); give a series with several slices."
+        )
+    dist = positions @ normal
+    gaps = np.diff(dist)
+    if np.any(np.abs(gaps) < 1e-4):
+        raise DataError(
+            f"{folder} has DICOM slices at the same position (duplicates or several "
+            "acquisitions); keep one series per folder."
+        )
+    if gaps.max() - gaps.min() > 0.1 * np.median(gaps) + 1e-3:
+        warnings.warn(
+            f"{folder}: uneven DICOM slice spacing ({gaps.min():.3g}..{gaps.max():.3g} mm); "
+            "using the mean.",
+            stacklevel=3,
+        )
+    planes = []
+    for f, _ in slices:
+        try:
+            ds = pydicom.dcmread(str(f))
+            pix = ds.pixel_array.astype(np.float32)
+        except Exception as exc:
+            raise DataError(
+                f"cannot decode DICOM pixels of {f} ({type(exc).__name__}: {_first_line(exc)}); "
+                "install pylibjpeg / gdcm for compressed DICOM, or convert the series to NIfTI."
+            ) from exc
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        if pix.ndim != 2:
+            raise DataError(f"{f} is not a single-frame 2D DICOM slice; convert it to NIfTI.")
+        planes.append(pix.T * slope + intercept)  # (columns, rows)
+    shapes = {p.shape for p in planes}
+    if len(shapes) > 1:
+        raise DataError(f"{folder} mixes DICOM slices of sizes {sorted(shapes)}; one series only.")
+    array = np.stack(planes, axis=-1)
+    row_sp, col_sp = (float(v) for v in slices[0][1].PixelSpacing)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_sp  # i walks along a row: spacing between columns
+    lps[:3, 1] = col_dir * row_sp  # j walks down a column: spacing between rows
+    lps[:3, 2] = (positions[-1] - positions[0]) / (len(slices) - 1)
+    lps[:3, 3] = positions[0]
+    return array, _LPS_TO_RAS @ lps
+
+
+def _check_3d(array: np.ndarray, path: Path) -> np.ndarray:
+    """Squeeze trailing singleton dimensions; refuse 2D images and multi-channel 4D."""
+    shape = tuple(array.shape)
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim > 3:
+        raise DataError(
+            f"{path} is {len(shape)}D with shape {shape} (several channels or time points); "
+            "give a single 3D volume (split it first)."
+        )
+    if array.ndim < 3 or min(array.shape) < 2:
+        raise DataError(
+            f"{path} is a 2D image (shape {shape}); give a 3D CT volume (several slices)."
+        )
+    return array
+
+
+def _check_finite(array: np.ndarray, path: str) -> None:
+    finite = np.isfinite(array)
+    if not finite.all():
+        n_nan = int(np.isnan(array).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        what = f"{n_nan} NaN voxels" if n_nan else f"{n_inf} infinite voxels"
+        if n_nan and n_inf:
+            what += f" and {n_inf} infinite voxels"
+        raise DataError(
+            f"{path} contains {what}; replace them (e.g. with -1024) or leave the file out."
+        )
+
+
+def load_volume(path: str | Path) -> Volume:
+    """Read a CT volume (NIfTI, NRRD or DICOM series folder) as ``array`` (X, Y, Z) float32."""
+    raw, affine, spath = _read_any(path)
+    try:
+        array = np.asarray(raw, dtype=np.float32)
+    except Exception as exc:
+        raise DataError(
+            f"{spath} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)}); "
+            "re-copy or re-export the file."
+        ) from exc
+    _check_finite(array, spath)
+    is_hu = not np.issubdtype(raw.dtype, np.unsignedinteger) and looks_like_hu(array)
+    return Volume(array=array, affine=affine, path=spath, is_hu=is_hu)
+
+
+def load_labels(
+    path: str | Path, reference: Volume | None = None, *, resample: bool = False
+) -> Volume:
+    """Read an integer label map (X, Y, Z) int32.
+
+    With ``reference``, shape and affine must match it (else DataError saying what
+    differs), or with ``resample=True`` the labels are resampled onto its grid.
+    """
+    raw, affine, spath = _read_any(path)
+    try:
+        array = np.asarray(raw)
+    except Exception as exc:
+        raise DataError(
+            f"{spath} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)}); "
+            "re-copy or re-export the file."
+        ) from exc
+    if not np.issubdtype(array.dtype, np.integer):
+        _check_finite(array, spath)
+        rounded = np.rint(array)
+        if np.abs(array - rounded).max(initial=0) > 1e-3:
+            raise DataError(
+                f"{spath} holds non-integer values, so it is not a label map; give the "
+                "segmentation file (integer ids per voxel)."
+            )
+        array = rounded
+    labels = Volume(array=array.astype(np.int32), affine=affine, path=spath, is_hu=False)
+    if reference is not None:
+        problem = geometry_mismatch(labels, reference)
+        if problem:
+            if not resample:
+                raise DataError(
+                    f"labels {spath} do not match image {reference.path}: {problem}; "
+                    "use labels made on that image, or resample_labels_to() / resample=True."
+                )
+            labels = Volume(
+                resample_labels_to(labels, reference), reference.affine.copy(), spath, False
+            )
+    return labels
+
+
+def geometry_mismatch(a: Volume, b: Volume, atol_mm: float = 0.01) -> str:
+    """'' if ``a`` and ``b`` share the voxel grid, else what differs (shape, orientation, ...)."""
+    if a.array.shape != b.array.shape:
+        return f"shape {a.array.shape} vs {b.array.shape}"
+    if a.axcodes != b.axcodes:
+        return f"orientation {''.join(a.axcodes)} vs {''.join(b.axcodes)}"
+    if not np.allclose(a.spacing, b.spacing, rtol=1e-4, atol=1e-4):
+        sa = tuple(round(s, 4) for s in a.spacing)
+        sb = tuple(round(s, 4) for s in b.spacing)
+        return f"spacing {sa} vs {sb} mm"
+    if not np.allclose(a.affine[:3, :3], b.affine[:3, :3], atol=1e-4):
+        return "direction cosines differ"
+    if not np.allclose(a.affine[:3, 3], b.affine[:3, 3], atol=atol_mm):
+        oa = np.round(a.affine[:3, 3], 2).tolist()
+        ob = np.round(b.affine[:3, 3], 2).tolist()
+        return f"origin {oa} vs {ob} mm"
+    return ""
+
+
+def resample_labels_to(labels: Volume, reference: Volume) -> np.ndarray:
+    """Labels resampled onto ``reference``'s grid by world coordinates (nearest neighbour).
+
+    Returns an int32 array with ``reference.array.shape``; voxels outside the labels are 0.
+    """
+    from scipy.ndimage import affine_transform
+
+    # reference voxel -> world -> label voxel
+    matrix = np.linalg.inv(np.asarray(labels.affine, float)) @ np.asarray(reference.affine, float)
+    out = affine_transform(
+        np.asarray(labels.array, dtype=np.int32),
+        matrix[:3, :3],
+        offset=matrix[:3, 3],
+        output_shape=reference.array.shape,
+        order=0,
+        mode="constant",
+        cval=0,
+    )
+    return out.astype(np.int32)
+
+
+def read_label_names(path_or_dir: str | Path) -> dict[int, str]:
+    """``{id: name}`` from a ``label_names.json`` (``{"1": "spleen", ...}``).
+
+    Accepts the json itself, the folder holding it, or a label file beside it.
+    """
+    p = Path(path_or_dir)
+    if p.is_dir():
+        p = p / "label_names.json"
+    elif not p.name.lower().endswith(".json"):
+        p = p.parent / "label_names.json"
+    if not p.is_file():
+        raise DataError(
+            f'{p} does not exist; put a label_names.json ({{"1": "liver", ...}}) '
+            "beside the label file."
+        )
+    try:
+        raw = json.loads(p.read_text())
+        names = {int(k): str(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise DataError(
+            f"{p} is not a label-names JSON object ({_first_line(exc)}); "
+            'write it as {"1": "liver", "2": "spleen"}.'
+        ) from exc
+    return names
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_volume(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    dtype: np.dtype | type | str | None = None,
+) -> Path:
+    """Write ``array`` (X, Y, Z) with its RAS ``affine`` as NIfTI, atomically.
+
+    The file is written to a temporary name in the same folder and then renamed, so a
+    crash never leaves half a file. Refuses to replace an existing file unless ``overwrite``.
+    """
+    path = Path(path)
+    low = path.name.lower()
+    if not low.endswith(NIFTI_SUFFIXES):
+        raise DataError(f"{path}: output must end in .nii.gz or .nii.")
+    if path.exists() and not overwrite:
+        raise DataError(f"{path} exists; pass --force / overwrite=True to replace it.")
+    if hasattr(array, "detach"):  # torch tensor
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if np.issubdtype(dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
+            info = np.iinfo(dtype)
+            array = np.clip(np.rint(array), info.min, info.max)
+        array = array.astype(dtype)
+    elif array.dtype == np.float64:
+        array = array.astype(np.float32)
+    elif array.dtype == bool:
+        array = array.astype(np.uint8)
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if low.endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{strip_suffix(path.name)}.", suffix=suffix, dir=path.parent
+    )
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,288 @@
+"""MONAI dictionary transforms on keys ``"image"`` (and optionally ``"label"``).
+
+Chain (see :func:`load_transforms` / :func:`pretrain_transforms`)::
+
+    path -> LoadVolumed -> Orientationd(RAS) -> Spacingd -> IntensityToUnitd
+         [-> CropForegroundd -> SpatialPadd -> RandSpatialCropSamplesd -> EnsureTyped]
+
+After loading, ``image`` is a MONAI ``MetaTensor`` ``(1, X, Y, Z)`` whose ``affine`` is RAS mm;
+after ``Orientationd("RAS")`` the spatial axes are the ``(D, H, W)`` of ``config.py``.
+Spatial transforms record themselves on the MetaTensor, so :func:`invert_to_input`
+(MONAI ``Invertd``) can put a result computed on the transformed grid back onto the
+input's voxel grid (orientation, spacing, shape).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    Invertd,
+    MapTransform,
+    Orientationd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    Spacingd,
+    SpatialPadd,
+)
+
+from ..config import DataConfig
+from ..errors import DataError
+from .io import HU_MIN_THRESHOLD, Volume, load_labels, load_volume
+
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+
+#: voxels above this (after mapping to [0, 1]) count as foreground for CropForegroundd
+FOREGROUND_THRESHOLD = 0.02
+
+#: percentiles mapped to 0 and 1 by intensity="percentile"
+PERCENTILES = (0.5, 99.5)
+
+
+def volume_to_metatensor(vol: Volume) -> MetaTensor:
+    """``Volume`` -> channel-first ``MetaTensor`` (1, X, Y, Z) with RAS affine and metadata."""
+    affine = torch.as_tensor(np.asarray(vol.affine), dtype=torch.float64)
+    meta = {
+        "filename_or_obj": vol.path,
+        "original_affine": np.asarray(vol.affine, dtype=np.float64),
+        "spatial_shape": np.asarray(vol.array.shape),
+        "original_channel_dim": "no_channel",
+        "space": "RAS",
+        "is_hu": bool(vol.is_hu),
+    }
+    return MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(vol.array[None])), affine=affine, meta=meta
+    )
+
+
+class LoadVolumed(MapTransform):
+    """Load ``data[key]`` (a path, a :class:`Volume` or a MetaTensor) as a MetaTensor.
+
+    Uses :func:`~maesil_core.data.io.load_volume` (NIfTI, NRRD, DICOM series folders), so
+    every bad input (missing, corrupt, 2D, NaN voxels) raises a DataError naming the file.
+    Keys in ``label_keys`` are read with :func:`load_labels` (integer maps).
+    We wrap our reader rather than MONAI ``LoadImaged``: MONAI's ``PydicomReader`` does
+    read the shared DICOM series, but this way NIfTI, NRRD and DICOM share one code path
+    with one set of error messages and the HU check.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = (IMAGE_KEY, LABEL_KEY),
+        label_keys: Sequence[str] = (LABEL_KEY,),
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.label_keys = set(label_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            if isinstance(value, MetaTensor):
+                continue
+            if isinstance(value, Volume):
+                vol = value
+            elif key in self.label_keys:
+                vol = load_labels(value)
+            else:
+                vol = load_volume(value)
+            d[key] = volume_to_metatensor(vol)
+        return d
+
+
+class CheckFinited(MapTransform):
+    """Raise a DataError naming the file if ``data[key]`` has NaN or infinite voxels."""
+
+    def __init__(self, keys: KeysCollection = IMAGE_KEY, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key])
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:
+                name = getattr(d[key], "meta", {}).get("filename_or_obj", f"input {key!r}")
+                raise DataError(
+                    f"{name} contains {bad} NaN/infinite voxels; replace them "
+                    "(e.g. with -1024) or leave the file out."
+                )
+        return d
+
+
+class IntensityToUnitd(MapTransform):
+    """Map CT intensities to [0, 1] following ``DataConfig.intensity``.
+
+    ``"hu"``: clip ``hu_window`` (low..high HU) to [0, 1] (MONAI ``ScaleIntensityRange``).
+    ``"percentile"``: the 0.5..99.5 percentiles to [0, 1], clipped
+    (``ScaleIntensityRangePercentiles``). ``"auto"``: ``"hu"`` when the volume's minimum
+    is below -500, otherwise ``"percentile"`` with a one-time warning per file.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = IMAGE_KEY,
+        intensity: str = "auto",
+        window: tuple[float, float] = (-175.0, 250.0),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if intensity not in ("auto", "hu", "percentile"):
+            raise DataError(f"intensity must be auto, hu or percentile, got {intensity!r}.")
+        self.intensity = intensity
+        low, high = (float(v) for v in window)
+        self.hu = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+        self.percentile = ScaleIntensityRangePercentiles(
+            lower=PERCENTILES[0], upper=PERCENTILES[1], b_min=0.0, b_max=1.0, clip=True
+        )
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_config(cls, data_cfg: DataConfig, keys: KeysCollection = IMAGE_KEY):
+        return cls(keys, intensity=data_cfg.intensity, window=data_cfg.window())
+
+    def mode_for(self, image: Any) -> str:
+        """``"hu"`` or ``"percentile"`` for this image (resolving ``"auto"``)."""
+        if self.intensity != "auto":
+            return self.intensity
+        if float(torch.as_tensor(image).min()) < HU_MIN_THRESHOLD:
+            return "hu"
+        name = str(getattr(image, "meta", {}).get("filename_or_obj", "input"))
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(
+                f"{name} does not look like CT in Hounsfield units (no values below "
+                f"{HU_MIN_THRESHOLD:g}); scaling its {PERCENTILES[0]}..{PERCENTILES[1]} "
+                "percentiles to [0, 1] instead (set intensity='hu' or 'percentile' to choose).",
+                UserWarning,
+                stacklevel=2,
+            )
+        return "percentile"
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            mode = self.mode_for(image)
+            out = self.hu(image) if mode == "hu" else self.percentile(image)
+            if isinstance(out, MetaTensor):
+                out.meta["intensity"] = mode
+            d[key] = out
+        return d
+
+
+def load_transforms(data_cfg: DataConfig) -> list:
+    """Deterministic loading chain: load, RAS, resample to ``data_cfg.spacing``, to [0, 1].
+
+    Works on ``{"image": path}`` and ``{"image": path, "label": path}``; labels use nearest
+    interpolation and are not intensity-scaled. Output ``image``: MetaTensor (1, D, H, W).
+    """
+    keys = (IMAGE_KEY, LABEL_KEY)
+    chain: list = [
+        LoadVolumed(keys),
+        Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
+    ]
+    if data_cfg.spacing is not None:
+        chain.append(
+            Spacingd(
+                keys,
+                pixdim=tuple(float(s) for s in data_cfg.spacing),
+                mode=("bilinear", "nearest"),
+                allow_missing_keys=True,
+            )
+        )
+    chain.append(IntensityToUnitd.from_config(data_cfg))
+    return chain
+
+
+def _foreground(x: Any) -> Any:
+    return x > FOREGROUND_THRESHOLD
+
+
+def pretrain_transforms(data_cfg: DataConfig, superpatch: Sequence[int]) -> Compose:
+    """Load, crop the body, pad to ``superpatch`` and draw ``crops_per_volume`` random crops.
+
+    Each call returns a list of ``crops_per_volume`` dicts ``{"image": (1, D, H, W)}``
+    (float32 torch tensors in [0, 1], metadata dropped) with ``(D, H, W) == superpatch``.
+    """
+    roi = tuple(int(s) for s in superpatch)
+    chain = list(load_transforms(data_cfg))
+    if data_cfg.foreground_crop:
+        chain.append(
+            CropForegroundd(
+                IMAGE_KEY,
+                source_key=IMAGE_KEY,
+                select_fn=_foreground,
+                allow_smaller=True,
+                start_coord_key=None,
+                end_coord_key=None,
+            )
+        )
+    chain += [
+        SpatialPadd(IMAGE_KEY, spatial_size=roi, mode="constant", value=0.0),
+        RandSpatialCropSamplesd(
+            IMAGE_KEY, roi_size=roi, num_samples=int(data_cfg.crops_per_volume), random_size=False
+        ),
+        EnsureTyped(IMAGE_KEY, dtype=torch.float32, track_meta=False),
+    ]
+    return Compose(chain)
+
+
+def inference_transforms(data_cfg: DataConfig) -> Compose:
+    """The deterministic loading chain only, so results can be inverted to the input grid.
+
+    ``data = inference_transforms(cfg)({"image": path})``; ``data["image"]`` is a
+    MetaTensor (1, D, H, W) in RAS at ``cfg.spacing``; see :func:`invert_to_input`.
+    """
+    return Compose(load_transforms(data_cfg))
+
+
+def invert_to_input(
+    pred: Any,
+    data: Mapping[Hashable, Any],
+    transform: Compose,
+    *,
+    orig_key: str = IMAGE_KEY,
+    nearest: bool = False,
+) -> MetaTensor:
+    """Map ``pred`` (C, D, H, W) on the transformed grid back to the input voxel grid.
+
+    ``data`` is the dict that ``transform`` (from :func:`inference_transforms`) returned;
+    its ``orig_key`` MetaTensor carries the applied spatial operations. Returns a
+    MetaTensor (C, X, Y, Z) in the file's own voxel order with the original affine
+    (``nearest=True`` for label maps). Intensity scaling is not undone.
+    Equivalent to ``monai.transforms.Invertd(keys="pred", transform=transform,
+    orig_keys="image", nearest_interp=nearest)`` on ``{"pred": pred, "image": data["image"]}``.
+    """
+    orig = data[orig_key]
+    if not isinstance(orig, MetaTensor):
+        raise TypeError(f"data[{orig_key!r}] must be the MetaTensor produced by the transform")
+    pred_t = torch.as_tensor(pred)
+    if pred_t.ndim == 3:
+        pred_t = pred_t[None]
+    if tuple(pred_t.shape[1:]) != tuple(orig.shape[1:]):
+        raise ValueError(
+            f"pred spatial shape {tuple(pred_t.shape[1:])} differs from the transformed "
+            f"image {tuple(orig.shape[1:])}"
+        )
+    inverter = Invertd(
+        keys="pred",
+        transform=transform,
+        orig_keys=orig_key,
+        nearest_interp=nearest,
+        to_tensor=True,
+    )
+    out = inverter({"pred": pred_t.detach().cpu(), orig_key: orig})["pred"]
+    return out
