@@ -1,0 +1,351 @@
+"""The Python API: what the CLI and the napari widgets call.
+
+    from maesil_core import api
+    from maesil_core.config import preset
+
+    result = api.pretrain(["scans/"], "runs/tiny", preset("tiny"))
+    rec = api.reconstruct(result.run_dir, "scans/case_001.nii.gz")
+    rec.save("out/")                      # masked / reconstruction / mask / error .nii.gz
+
+Long calls take ``progress`` (a callable receiving plain dicts) and ``cancel`` (a callable
+or ``threading.Event``); nothing here touches Qt.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import build_from_checkpoint, list_checkpoints, load_checkpoint
+from .config import RunConfig, preset
+from .errors import Cancelled, ConfigError, DataError
+from .train import FitResult, fit
+from .train import distributed as D
+
+ProgressFn = Callable[[dict[str, Any]], None]
+CancelFlag = Callable[[], bool] | threading.Event | None
+
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.csv",
+    "loss.png",
+    "config.json",
+    "tensorboard",
+    "best.safetensors",
+    "best.json",
+)
+
+
+def _cancel_fn(cancel: CancelFlag) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    return cancel
+
+
+def prepare_run_dir(run_dir: str | Path, *, resume: bool, force: bool) -> Path:
+    """Create ``run_dir``; refuse to overwrite an earlier run unless ``force`` (or ``resume``)."""
+    run_dir = Path(run_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file; --out needs a directory.")
+    has_run = run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_OUTPUTS)
+    if resume:
+        if not list_checkpoints(run_dir):
+            raise ConfigError(
+                f"--resume: {run_dir} has no checkpoint to resume from; start without --resume."
+            )
+        return run_dir
+    if has_run:
+        if not force:
+            raise ConfigError(
+                f"{run_dir} already holds a run; pass --resume to continue it, --force to "
+                "overwrite it, or choose another --out."
+            )
+        if D.launched_by_torchrun() and int(__import__("os").environ.get("RANK", "0")) != 0:
+            return run_dir
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def phantom_dataset(folder: str | Path, count: int = 4, seed: int = 0) -> list[str]:
+    """Write ``count`` procedural CT phantoms into ``folder`` (once) and return their paths."""
+    from .data import write_phantom
+
+    folder = Path(folder)
+    paths = []
+    for i in range(count):
+        ct = folder / f"phantom_{i:02d}" / "ct.nii.gz"
+        if not ct.is_file():
+            ct, _ = write_phantom(ct.parent, seed=seed + i, overwrite=True)
+        paths.append(str(ct))
+    return paths
+
+
+def pretrain(
+    data: Sequence[str | Path] | None,
+    run_dir: str | Path,
+    cfg: RunConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+    cancel: CancelFlag = None,
+) -> FitResult:
+    """Pretrain ``cfg.model.method`` on CT files/folders/globs/lists (None: the phantom).
+
+    With ``resume`` the run continues from its newest checkpoint (same step count and
+    schedule); the config saved in the run is used and ``cfg`` is ignored.
+    """
+    from .data import check_inputs, infinite, make_pretrain_loader, resolve_inputs
+    from .models import build_model
+
+    run_dir = Path(run_dir)
+    if resume:
+        prepare_run_dir(run_dir, resume=True, force=False)
+        saved = load_checkpoint(list_checkpoints(run_dir)[-1]).config
+        if cfg is not None:
+            saved.train.steps = max(saved.train.steps, cfg.train.steps)
+            saved.train.device = cfg.train.device
+        cfg = saved
+    cfg = (cfg or preset("tiny")).validate()
+    device = D.select_device(cfg.train.device)
+    dist_info = D.init_distributed(device)
+    if not resume:
+        prepare_run_dir(run_dir, resume=False, force=force)
+    D.barrier()
+
+    if data:
+        files = resolve_inputs(list(data))
+    else:
+        files = phantom_dataset(run_dir / "phantom") if dist_info.is_main else []
+        D.barrier()
+        files = files or phantom_dataset(run_dir / "phantom")
+    check_inputs(files)
+    loader = make_pretrain_loader(
+        files,
+        cfg.data,
+        cfg.model.superpatch,
+        cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        cache_dir=cfg.data.cache_dir or str(run_dir / "cache"),
+    )
+    model = build_model(cfg.model)
+    sampler = getattr(loader, "sampler", None)
+    batches = infinite(loader, sampler if hasattr(sampler, "set_epoch") else None)
+    return fit(
+        model,
+        batches,
+        cfg,
+        run_dir,
+        kind="pretrain",
+        extra_meta={"n_volumes": len(files)},
+        progress=progress,
+        cancel=cancel,
+        resume=resume,
+        device=device,
+    )
+
+
+# --------------------------------------------------------------------------- reconstruction
+
+
+@dataclass
+class Reconstruction:
+    """Whole-volume reconstruction, every array (X, Y, Z) aligned with the input file.
+
+    ``image`` is the input as read; ``masked``, ``reconstruction`` and ``error`` are in HU when
+    the input is a HU scan (else in the model's [0, 1] scale); ``mask`` is 1 where the model
+    saw nothing. ``scores`` are PSNR / SSIM / MSE on the model's grid over masked voxels.
+    """
+
+    image: np.ndarray
+    masked: np.ndarray
+    reconstruction: np.ndarray
+    mask: np.ndarray
+    error: np.ndarray
+    affine: np.ndarray
+    scores: dict[str, float]
+    units: str
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
+        """Write masked / reconstruction / mask / error ``.nii.gz`` with the input's affine."""
+        from .data import save_volume
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "masked": (self.masked, np.float32),
+            "reconstruction": (self.reconstruction, np.float32),
+            "mask": (self.mask, np.uint8),
+            "error": (self.error, np.float32),
+        }
+        written = {}
+        for name, (arr, dtype) in arrays.items():
+            written[name] = save_volume(
+                arr, self.affine, out_dir / f"{name}.nii.gz", overwrite=overwrite, dtype=dtype
+            )
+        return written
+
+
+def reconstruct(
+    checkpoint: str | Path,
+    image: str | Path,
+    *,
+    mask_mode: str | None = None,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    cancel: CancelFlag = None,
+) -> Reconstruction:
+    """Mask and reconstruct a whole CT with a pretrained model, tile by tile."""
+    from .data import inference_transforms, invert_to_input, load_volume
+    from .inference import reconstruct_volume
+    from .metrics import reconstruction_scores
+
+    model, ckpt = build_from_checkpoint(checkpoint)
+    cfg = ckpt.config
+    if mask_ratio is not None and not 0 < mask_ratio < 1:
+        raise ConfigError(f"mask ratio must be between 0 and 1, got {mask_ratio}.")
+    volume = load_volume(image)
+    transform = inference_transforms(cfg.data)
+    sample = transform({"image": str(image)})
+    unit = sample["image"]  # (1, D, H, W) on the model grid
+    is_cancelled = _cancel_fn(cancel)
+
+    def tile_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress({"phase": "reconstruct", "step": done, "steps": total})
+
+    try:
+        tiled = reconstruct_volume(
+            model,
+            torch.as_tensor(np.asarray(unit)),
+            mode=mask_mode,
+            ratio=mask_ratio,
+            seed=seed,
+            batch_size=batch_size,
+            device=D.select_device(device),
+            progress=tile_progress,
+            cancel=is_cancelled,
+        )
+    except Cancelled:
+        raise
+    grid_mask = tiled.mask[0].numpy() > 0.5
+    target = np.asarray(unit)[0]
+    scores = reconstruction_scores(
+        tiled.pred[0].numpy(), target, grid_mask if grid_mask.any() else None
+    )
+
+    # back onto the input's own voxel grid (orientation, spacing, shape)
+    def back(arr: torch.Tensor, nearest: bool = False) -> np.ndarray:
+        return np.asarray(invert_to_input(arr, sample, transform, nearest=nearest))[0]
+
+    recon = back(tiled.recon)
+    mask = back(tiled.mask, nearest=True) > 0.5
+    shown = back(torch.as_tensor(np.asarray(unit)))
+    if recon.shape != volume.array.shape:
+        raise RuntimeError(f"inverse geometry gave {recon.shape}, input is {volume.array.shape}")
+
+    hu = _uses_hu(cfg, volume)
+    if hu:
+        low, high = cfg.data.window()
+        to_units = lambda a: low + a * (high - low)  # noqa: E731
+        units = "HU"
+        masked = np.where(mask, low, np.clip(volume.array, low, high))
+        reconstruction = to_units(recon)
+        error = np.abs(reconstruction - np.clip(volume.array, low, high))
+    else:
+        units = "unit"
+        masked = np.where(mask, 0.0, shown)
+        reconstruction = recon
+        error = np.abs(recon - shown)
+    return Reconstruction(
+        image=volume.array,
+        masked=masked.astype(np.float32),
+        reconstruction=reconstruction.astype(np.float32),
+        mask=mask.astype(np.uint8),
+        error=error.astype(np.float32),
+        affine=volume.affine,
+        scores=scores,
+        units=units,
+        source=str(image),
+        extra={"checkpoint": str(ckpt.path), "method": cfg.model.method},
+    )
+
+
+def _uses_hu(cfg: RunConfig, volume: Any) -> bool:
+    if cfg.data.intensity == "hu":
+        return True
+    if cfg.data.intensity == "percentile":
+        return False
+    return bool(volume.is_hu)
+
+
+def load_for_inference(checkpoint: str | Path) -> tuple[torch.nn.Module, RunConfig]:
+    """A pretraining model rebuilt from ``checkpoint`` (run dir or file), with its config."""
+    model, ckpt = build_from_checkpoint(checkpoint)
+    return model, ckpt.config
+
+
+def describe_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """What ``maesil info`` prints: kind, method, sizes, step, spacing, window, parameters."""
+    from safetensors import safe_open
+
+    from .checkpoint import read_meta, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    meta = read_meta(path)
+    cfg = RunConfig.from_dict(meta["config"])
+    with safe_open(str(path), framework="pt") as f:
+        n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    return {
+        "path": str(path),
+        "kind": meta.get("kind"),
+        "method": meta.get("method"),
+        "preset": meta.get("preset"),
+        "step": meta.get("step"),
+        "superpatch": list(cfg.model.superpatch),
+        "patch": list(cfg.model.patch),
+        "width x depth": f"{cfg.model.embed_dim} x {cfg.model.depth}",
+        "mask": f"{cfg.model.mask_mode} {cfg.model.mask_ratio}",
+        "spacing_mm": list(cfg.data.spacing) if cfg.data.spacing else "native",
+        "hu_window": list(cfg.data.window()),
+        "intensity": cfg.data.intensity,
+        "parameters": n_params,
+        "metrics": meta.get("metrics", {}),
+        "extra": meta.get("extra", {}),
+        "package_version": meta.get("package_version"),
+        "created": meta.get("created"),
+    }
+
+
+__all__ = [
+    "Reconstruction",
+    "DataError",
+    "describe_checkpoint",
+    "load_for_inference",
+    "phantom_dataset",
+    "prepare_run_dir",
+    "pretrain",
+    "reconstruct",
+]

@@ -1,0 +1,73 @@
+"""PNG figures (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write
+
+
+def _orthogonal_slices(vol: np.ndarray, center: tuple[int, int, int]) -> list[np.ndarray]:
+    """Axial, coronal, sagittal slices through ``center`` of a RAS-ordered (X, Y, Z) volume,
+    rotated so anterior is up and patient's right is on the left (radiological view)."""
+    x, y, z = center
+    axial = np.rot90(vol[:, :, z])
+    coronal = np.rot90(vol[:, y, :])
+    sagittal = np.rot90(vol[x, :, :])
+    return [axial, coronal, sagittal]
+
+
+def reconstruction_figure(
+    path: str | Path,
+    panels: dict[str, np.ndarray],
+    affine: np.ndarray,
+    *,
+    window: tuple[float, float] | None = None,
+    center: tuple[int, int, int] | None = None,
+    title: str = "",
+) -> Path:
+    """Rows: axial / coronal / sagittal; columns: ``panels`` (e.g. CT, masked, reconstruction,
+    error). Volumes are reoriented to RAS with nibabel so the picture reads the same for any
+    input orientation; aspect follows the voxel spacing."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import nibabel as nib
+    from matplotlib.figure import Figure
+
+    ornt = nib.orientations.io_orientation(affine)
+    ras = {k: nib.orientations.apply_orientation(np.asarray(v), ornt) for k, v in panels.items()}
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    spacing = spacing[np.argsort(ornt[:, 0].astype(int))] if ornt.shape[0] == 3 else spacing
+    shape = next(iter(ras.values())).shape
+    if center is None:
+        center = tuple(s // 2 for s in shape)
+    aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
+    names = list(ras)
+    fig = Figure(figsize=(3.0 * len(names), 9.0), dpi=100)
+    axes = fig.subplots(3, len(names), squeeze=False)
+    for col, name in enumerate(names):
+        vol = ras[name]
+        is_error = "error" in name.lower()
+        if is_error:
+            vmin, vmax, cmap = 0.0, float(np.percentile(vol, 99.5)) or 1.0, "magma"
+        elif window is not None and name.lower() != "mask":
+            vmin, vmax, cmap = window[0], window[1], "gray"
+        else:
+            vmin, vmax, cmap = float(vol.min()), float(vol.max()) or 1.0, "gray"
+        for row, (sl, aspect) in enumerate(zip(_orthogonal_slices(vol, center), aspects)):
+            ax = axes[row][col]
+            ax.imshow(sl, cmap=cmap, vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name)
+            if col == 0:
+                ax.set_ylabel(["axial", "coronal", "sagittal"][row])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    return Path(path)

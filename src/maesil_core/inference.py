@@ -1,0 +1,94 @@
+"""Whole-volume inference for pretraining models: tile a CT into superpatches, mask,
+reconstruct and stitch back.
+
+The volume arrives preprocessed on the model's grid (RAS, target spacing, [0, 1]); putting
+the results back onto the input file's own grid is ``api.reconstruct``'s job (MONAI's
+inverse transforms). Tiles are non-overlapping superpatches, exactly the model's input
+unit, so what is shown is what the model was trained to do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import Cancelled
+
+
+@dataclass
+class TiledReconstruction:
+    """Results on the model grid. recon/pred: (C, D, H, W); mask: (1, D, H, W) 1 = masked."""
+
+    recon: torch.Tensor  #: input on visible patches, prediction on masked ones
+    pred: torch.Tensor  #: raw prediction everywhere
+    mask: torch.Tensor
+
+
+def tile_grid(shape: tuple[int, ...], tile: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Corners of the non-overlapping tiles covering ``shape`` (padded up to a multiple)."""
+    counts = [math.ceil(s / t) for s, t in zip(shape, tile)]
+    return [
+        (i * tile[0], j * tile[1], k * tile[2])
+        for i in range(counts[0])
+        for j in range(counts[1])
+        for k in range(counts[2])
+    ]
+
+
+@torch.no_grad()
+def reconstruct_volume(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    mode: str | None = None,
+    ratio: float | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> TiledReconstruction:
+    """Mask and reconstruct every superpatch of ``image`` (C, D, H, W) in [0, 1].
+
+    The masks are drawn from ``seed``, so the same call gives the same picture.
+    ``progress(done, total)`` is called after each batch of tiles; ``cancel()`` is checked
+    between batches and raises :class:`~maesil_core.errors.Cancelled`.
+    """
+    tile = tuple(model.cfg.superpatch)
+    c, *spatial = image.shape
+    padded = [math.ceil(s / t) * t for s, t in zip(spatial, tile)]
+    pad = []
+    for s, p in reversed(list(zip(spatial, padded))):
+        pad += [0, p - s]
+    x = F.pad(image.float(), pad, value=0.0)  # (C, D', H', W')
+    corners = tile_grid(tuple(spatial), tile)
+    recon = torch.zeros_like(x)
+    pred = torch.zeros_like(x)
+    mask = torch.zeros((1, *padded), dtype=torch.float32)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, len(corners), batch_size):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        chunk = corners[start : start + batch_size]
+        tiles = torch.stack(
+            [x[:, i : i + tile[0], j : j + tile[1], k : k + tile[2]] for i, j, k in chunk]
+        ).to(device)  # (b, C, *tile)
+        r, m, p = model.reconstruct(
+            tiles, mode=mode, ratio=ratio, generator=generator, return_raw=True
+        )
+        for n, (i, j, k) in enumerate(chunk):
+            sl = (slice(None), slice(i, i + tile[0]), slice(j, j + tile[1]), slice(k, k + tile[2]))
+            recon[sl] = r[n].float().cpu()
+            pred[sl] = p[n].float().cpu()
+            mask[sl] = m[n].float().cpu()
+        if progress is not None:
+            progress(min(start + batch_size, len(corners)), len(corners))
+    crop = (slice(None), *[slice(0, s) for s in spatial])
+    return TiledReconstruction(recon=recon[crop], pred=pred[crop], mask=mask[crop])

@@ -1,0 +1,85 @@
+"""Metrics: MSE / PSNR / SSIM for reconstruction (numpy, scikit-image), Dice for segmentation.
+
+All reconstruction metrics take arrays of the same shape in a known intensity range
+(``data_range``, 1.0 for the model's [0, 1] scale) and an optional boolean ``mask`` that
+restricts the score to those voxels (e.g. the masked-out region of an MAE).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+
+def _select(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None):
+    pred = np.asarray(pred, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if pred.shape != target.shape:
+        raise ValueError(f"shapes differ: {pred.shape} vs {target.shape}")
+    if mask is None:
+        return pred.ravel(), target.ravel()
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise ValueError("the mask selects no voxel")
+    return pred[mask], target[mask]
+
+
+def mse(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> float:
+    p, t = _select(pred, target, mask)
+    return float(np.mean((p - t) ** 2))
+
+
+def psnr(
+    pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0
+) -> float:
+    """Peak signal-to-noise ratio in dB (inf for a perfect match)."""
+    err = mse(pred, target, mask)
+    return float("inf") if err == 0 else float(10 * np.log10(data_range**2 / err))
+
+
+def ssim(
+    pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0
+) -> float:
+    """3D SSIM (scikit-image, 7-voxel Gaussian-free window), averaged over ``mask`` if given."""
+    pred = np.asarray(pred, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    win = min(7, *[s for s in pred.shape if s > 1])
+    win = win if win % 2 else win - 1
+    if win < 3:
+        raise ValueError(f"volume {pred.shape} is too small for SSIM")
+    value, smap = structural_similarity(
+        target, pred, data_range=data_range, win_size=win, full=True
+    )
+    if mask is None:
+        return float(value)
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise ValueError("the mask selects no voxel")
+    return float(smap[mask].mean())
+
+
+def reconstruction_scores(
+    pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0
+) -> dict[str, float]:
+    """``{"mse", "psnr", "ssim"}`` over ``mask`` (or everywhere)."""
+    return {
+        "mse": mse(pred, target, mask),
+        "psnr": psnr(pred, target, mask, data_range),
+        "ssim": ssim(pred, target, mask, data_range),
+    }
+
+
+def dice_per_class(
+    pred: np.ndarray, target: np.ndarray, labels: list[int] | None = None
+) -> dict[int, float]:
+    """Dice of each label id present in ``target`` (or listed); NaN where both are empty."""
+    pred = np.asarray(pred)
+    target = np.asarray(target)
+    if labels is None:
+        labels = [int(v) for v in np.unique(target) if v != 0]
+    out: dict[int, float] = {}
+    for lab in labels:
+        p, t = pred == lab, target == lab
+        denom = p.sum() + t.sum()
+        out[lab] = float("nan") if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
+    return out

@@ -1,0 +1,430 @@
+"""The one training loop: pretraining and fine-tuning, CLI, Python API and napari widgets.
+
+It owns the optimisation machinery (AdamW, warm-up + cosine, bf16 autocast, clipping,
+accumulation, DDP), the bookkeeping (CSV + TensorBoard logs, ``loss.png``, checkpoints every
+N steps / minutes, at the end and on cancel, ``--resume``) and the user contract (a
+``progress`` callback receiving plain dicts, and a ``cancel`` flag checked after each step).
+What a step computes is the task's business: ``loss_fn(model, batch) -> (loss, logs)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import (
+    list_checkpoints,
+    load_resume_state,
+    load_weights,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from ..config import RunConfig, TrainConfig
+from ..errors import CheckpointError
+from . import distributed as D
+
+ProgressFn = Callable[[dict[str, Any]], None]
+CancelFlag = Callable[[], bool] | threading.Event | None
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass
+class FitResult:
+    """What a finished (or cancelled) run leaves behind."""
+
+    run_dir: Path
+    checkpoint: Path | None
+    step: int
+    cancelled: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_checkpoint: Path | None = None
+
+
+def pretrain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Loss of a pretraining model on ``batch["image"]`` (B, C, D, H, W)."""
+    out = model(batch["image"])
+    return out.loss, dict(out.logs)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``cfg.lr`` then cosine decay to ``cfg.min_lr`` at ``cfg.steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases, norms, embeddings and tokens; fused on CUDA."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith("token") or "pos_embed" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that support it (``auto``) or when asked; None means fp32."""
+    if cfg.precision == "fp32":
+        return None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if cfg.precision == "bf16" and device.type == "cpu":
+        return torch.bfloat16
+    return None
+
+
+def _is_cancelled(cancel: CancelFlag) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class MetricsLog:
+    """``metrics.csv`` (always) and TensorBoard (when installed), written on rank 0."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict[str, float]] = []
+        if resume_step is not None and self.path.is_file():
+            with self.path.open() as f:
+                self.rows = [
+                    {k: float(v) for k, v in r.items() if v not in ("", None)}
+                    for r in csv.DictReader(f)
+                ]
+            self.rows = [r for r in self.rows if r.get("step", 0) <= resume_step]
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        except Exception:  # tensorboard not installed: CSV only
+            self._tb = None
+
+    def add(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self._tb.add_scalar(k, v, int(row["step"]))
+
+    def flush(self) -> None:
+        from ..checkpoint import atomic_write_text
+
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        lines = [",".join(keys)]
+        lines += [",".join(_fmt(r.get(k)) for k in keys) for r in self.rows]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+        if self._tb is not None:
+            self._tb.flush()
+        plot_loss(self.rows, self.path.parent / "loss.png")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return ""
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:.6g}"
+
+
+def plot_loss(rows: list[dict[str, float]], path: Path) -> None:
+    """Loss curve (log scale) of a run, written atomically as PNG."""
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from ..checkpoint import atomic_write
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2, label="train loss")
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if all(r["loss"] > 0 for r in rows):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def fit(
+    model: nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    loss_fn: LossFn = pretrain_loss,
+    kind: str = "pretrain",
+    extra_meta: dict[str, Any] | None = None,
+    evaluate: EvalFn | None = None,
+    eval_every: int | None = None,
+    best_metric: str | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFlag = None,
+    resume: bool = False,
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train ``model`` on ``batches`` (an endless iterator of dicts of CPU tensors).
+
+    progress receives ``{"step", "steps", "loss", "lr", "volumes_per_s", "elapsed_s",
+    "eta_s", "phase", ...logs}`` every ``log_every`` steps and at checkpoints / the end.
+    ``evaluate(model) -> {"val_...": value}`` runs every ``eval_every`` steps on rank 0;
+    with ``best_metric`` the best-scoring weights are kept as ``best.safetensors``.
+    """
+    tc = cfg.train
+    run_dir = Path(run_dir)
+    device = device or D.select_device(tc.device)
+    dist_info = D.init_distributed(device)
+    main = dist_info.is_main
+
+    # ---- resume: weights, optimiser, RNG, step
+    start_step = 0
+    resume_state = None
+    model = model.to(device)
+    optimizer = make_optimizer(model, tc, device)
+    if resume:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(
+                f"--resume: {run_dir} has no checkpoint to resume from; start without --resume."
+            )
+        from safetensors.torch import load_file
+
+        load_weights(model, load_file(str(found[-1])), str(found[-1]))
+        resume_state = load_resume_state(found[-1])
+        start_step = int(found[-1].stem.split("_")[1])
+        if resume_state is not None:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            if resume_state.get("rng"):
+                _set_rng_state(resume_state["rng"])
+    else:
+        seed_everything(tc.seed + dist_info.rank)
+
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if tc.compile:
+        train_model = torch.compile(train_model)
+    amp_dtype = autocast_dtype(tc, device)
+
+    log = MetricsLog(run_dir, start_step if resume else None) if main else None
+    if main:
+        from ..checkpoint import atomic_write_text
+
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+
+    def emit(info: dict[str, Any]) -> None:
+        if progress is not None and main:
+            progress(info)
+
+    def checkpoint(step: int, metrics: dict[str, float]) -> Path | None:
+        path = None
+        if main:
+            path = save_checkpoint(
+                run_dir,
+                model,
+                cfg,
+                step,
+                kind=kind,
+                optimizer=optimizer,
+                extra=extra_meta,
+                metrics=metrics,
+                rng=_rng_state(),
+            )
+            prune_checkpoints(run_dir, tc.keep_checkpoints)
+            log.flush()
+        D.barrier()
+        return path
+
+    step = start_step
+    last_ckpt: Path | None = list_checkpoints(run_dir)[-1] if resume else None
+    best_value: float | None = None
+    best_path: Path | None = None
+    volumes_per_step = tc.batch_size * tc.accum_steps * dist_info.world_size
+    t_start = time.perf_counter()
+    t_last_ckpt = t_start
+    t_window, window_steps, loss_sum, loss_n = t_start, 0, 0.0, 0
+    cancelled = False
+    last_row: dict[str, float] = {}
+    model.train()
+
+    while step < tc.steps:
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        logs: dict[str, float] = {}
+        for micro in range(tc.accum_steps):
+            batch = {
+                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in next(batches).items()
+            }
+            sync = micro == tc.accum_steps - 1 or not dist_info.enabled
+            ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
+            with (
+                ctx,
+                torch.autocast(
+                    device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                ),
+            ):
+                loss, logs = loss_fn(train_model, batch)
+                (loss / tc.accum_steps).backward()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"the loss became {loss_value} at step {step}; lower the learning rate "
+                    f"(now {tc.lr:g}) or check the input intensities."
+                )
+            loss_sum += loss_value
+            loss_n += 1
+        if tc.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            logs = {**logs, "grad_norm": grad_norm}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+
+        now = time.perf_counter()
+        ckpt_due = step % tc.checkpoint_every == 0 or (
+            tc.checkpoint_minutes > 0 and now - t_last_ckpt > 60 * tc.checkpoint_minutes
+        )
+        stop = D.any_rank(_is_cancelled(cancel), device)
+        ckpt_due = D.any_rank(ckpt_due, device)
+
+        if step % tc.log_every == 0 or step == tc.steps or stop or ckpt_due:
+            elapsed = now - t_window
+            mean_loss = D.mean_across_ranks(loss_sum / max(1, loss_n), device)
+            vps = volumes_per_step * window_steps / max(elapsed, 1e-9)
+            last_row = {
+                "step": step,
+                "loss": mean_loss,
+                "lr": lr,
+                "volumes_per_s": vps,
+                "elapsed_s": now - t_start,
+                **{k: float(v) for k, v in logs.items()},
+            }
+            if evaluate is not None and eval_every and (step % eval_every == 0 or step == tc.steps):
+                model.eval()
+                with torch.no_grad():
+                    last_row.update(evaluate(model) if main else {})
+                model.train()
+                if (
+                    best_metric
+                    and main
+                    and best_metric in last_row
+                    and (best_value is None or last_row[best_metric] > best_value)
+                ):
+                    best_value = last_row[best_metric]
+                    best_path = _save_best(run_dir, model, cfg, step, kind, extra_meta, last_row)
+            if main:
+                log.add(last_row)
+            remaining = (tc.steps - step) / max(window_steps / max(elapsed, 1e-9), 1e-9)
+            emit({**last_row, "steps": tc.steps, "eta_s": remaining, "phase": "train"})
+            t_window, window_steps, loss_sum, loss_n = now, 0, 0.0, 0
+
+        if stop:
+            cancelled = True
+            break
+        if ckpt_due and step < tc.steps:
+            last_ckpt = checkpoint(step, last_row)
+            t_last_ckpt = time.perf_counter()
+            emit(
+                {**last_row, "steps": tc.steps, "phase": "checkpoint", "checkpoint": str(last_ckpt)}
+            )
+
+    if step > start_step or last_ckpt is None:
+        last_ckpt = checkpoint(step, last_row)
+    if main:
+        log.close()
+    emit(
+        {
+            **last_row,
+            "step": step,
+            "steps": tc.steps,
+            "phase": "cancelled" if cancelled else "done",
+            "checkpoint": str(last_ckpt),
+        }
+    )
+    history = list(log.rows) if log is not None else []
+    return FitResult(run_dir, last_ckpt, step, cancelled, history, best_path)
+
+
+def _save_best(run_dir, model, cfg, step, kind, extra, metrics) -> Path:
+    """Keep the best weights so far as ``RUN_DIR/best.safetensors`` (+ .json)."""
+    import shutil
+
+    tmp_dir = run_dir / ".best"
+    path = save_checkpoint(tmp_dir, model, cfg, step, kind=kind, extra=extra, metrics=metrics)
+    best = run_dir / "best.safetensors"
+    shutil.move(str(path), best)
+    shutil.move(str(path.with_suffix(".json")), best.with_suffix(".json"))
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return best
