@@ -7,6 +7,7 @@ from .datasets import (
     resolve_inputs,
     resolve_pairs,
 )
+from .download import PUBLIC_CT, cache_dir, fetch
 from .io import (
     Volume,
     load_labels,
@@ -15,6 +16,7 @@ from .io import (
     resample_labels_to,
     save_volume,
 )
+from .phantom import ORGANS, Phantom, make_phantom, write_phantom
 from .transforms import (
     CheckFinited,
     IntensityToUnitd,
@@ -26,6 +28,13 @@ from .transforms import (
 )
 
 __all__ = [
+    "ORGANS",
+    "PUBLIC_CT",
+    "Phantom",
+    "cache_dir",
+    "fetch",
+    "make_phantom",
+    "write_phantom",
     "CheckFinited",
     "IntensityToUnitd",
     "LoadVolumed",
