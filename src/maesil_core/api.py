@@ -317,7 +317,7 @@ def describe_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     meta = read_meta(path)
     cfg = RunConfig.from_dict(meta["config"])
     with safe_open(str(path), framework="pt") as f:
-        n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
     return {
         "path": str(path),
         "kind": meta.get("kind"),

@@ -11,6 +11,7 @@ A problem with the input or the settings prints one line and exits with status 2
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -379,10 +380,8 @@ _EXTENSIONS: list[Callable[..., None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    if importlib.util.find_spec("maesil_core.cli_segment") is not None:
         from . import cli_segment  # noqa: F401  (registers finetune / segment / evaluate)
-    except ImportError:
-        pass
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

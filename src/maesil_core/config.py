@@ -193,9 +193,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  #: "auto" | "cpu" | "cuda" | "cuda:N"
     precision: str = "auto"  #: "auto" (bf16 on GPUs that support it) | "bf16" | "fp32"
-    checkpoint_every: int = (
-        500  #: steps between checkpoints (also written at the end and on cancel)
-    )
+    #: steps between checkpoints (one is also written at the end and on cancel)
+    checkpoint_every: int = 500
+    checkpoint_minutes: float = 10.0  #: also checkpoint after this many minutes; 0 disables
     keep_checkpoints: int = 3  #: newest periodic checkpoints kept on disk
     log_every: int = 10  #: steps between log lines / CSV rows
     compile: bool = False  #: torch.compile the model (GPU)
