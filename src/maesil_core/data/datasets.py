@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..config import DataConfig
 from ..errors import DataError
 from .io import has_image_suffix, is_dicom_dir, is_dicom_file
-from .transforms import IMAGE_KEY, pretrain_transforms
+from .transforms import IMAGE_KEY, pretrain_transforms, unwrap_data_error
 
 #: name fragments that mark label files (skipped when a folder is scanned for images)
 LABEL_MARKERS = ("label", "seg", "mask")
@@ -282,6 +282,40 @@ def _collate_trim(batch: list, batch_size: int) -> dict:
     return {k: (v[:batch_size] if hasattr(v, "__getitem__") else v) for k, v in out.items()}
 
 
+class _UnwrapDataErrors:
+    """Dataset mixin: re-raise the DataError that MONAI wrapped in a RuntimeError."""
+
+    def _transform(self, index):  # Dataset, CacheDataset, PersistentDataset
+        try:
+            return super()._transform(index)  # type: ignore[misc]
+        except RuntimeError as exc:
+            err = unwrap_data_error(exc)
+            if err is exc:
+                raise
+            raise err from None
+
+    def _load_cache_item(self, idx):  # CacheDataset, while filling the cache
+        try:
+            return super()._load_cache_item(idx)  # type: ignore[misc]
+        except RuntimeError as exc:
+            err = unwrap_data_error(exc)
+            if err is exc:
+                raise
+            raise err from None
+
+
+class _Dataset(_UnwrapDataErrors, Dataset):
+    pass
+
+
+class _CacheDataset(_UnwrapDataErrors, CacheDataset):
+    pass
+
+
+class _PersistentDataset(_UnwrapDataErrors, PersistentDataset):
+    pass
+
+
 def make_pretrain_loader(
     files: Sequence[str | Path],
     data_cfg: DataConfig,
@@ -314,16 +348,16 @@ def make_pretrain_loader(
     transform.set_random_state(seed=(seed + 1000 * rank) % (2**32))
     data = [{IMAGE_KEY: f} for f in files]
     if data_cfg.cache == "memory":
-        dataset = CacheDataset(data, transform, num_workers=None, progress=False, copy_cache=True)
+        dataset = _CacheDataset(data, transform, num_workers=None, progress=False, copy_cache=True)
     elif data_cfg.cache == "disk":
         root = cache_dir or data_cfg.cache_dir
         if root is None:
             raise DataError("cache='disk' needs a cache folder: pass cache_dir or set cache_dir.")
         folder = Path(root) / f"pretrain-{_cache_key(data_cfg, superpatch)}"
         folder.mkdir(parents=True, exist_ok=True)
-        dataset = PersistentDataset(data, transform, cache_dir=folder)
+        dataset = _PersistentDataset(data, transform, cache_dir=folder)
     else:
-        dataset = Dataset(data, transform)
+        dataset = _Dataset(data, transform)
 
     crops = int(data_cfg.crops_per_volume)
     volumes_per_batch = max(1, math.ceil(batch_size / crops))

@@ -183,6 +183,31 @@ class IntensityToUnitd(MapTransform):
         return d
 
 
+def unwrap_data_error(exc: BaseException) -> BaseException:
+    """The DataError behind MONAI's ``RuntimeError("applying transform ...")`` wrappers, else
+    ``exc`` itself."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DataError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+class DataCompose(Compose):
+    """MONAI ``Compose`` that lets our DataError through unwrapped (MONAI wraps every
+    exception raised inside a transform in a RuntimeError)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except RuntimeError as exc:
+            err = unwrap_data_error(exc)
+            if err is exc:
+                raise
+            raise err from None
+
+
 def load_transforms(data_cfg: DataConfig) -> list:
     """Deterministic loading chain: load, RAS, resample to ``data_cfg.spacing``, to [0, 1].
 
@@ -237,7 +262,7 @@ def pretrain_transforms(data_cfg: DataConfig, superpatch: Sequence[int]) -> Comp
         ),
         EnsureTyped(IMAGE_KEY, dtype=torch.float32, track_meta=False),
     ]
-    return Compose(chain)
+    return DataCompose(chain)
 
 
 def inference_transforms(data_cfg: DataConfig) -> Compose:
@@ -246,7 +271,7 @@ def inference_transforms(data_cfg: DataConfig) -> Compose:
     ``data = inference_transforms(cfg)({"image": path})``; ``data["image"]`` is a
     MetaTensor (1, D, H, W) in RAS at ``cfg.spacing``; see :func:`invert_to_input`.
     """
-    return Compose(load_transforms(data_cfg))
+    return DataCompose(load_transforms(data_cfg))
 
 
 def invert_to_input(

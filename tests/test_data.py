@@ -1,0 +1,621 @@
+"""Tests of maesil_core.data on the real CT in ../shared/data (see its README.md)."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import http.server
+import json
+import os
+import shutil
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.affines import apply_affine
+
+from maesil_core.config import DataConfig, preset
+from maesil_core.data import (
+    ORGANS,
+    PUBLIC_CT,
+    Volume,
+    check_inputs,
+    fetch,
+    inference_transforms,
+    infinite,
+    invert_to_input,
+    load_labels,
+    load_volume,
+    make_phantom,
+    make_pretrain_loader,
+    read_label_names,
+    resample_labels_to,
+    resolve_inputs,
+    resolve_pairs,
+    save_volume,
+    write_phantom,
+)
+from maesil_core.data import download as download_mod
+from maesil_core.data.phantom import ORGAN_HU
+from maesil_core.errors import DataError
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def abdomen(shared_data) -> Volume:
+    return load_volume(shared_data / "abdomen_ct" / "ct.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def dicom(shared_data) -> Volume:
+    return load_volume(shared_data / "dicom_ct")
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_read_abdomen(abdomen, shared_data):
+    assert abdomen.array.shape == (122, 101, 30)
+    assert abdomen.array.dtype == np.float32
+    assert abdomen.spacing == pytest.approx((3.0, 3.0, 3.0))
+    assert nib.aff2axcodes(abdomen.affine) == ("R", "A", "S")
+    assert abdomen.array.min() == -1100 and abdomen.array.max() == 1207
+    assert abdomen.is_hu
+    assert abdomen.name == "ct"
+    assert abdomen.path == str(shared_data / "abdomen_ct" / "ct.nii.gz")
+
+
+def test_read_chest_lps(shared_data):
+    v = load_volume(shared_data / "chest_ct" / "ct.nii.gz")
+    assert v.array.shape == (512, 512, 61)
+    assert v.spacing == pytest.approx((0.627, 0.627, 5.0), abs=1e-3)
+    assert nib.aff2axcodes(v.affine) == ("L", "P", "S")
+    assert v.array.min() == -1024 and v.array.max() == 1671
+    assert v.is_hu
+
+
+def test_head_ct_is_not_hu(shared_data):
+    v = load_volume(shared_data / "head_ct" / "ct_not_hu.nii.gz")
+    assert v.array.shape == (175, 248, 58)
+    assert not v.is_hu
+    assert v.array.min() >= 0 and v.array.max() <= 255
+
+
+def test_dicom_series_geometry_and_hu(dicom, shared_data):
+    import pydicom
+
+    assert dicom.array.shape == (512, 512, 20)
+    assert dicom.spacing == pytest.approx((0.9766, 0.9766, 2.0), abs=1e-3)
+    assert nib.aff2axcodes(dicom.affine) == ("L", "P", "S")
+    assert dicom.is_hu
+    assert -1100 < dicom.array.min() <= -1000 and 1000 < dicom.array.max() < 3100
+    # slices sorted along the normal: voxel (0, 0, 0) is the lowest slice's first pixel,
+    # its DICOM (LPS) position with x and y negated
+    headers = [
+        pydicom.dcmread(str(f), stop_before_pixels=True)
+        for f in sorted((shared_data / "dicom_ct").iterdir())
+    ]
+    lowest = min(headers, key=lambda h: float(h.ImagePositionPatient[2]))
+    lx, ly, lz = (float(v) for v in lowest.ImagePositionPatient)
+    np.testing.assert_allclose(dicom.affine[:3, 3], [-lx, -ly, lz], atol=1e-3)
+    assert dicom.affine[2, 2] == pytest.approx(2.0)
+
+
+def test_dicom_labels_resampled_by_world_coordinates(dicom, shared_data):
+    """dicom_ct_labels is LAS while the series reads as LPS: only world coordinates align."""
+    labels = load_labels(shared_data / "dicom_ct_labels" / "labels.nii.gz")
+    assert labels.array.dtype == np.int32
+    assert nib.aff2axcodes(labels.affine) == ("L", "A", "S")
+    with pytest.raises(DataError, match="orientation LAS vs LPS") as exc:
+        load_labels(shared_data / "dicom_ct_labels" / "labels.nii.gz", reference=dicom)
+    _one_line(exc)
+
+    res = resample_labels_to(labels, dicom)
+    assert res.shape == dicom.array.shape
+    names = read_label_names(shared_data / "dicom_ct_labels")
+    assert names[5] == "liver" and names[1] == "spleen"
+    for label in (5, 1):  # liver, spleen: soft tissue (contrast CT) 40..200 HU
+        hu = dicom.array[res == label]
+        assert hu.size > 10_000
+        assert np.mean((hu > 40) & (hu < 200)) > 0.9
+    # the naive array-order overlay is wrong (spleen lands mostly outside soft tissue)
+    naive = dicom.array[labels.array == 1]
+    assert np.mean((naive > 40) & (naive < 200)) < 0.5
+    # liver centroid in world coordinates is the same in both grids
+    c_lab = apply_affine(labels.affine, np.argwhere(labels.array == 5).mean(0))
+    c_res = apply_affine(dicom.affine, np.argwhere(res == 5).mean(0))
+    np.testing.assert_allclose(c_lab, c_res, atol=1.0)
+
+    same = load_labels(
+        shared_data / "dicom_ct_labels" / "labels.nii.gz", reference=dicom, resample=True
+    )
+    np.testing.assert_array_equal(same.array, res)
+
+
+def test_labels_with_matching_reference(abdomen, shared_data):
+    labels = load_labels(shared_data / "abdomen_ct" / "labels.nii.gz", reference=abdomen)
+    assert labels.array.shape == abdomen.array.shape
+    liver = abdomen.array[labels.array == 5]
+    assert 40 < np.median(liver) < 200
+    names = read_label_names(shared_data / "abdomen_ct" / "labels.nii.gz")
+    assert names == read_label_names(shared_data / "abdomen_ct" / "label_names.json")
+    assert names[5] == "liver" and len(names) == 117
+    with pytest.raises(DataError, match="shape"):
+        load_labels(shared_data / "chest_ct" / "labels.nii.gz", reference=abdomen)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _nifti(path: Path, array: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "does not exist"),
+        ("empty_dir", "empty folder"),
+        ("dir_without_dicom", "no DICOM"),
+        ("text_as_nifti", "not a valid NIfTI"),
+        ("truncated", "truncated or corrupt"),
+        ("2d", "2D image"),
+        ("3d_flat", "2D image"),
+        ("4d_two_channels", "several channels"),
+        ("nan", "contains 7 NaN voxels"),
+        ("inf", "infinite voxels"),
+        ("unknown_suffix", "not a supported image file"),
+    ],
+)
+def test_bad_inputs_raise_dataerror(case, match, tmp_path, shared_data):
+    p = tmp_path / "scan.nii.gz"
+    if case == "missing":
+        p = tmp_path / "nope.nii.gz"
+    elif case == "empty_dir":
+        p = tmp_path / "empty"
+        p.mkdir()
+    elif case == "dir_without_dicom":
+        p = tmp_path / "notes"
+        p.mkdir()
+        (p / "readme.txt").write_text("not an image\n")
+    elif case == "text_as_nifti":
+        p.write_text("this is not an image\n" * 20)
+    elif case == "truncated":
+        data = (shared_data / "abdomen_ct" / "ct.nii.gz").read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+    elif case == "2d":
+        _nifti(p, np.zeros((64, 64), np.int16))
+    elif case == "3d_flat":
+        _nifti(p, np.zeros((64, 64, 1), np.int16))
+    elif case == "4d_two_channels":
+        _nifti(p, np.zeros((16, 16, 16, 2), np.int16))
+    elif case == "nan":
+        a = np.zeros((16, 16, 16), np.float32)
+        a.flat[:7] = np.nan
+        _nifti(p, a)
+    elif case == "inf":
+        a = np.zeros((16, 16, 16), np.float32)
+        a[0, 0, 0] = np.inf
+        _nifti(p, a)
+    elif case == "unknown_suffix":
+        p = tmp_path / "scan.png"
+        p.write_bytes(b"\x89PNG....")
+    with pytest.raises(DataError, match=match) as exc:
+        load_volume(p)
+    assert str(p) in _one_line(exc)
+
+
+def test_truncated_gzip_variants(tmp_path, shared_data):
+    """Cut points inside the header, early and late in the data all give a DataError."""
+    data = (shared_data / "abdomen_ct" / "ct.nii.gz").read_bytes()
+    for frac in (0.001, 0.1, 0.9, 0.999):
+        p = tmp_path / f"cut{frac}.nii.gz"
+        p.write_bytes(data[: int(len(data) * frac)])
+        with pytest.raises(DataError):
+            load_volume(p)
+    bad = bytearray(gzip.compress(b"\x00" * 1000))
+    bad[20:30] = b"\xff" * 10
+    (tmp_path / "corrupt.nii.gz").write_bytes(bytes(bad))
+    with pytest.raises(DataError):
+        load_volume(tmp_path / "corrupt.nii.gz")
+
+
+def test_single_channel_4d_is_squeezed(tmp_path):
+    p = _nifti(tmp_path / "c1.nii.gz", np.full((8, 9, 10, 1), -1000, np.int16))
+    assert load_volume(p).array.shape == (8, 9, 10)
+
+
+def test_nan_in_transform_chain_names_file(tmp_path, abdomen):
+    a = abdomen.array.copy()
+    a[10, 10, 10] = np.nan
+    p = _nifti(tmp_path / "nan_ct.nii.gz", a)
+    cfg = DataConfig(spacing=None, num_workers=0, cache="none")
+    loader = make_pretrain_loader([str(p)], cfg, (32, 32, 32), 4)
+    with pytest.raises(DataError, match="nan_ct.nii.gz contains 1 NaN"):
+        next(iter(loader))
+    # with the memory cache the file is loaded, and refused, when the loader is built
+    cfg.cache = "memory"
+    with pytest.raises(DataError, match="nan_ct.nii.gz contains 1 NaN"):
+        make_pretrain_loader([str(p)], cfg, (32, 32, 32), 4)
+    with pytest.raises(DataError, match="nan_ct.nii.gz contains 1 NaN"):
+        inference_transforms(cfg)({"image": str(p)})
+
+
+def test_check_inputs(tmp_path, shared_data):
+    good = [str(shared_data / "abdomen_ct" / "ct.nii.gz"), str(shared_data / "dicom_ct")]
+    assert check_inputs(good) == good
+    flat = _nifti(tmp_path / "flat.nii.gz", np.zeros((32, 32), np.int16))
+    with pytest.raises(DataError, match="flat.nii.gz is a 2D image"):
+        check_inputs([*good, str(flat)])
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_text("hello")
+    with pytest.raises(DataError, match="junk.nii.gz is not a readable NIfTI"):
+        check_inputs([str(junk)])
+    with pytest.raises(DataError, match="does not exist"):
+        check_inputs([str(tmp_path / "gone.nii")])
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def test_save_volume_roundtrip_atomic_and_no_overwrite(tmp_path, abdomen):
+    out = tmp_path / "sub" / "copy.nii.gz"
+    assert save_volume(abdomen.array, abdomen.affine, out, dtype=np.int16) == out
+    back = load_volume(out)
+    np.testing.assert_array_equal(back.array, abdomen.array)
+    np.testing.assert_allclose(back.affine, abdomen.affine, atol=1e-4)
+    assert nib.load(str(out)).get_data_dtype() == np.int16
+    before = out.read_bytes()
+    with pytest.raises(DataError, match="exists; pass --force / overwrite=True") as exc:
+        save_volume(np.zeros((4, 4, 4)), np.eye(4), out)
+    _one_line(exc)
+    assert out.read_bytes() == before
+    save_volume(np.ones((4, 4, 4), np.float32), np.eye(4), out, overwrite=True)
+    assert load_volume(out).array.shape == (4, 4, 4)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["copy.nii.gz"]  # no temp left
+    with pytest.raises(DataError, match=r"\.nii"):
+        save_volume(np.zeros((4, 4, 4)), np.eye(4), tmp_path / "x.png")
+
+
+def test_save_volume_failure_leaves_nothing(tmp_path, monkeypatch):
+    def boom(img, filename):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_volume(np.zeros((4, 4, 4)), np.eye(4), tmp_path / "out.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def test_resolve_inputs_folder_skips_labels_and_counts_dicom_once(shared_data):
+    found = resolve_inputs([shared_data])
+    assert found == [
+        str(shared_data / "abdomen_ct" / "ct.nii.gz"),
+        str(shared_data / "chest_ct" / "ct.nii.gz"),
+        str(shared_data / "dicom_ct"),
+        str(shared_data / "head_ct" / "ct_not_hu.nii.gz"),
+    ]
+    assert resolve_inputs(shared_data / "dicom_ct") == [str(shared_data / "dicom_ct")]
+    # a single DICOM file stands for its series
+    one = next((shared_data / "dicom_ct").iterdir())
+    assert resolve_inputs([one]) == [str(shared_data / "dicom_ct")]
+
+
+def test_resolve_inputs_folder_of_dicom_series(tmp_path, shared_data):
+    root = tmp_path / "series"
+    root.mkdir()
+    for name in ("a", "b"):
+        os.symlink(shared_data / "dicom_ct", root / name, target_is_directory=True)
+    found = resolve_inputs([root])
+    assert [Path(f).name for f in found] == ["dicom_ct"]  # both links are the same folder
+    assert len(resolve_inputs([root / "a", root / "b"])) == 1
+
+
+def test_resolve_inputs_glob_txt_json(tmp_path, shared_data):
+    ab = str(shared_data / "abdomen_ct" / "ct.nii.gz")
+    chest = str(shared_data / "chest_ct" / "ct.nii.gz")
+    head = str(shared_data / "head_ct" / "ct_not_hu.nii.gz")
+    assert resolve_inputs([str(shared_data / "*" / "ct.nii.gz")]) == [ab, chest]
+    assert resolve_inputs([str(shared_data / "**" / "*.nii.gz")]) == [ab, chest, head]
+
+    link = tmp_path / "data"
+    os.symlink(shared_data, link, target_is_directory=True)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# my scans\ndata/abdomen_ct/ct.nii.gz\n\n{chest}  # absolute\ndata/dicom_ct\n")
+    found = resolve_inputs([lst])
+    assert [Path(f).name for f in found] == ["ct.nii.gz", "ct.nii.gz", "dicom_ct"]
+    assert found[1] == chest
+
+    ds = tmp_path / "dataset.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "name": "test",
+                "training": [
+                    {"image": "data/abdomen_ct/ct.nii.gz", "label": "data/abdomen_ct/labels.nii.gz"}
+                ],
+                "test": ["data/head_ct/ct_not_hu.nii.gz"],
+            }
+        )
+    )
+    assert [Path(f).name for f in resolve_inputs([ds])] == ["ct.nii.gz", "ct_not_hu.nii.gz"]
+    pairs = resolve_pairs([ds])
+    assert len(pairs) == 1 and pairs[0]["label"].endswith("abdomen_ct/labels.nii.gz")
+
+
+def test_resolve_inputs_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as exc:
+        resolve_inputs([tmp_path / "missing.nii.gz"])
+    _one_line(exc)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no CT files found in .*empty; give .nii/.nii.gz files"):
+        resolve_inputs([tmp_path / "empty"])
+    with pytest.raises(DataError, match="no CT files found in the pattern"):
+        resolve_inputs([str(tmp_path / "*.nii.gz")])
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="not a CT file"):
+        resolve_inputs([tmp_path / "notes.csv"])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(DataError, match="not an MSD-style"):
+        resolve_inputs([tmp_path / "bad.json"])
+
+
+def test_resolve_pairs(tmp_path, shared_data):
+    imgs = tmp_path / "imagesTr"
+    labs = tmp_path / "labelsTr"
+    imgs.mkdir()
+    labs.mkdir()
+    for name in ("abdomen", "chest"):
+        os.symlink(shared_data / f"{name}_ct" / "ct.nii.gz", imgs / f"{name}.nii.gz")
+        os.symlink(shared_data / f"{name}_ct" / "labels.nii.gz", labs / f"{name}.nii.gz")
+    pairs = resolve_pairs([imgs], [labs])
+    assert [(Path(p["image"]).name, Path(p["label"]).name) for p in pairs] == [
+        ("ct.nii.gz", "labels.nii.gz"),
+        ("ct.nii.gz", "labels.nii.gz"),
+    ]
+    assert "abdomen_ct" in pairs[0]["image"] and "abdomen_ct" in pairs[0]["label"]
+    # labelsTr is skipped when scanning the parent folder for images
+    assert len(resolve_inputs([tmp_path])) == 2
+    with pytest.raises(DataError, match="2 images but 1 label maps"):
+        resolve_pairs([imgs], [labs / "chest.nii.gz"])
+    with pytest.raises(DataError, match="needs label maps"):
+        resolve_pairs([imgs])
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_auto_intensity_warns_for_non_hu(shared_data):
+    path = str(shared_data / "head_ct" / "ct_not_hu.nii.gz")
+    cfg = DataConfig(spacing=None, intensity="auto")
+    with pytest.warns(UserWarning, match="does not look like CT in Hounsfield units"):
+        out = inference_transforms(cfg)({"image": path})["image"]
+    assert out.meta["intensity"] == "percentile"
+    assert out.shape == (1, 175, 248, 58)
+    assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+    assert 0.005 < float((out == 1.0).float().mean()) < 0.02  # the top 0.5 % clipped
+    # HU scans choose "hu" without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ab = inference_transforms(cfg)({"image": str(shared_data / "abdomen_ct" / "ct.nii.gz")})
+    assert ab["image"].meta["intensity"] == "hu"
+
+
+def test_inference_transforms_invert_to_input(shared_data):
+    """chest_ct is LPS and anisotropic; taken at every other voxel in-plane for speed."""
+    full = load_volume(shared_data / "chest_ct" / "ct.nii.gz")
+    affine = full.affine.copy()
+    affine[:3, :2] *= 2
+    vol = Volume(full.array[::2, ::2].copy(), affine, full.path, True)  # 256x256x61 LPS
+    low, high = DataConfig().window()
+    expected = np.clip((vol.array - low) / (high - low), 0, 1)
+
+    # spacing None: only the LPS -> RAS flip, inverted exactly
+    tr = inference_transforms(DataConfig(spacing=None, intensity="hu"))
+    data = tr({"image": vol})
+    img = data["image"]
+    assert nib.aff2axcodes(img.affine.numpy()) == ("R", "A", "S")
+    back = invert_to_input(img, data, tr)
+    assert back.shape == (1, 256, 256, 61)
+    np.testing.assert_array_equal(back[0].numpy(), expected)
+
+    # resampling to 2 mm isotropic and back: same grid, values close
+    tr = inference_transforms(DataConfig(spacing=(2.0, 2.0, 2.0), intensity="hu"))
+    data = tr({"image": vol})
+    img = data["image"]
+    assert img.shape[1:] == (161, 161, 151)
+    assert np.allclose(np.linalg.norm(img.affine[:3, :3].numpy(), axis=0), 2.0)
+    back = invert_to_input(img, data, tr)
+    assert back.shape == (1, 256, 256, 61)
+    np.testing.assert_allclose(back.affine.numpy(), vol.affine, atol=1e-4)
+    diff = np.abs(back[0].numpy() - expected)
+    assert diff.mean() < 0.02
+    assert np.corrcoef(back[0].numpy().ravel(), expected.ravel())[0, 1] > 0.98
+    # a label-like prediction with nearest interpolation stays integer-valued
+    mask = (img > 0.5).float()
+    back_mask = invert_to_input(mask, data, tr, nearest=True)
+    assert set(np.unique(back_mask.numpy())) <= {0.0, 1.0}
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+@pytest.mark.parametrize("cache", ["memory", "none", "disk"])
+def test_pretrain_loader_abdomen(cache, shared_data, tmp_path):
+    cfg = preset("tiny").data  # 3 mm, 4 crops per volume, no workers
+    cfg.cache = cache
+    files = resolve_inputs([shared_data / "abdomen_ct" / "ct.nii.gz"])
+    loader = make_pretrain_loader(files, cfg, (32, 32, 32), 4, cache_dir=tmp_path / "cache")
+    assert isinstance(loader, torch.utils.data.DataLoader)
+    batches = [b for b, _ in zip(infinite(loader), range(3))]
+    for b in batches:
+        x = b["image"]
+        assert x.shape == (4, 1, 32, 32, 32) and x.dtype == torch.float32
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+        assert float(x.std()) > 0.05  # real anatomy, not padding
+    assert not torch.equal(batches[0]["image"], batches[1]["image"])  # random crops
+    if cache == "disk":
+        assert any((tmp_path / "cache").rglob("*.pt"))
+
+
+def test_pretrain_loader_batches_across_volumes(tmp_path, shared_data):
+    """batch_size 6 with 4 crops per volume: 2 volumes per step, trimmed to 6."""
+    ct, _ = write_phantom(tmp_path / "phantom", shape=(64, 64, 48), spacing=(3.0, 3.0, 3.0))
+    files = [str(shared_data / "abdomen_ct" / "ct.nii.gz"), str(ct)]
+    cfg = DataConfig(spacing=(3.0, 3.0, 3.0), crops_per_volume=4, num_workers=0)
+    loader = make_pretrain_loader(files, cfg, (32, 32, 32), 6, seed=1)
+    it = infinite(loader)
+    for _ in range(3):
+        assert next(it)["image"].shape == (6, 1, 32, 32, 32)
+
+    # two ranks split the two volumes; infinite() advances the sampler's epoch
+    ranks = [
+        make_pretrain_loader(files, cfg, (32, 32, 32), 4, rank=r, world_size=2) for r in (0, 1)
+    ]
+    sampler = ranks[0].sampler
+    assert isinstance(sampler, torch.utils.data.DistributedSampler)
+    assert len(ranks[0]) == len(ranks[1]) == 1
+    it = infinite(ranks[0])
+    next(it)
+    next(it)
+    assert sampler.epoch == 1
+
+
+# --------------------------------------------------------------------------- phantom
+
+
+def test_phantom_organs_and_hu():
+    t = time.perf_counter()
+    ph = make_phantom(seed=0)
+    assert time.perf_counter() - t < 2.0
+    assert ph.ct.shape == ph.labels.shape == (128, 128, 96)
+    assert ph.ct.dtype == np.int16 and ph.labels.dtype == np.uint8
+    assert ph.names == ORGANS
+    assert nib.aff2axcodes(ph.affine) == ("R", "A", "S")
+    assert ph.spacing == (2.0, 2.0, 2.5)
+    assert set(np.unique(ph.labels)) == {0, *ORGANS}
+    assert np.mean(ph.ct[ph.labels == 0] < -900) > 0.99  # air outside
+    for label, (low, high) in ORGAN_HU.items():
+        hu = ph.ct[ph.labels == label]
+        assert hu.size > 1000, ORGANS[label]
+        assert np.mean((hu >= low) & (hu <= high)) > 0.85, ORGANS[label]
+    assert 40 <= np.median(ph.ct[ph.labels == 2]) <= 80  # liver
+    assert np.median(ph.ct[ph.labels == 8]) < -800  # lung
+
+    def centroid(label):
+        return np.argwhere(ph.labels == label).mean(0)
+
+    assert centroid(2)[0] > centroid(3)[0]  # liver on the patient's right (+x in RAS)
+    assert centroid(5)[0] > centroid(4)[0]  # right kidney right of the left one
+    assert centroid(8)[2] > centroid(2)[2] > centroid(4)[2]  # lungs above liver above kidneys
+    assert centroid(6)[1] < centroid(7)[1]  # spine posterior of the aorta
+    other = make_phantom(seed=1)
+    assert not np.array_equal(other.labels, ph.labels)
+    np.testing.assert_array_equal(make_phantom(seed=0).ct, ph.ct)
+
+
+def test_write_phantom(tmp_path, shared_data):
+    ct, lab = write_phantom(tmp_path, seed=2, shape=(48, 48, 32))
+    vol = load_volume(ct)
+    labels = load_labels(lab, reference=vol)
+    assert vol.is_hu and vol.array.shape == (48, 48, 32)
+    assert set(np.unique(labels.array)) <= {0, *ORGANS}
+    names = read_label_names(lab)
+    assert names == ORGANS
+    # same json layout as the shared data's label_names.json
+    shared = json.loads((shared_data / "abdomen_ct" / "label_names.json").read_text())
+    mine = json.loads((tmp_path / "label_names.json").read_text())
+    assert all(isinstance(k, str) and k.isdigit() for k in [*shared, *mine])
+    with pytest.raises(DataError, match="exists"):
+        write_phantom(tmp_path)
+    write_phantom(tmp_path, shape=(32, 32, 32), overwrite=True)
+    assert load_volume(ct).array.shape == (32, 32, 32)
+
+
+# --------------------------------------------------------------------------- download
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """Serve ``tmp_path/www`` on 127.0.0.1; yields (folder, base_url)."""
+    www = tmp_path / "www"
+    www.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(www))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_fetch_download_verify_and_cache(local_server, tmp_path, monkeypatch, shared_data):
+    www, base = local_server
+    name = "totalseg_example_ct"
+    entry = dict(PUBLIC_CT[name])
+    shutil.copy(shared_data / "abdomen_ct" / "ct.nii.gz", www / "example_ct_sm.nii.gz")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MAESIL_CACHEDIR", str(cache))
+    assert download_mod.cache_dir() == cache
+    monkeypatch.setitem(PUBLIC_CT, name, {**entry, "url": f"{base}/example_ct_sm.nii.gz"})
+
+    # (a) downloads and verifies (the registry hash is that of the shared copy)
+    path = fetch(name)
+    assert path == cache / entry["filename"]
+    assert load_volume(path).array.shape == (122, 101, 30)
+
+    # (c) a cached file with the right hash is reused without network
+    monkeypatch.setitem(PUBLIC_CT, name, {**entry, "url": "http://127.0.0.1:9/unreachable"})
+    assert fetch(name) == path
+
+    # (b) a wrong hash is refused (and the bad download not kept)
+    monkeypatch.setitem(
+        PUBLIC_CT,
+        name,
+        {**entry, "url": f"{base}/example_ct_sm.nii.gz", "sha256": "0" * 64},
+    )
+    path.unlink()
+    with pytest.raises(DataError, match="does not match") as exc:
+        fetch(name)
+    _one_line(exc)
+    assert not path.exists()
+
+
+def test_fetch_offline_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAESIL_CACHEDIR", str(tmp_path))
+    name = "totalseg_example_seg"
+    entry = PUBLIC_CT[name]
+    monkeypatch.setitem(PUBLIC_CT, name, {**entry, "url": "http://127.0.0.1:9/x.nii.gz"})
+    with pytest.raises(DataError) as exc:
+        fetch(name)
+    msg = _one_line(exc)
+    assert msg.startswith(f"could not download {name} (")
+    assert entry["filename"] in msg and entry["sha256"] in msg and str(tmp_path) in msg
+    assert "MAESIL_CACHEDIR" in msg
+    with pytest.raises(DataError, match="unknown public CT"):
+        fetch("nope")
