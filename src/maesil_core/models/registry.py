@@ -17,6 +17,12 @@ from ..errors import ConfigError
 # method name -> "module:Class" (imported lazily so one broken method cannot break the others)
 _METHODS: dict[str, str] = {
     "maesil": "maesil_core.models.maesil:MAESIL",
+    "mae": "maesil_core.models.mae:MAE3D",
+    "simmim": "maesil_core.models.mae:SimMIM",
+    "gl-mae": "maesil_core.models.glmae:GLMAE",
+    "ae": "maesil_core.models.autoencoders:AE",
+    "vae": "maesil_core.models.autoencoders:VAE",
+    "vq-vae": "maesil_core.models.autoencoders:VQVAE",
 }
 
 

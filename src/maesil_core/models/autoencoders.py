@@ -1,0 +1,264 @@
+"""3D convolutional autoencoder baselines: AE, VAE and VQ-VAE, the comparison of the MAESIL paper.
+
+All three share one encoder/decoder pair built from MONAI blocks
+(:class:`monai.networks.blocks.Convolution` and :class:`~monai.networks.blocks.ResidualUnit`):
+
+    encoder  (B, C, *superpatch) -> stride-2 stages ... -> latent (B, c_lat, *grid)
+    decoder  latent -> transposed stride-2 stages ... -> (B, C, *superpatch), sigmoid to [0, 1]
+
+The number of stride-2 stages is log2(patch), so the latent grid IS the token grid of the
+masked models (``superpatch // patch``): each latent vector stands for one patch, and the
+bottleneck width is ``extra["latent_channels"]`` (default 16). Channels per stage are
+``extra["ae_channels"]`` (default ``b, 2b, 4b, ...`` with ``b = extra["ae_base_channels"]``,
+itself by default ``embed_dim // 4``), so that each preset's parameter count is of the same
+order as the matching MAESIL (see docs/method.md).
+
+- :class:`AE`     deterministic bottleneck, MSE loss.
+- :class:`VAE`    Gaussian bottleneck (mu, log-variance), reparameterised sample in training,
+  mu in eval; loss = MSE + ``extra["kl_weight"]`` (default 1e-3) x KL per latent element.
+- :class:`VQVAE`  vector-quantised bottleneck (MONAI :class:`EMAQuantizer`: EMA codebook,
+  straight-through gradient, commitment loss 0.25) with ``extra["codebook_size"]`` codes
+  (default 256) and dead-code restart (codes unused for a while are moved onto random encoder
+  outputs of the batch), logs codebook usage and perplexity.
+
+These models see the whole input: ``PretrainOutput.mask`` and ``reconstruct``'s mask are all
+zeros, and ``recon`` is the model's output everywhere (there is nothing to paste back).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.layers.vector_quantizer import EMAQuantizer
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .base import PretrainOutput
+
+
+def _stages(cfg: ModelConfig) -> int:
+    patch = set(cfg.patch)
+    if len(patch) != 1:
+        raise ConfigError(
+            f"the conv autoencoders need a cubic patch (the down-sampling factor), got {cfg.patch}."
+        )
+    p = patch.pop()
+    n = int(round(math.log2(p)))
+    if 2**n != p or n < 1:
+        raise ConfigError(f"the conv autoencoders need a power-of-two patch, got {p}.")
+    return n
+
+
+def _channels(cfg: ModelConfig, n: int) -> list[int]:
+    chans = cfg.extra.get("ae_channels")
+    if chans is None:
+        # default: a quarter of the ViT width, which puts the parameter count in the range of
+        # the MAESIL of the same preset (tiny 0.9M vs 0.6M, small ~14M vs 14M)
+        base = int(cfg.extra.get("ae_base_channels", max(8, cfg.embed_dim // 4)))
+        return [min(base * 2**i, 1024) for i in range(n)]
+    chans = [int(c) for c in chans]
+    if len(chans) != n:
+        raise ConfigError(f"extra ae_channels needs {n} entries (log2 of the patch), got {chans}.")
+    return chans
+
+
+class ConvEncoder3D(nn.Module):
+    """(B, C, D, H, W) -> (B, out, D/2^n, H/2^n, W/2^n): n stride-2 residual stages + 1x1 conv."""
+
+    def __init__(self, in_channels: int, channels: list[int], out_channels: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for ch in channels:
+            layers.append(ResidualUnit(3, c, ch, strides=2, subunits=2, norm="INSTANCE"))
+            c = ch
+        self.body = nn.Sequential(*layers)
+        self.out = Convolution(3, c, out_channels, kernel_size=1, conv_only=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
+
+
+class ConvDecoder3D(nn.Module):
+    """(B, in, d, h, w) -> (B, C, d*2^n, h*2^n, w*2^n): n transposed stride-2 stages, sigmoid out."""
+
+    def __init__(self, in_channels: int, channels: list[int], out_channels: int):
+        super().__init__()
+        rev = list(reversed(channels))
+        self.inp = Convolution(3, in_channels, rev[0], kernel_size=1, norm="INSTANCE")
+        layers: list[nn.Module] = []
+        for i, ch in enumerate(rev):
+            nxt = rev[i + 1] if i + 1 < len(rev) else rev[-1] // 2 or 1
+            layers.append(
+                Convolution(
+                    3, ch, nxt, strides=2, kernel_size=3, is_transposed=True, norm="INSTANCE"
+                )
+            )
+            layers.append(ResidualUnit(3, nxt, nxt, subunits=1, norm="INSTANCE"))
+        self.body = nn.Sequential(*layers)
+        self.out = Convolution(3, rev[-1] // 2 or 1, out_channels, kernel_size=1, conv_only=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.out(self.body(self.inp(z))))
+
+
+class _ConvAutoencoderBase(nn.Module):
+    """Shared plumbing: input check, encoder/decoder, ``reconstruct`` with MAESIL's signature."""
+
+    latent_factor = 1  #: encoder outputs latent_factor * latent_channels (VAE: 2)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = _stages(cfg)
+        chans = _channels(cfg, n)
+        self.latent_channels = int(cfg.extra.get("latent_channels", 16))
+        self.enc = ConvEncoder3D(cfg.in_channels, chans, self.latent_factor * self.latent_channels)
+        self.dec = ConvDecoder3D(self.latent_channels, chans, cfg.in_channels)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = (self.cfg.in_channels, *self.cfg.superpatch)
+        if x.ndim != 5 or tuple(x.shape[1:]) != expected:
+            raise ConfigError(
+                f"{type(self).__name__} expects input (B, {', '.join(map(str, expected))}) = the "
+                f"superpatch {list(self.cfg.superpatch)}, got {tuple(x.shape)}."
+            )
+
+    def forward(self, x, mask=None, *, generator=None) -> PretrainOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        x: torch.Tensor,
+        *,
+        mode: str | None = None,
+        ratio: float | None = None,
+        mask: torch.Tensor | None = None,
+        generator=None,
+        return_raw: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """``(recon, mask[, raw])`` with recon = raw = the output and mask all zeros.
+
+        ``mode``, ``ratio``, ``mask`` and ``generator`` are accepted for a uniform interface and
+        ignored: an autoencoder sees the whole input.
+        """
+        self._check_input(x)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.forward(x)
+        finally:
+            self.train(was_training)
+        raw = out.pred.to(x.dtype)
+        vox = torch.zeros_like(x[:, :1])
+        return (raw, vox, raw) if return_raw else (raw, vox)
+
+
+class AE(_ConvAutoencoderBase):
+    """Plain 3D convolutional autoencoder, MSE loss."""
+
+    def forward(self, x: torch.Tensor, mask=None, *, generator=None) -> PretrainOutput:
+        self._check_input(x)
+        pred = self.dec(self.enc(x))
+        loss = F.mse_loss(pred.float(), x.float())
+        return PretrainOutput(
+            loss=loss, pred=pred.detach(), mask=torch.zeros_like(x[:, :1]), logs={}
+        )
+
+
+class VAE(_ConvAutoencoderBase):
+    """Variational autoencoder: loss = MSE + kl_weight * mean KL(q(z|x) || N(0, I))."""
+
+    latent_factor = 2
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.kl_weight = float(cfg.extra.get("kl_weight", 1e-3))
+
+    def forward(self, x: torch.Tensor, mask=None, *, generator=None) -> PretrainOutput:
+        self._check_input(x)
+        mu, logvar = self.enc(x).float().chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        if self.training:
+            eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+            z = mu + eps * torch.exp(0.5 * logvar)
+        else:
+            z = mu
+        pred = self.dec(z.to(x.dtype))
+        rec = F.mse_loss(pred.float(), x.float())
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        loss = rec + self.kl_weight * kl
+        return PretrainOutput(
+            loss=loss,
+            pred=pred.detach(),
+            mask=torch.zeros_like(x[:, :1]),
+            logs={"rec": float(rec.detach()), "kl": float(kl.detach())},
+        )
+
+
+class VQVAE(_ConvAutoencoderBase):
+    """VQ-VAE with MONAI's EMA codebook, straight-through estimator, commitment loss, dead-code restart."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.codebook_size = int(cfg.extra.get("codebook_size", 256))
+        self.restart_below = float(cfg.extra.get("vq_restart_below", 0.1))
+        self.quantizer = EMAQuantizer(
+            spatial_dims=3,
+            num_embeddings=self.codebook_size,
+            embedding_dim=self.latent_channels,
+            commitment_cost=float(cfg.extra.get("commitment_cost", 0.25)),
+            decay=float(cfg.extra.get("vq_decay", 0.99)),
+        )
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, z: torch.Tensor, generator=None) -> int:
+        """Move codes whose EMA usage fell below ``restart_below`` onto random encoder outputs."""
+        q = self.quantizer
+        dead = q.ema_cluster_size < self.restart_below
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        flat = z.detach().float().permute(0, 2, 3, 4, 1).reshape(-1, self.latent_channels)
+        pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device, generator=generator)
+        new = flat[pick] + 1e-3 * torch.randn(
+            n_dead, self.latent_channels, device=flat.device, generator=generator
+        )
+        q.embedding.weight.data[dead] = new
+        # a restarted code counts as used once, so it survives ~log(0.1)/log(decay) idle steps
+        q.ema_w.data[dead] = new
+        q.ema_cluster_size.data[dead] = 1.0
+        return n_dead
+
+    def forward(self, x: torch.Tensor, mask=None, *, generator=None) -> PretrainOutput:
+        self._check_input(x)
+        z = self.enc(x).float()  # (B, c_lat, *grid)
+        restarted = self._restart_dead_codes(z, generator) if self.training else 0
+        with torch.autocast(x.device.type, enabled=False):
+            zq, commit, idx = self.quantizer(z)
+        pred = self.dec(zq.to(x.dtype))
+        rec = F.mse_loss(pred.float(), x.float())
+        loss = rec + commit
+        with torch.no_grad():
+            counts = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
+            probs = counts / counts.sum()
+            perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+            used = int((counts > 0).sum())
+        return PretrainOutput(
+            loss=loss,
+            pred=pred.detach(),
+            mask=torch.zeros_like(x[:, :1]),
+            logs={
+                "rec": float(rec.detach()),
+                "commitment": float(commit.detach()),
+                "codes_used": float(used),
+                "codebook_usage": used / self.codebook_size,
+                "perplexity": float(perplexity),
+                "codes_restarted": float(restarted),
+            },
+        )

@@ -1,0 +1,301 @@
+"""GL-MAE (Zhuang et al., TMI 2025): global-local masked autoencoding with consistency to an EMA anchor.
+
+The paper's pretraining code is not released; every choice below that is not in the abstract
+is OURS and listed in docs/method.md. Shapes: S = cfg.superpatch, s = ``extra["global_scale"]``
+(default 2), V = S // s the view size, p = cfg.patch, g = V // p the view grid.
+
+The input unit is the superpatch x (B, C, *S), as for every method. Per step:
+
+- **local views**: ``extra["n_local"]`` (default 2) random V^3 crops of x at native resolution,
+  each sample its own crop, corners on multiples of s*p voxels (so a local view covers whole
+  tokens of the global view);
+- **global view**: the whole superpatch down-sampled to V^3 (average pooling by s);
+- both are masked at random (MAE, ratio ``cfg.mask_ratio``) and reconstructed by ONE student
+  MAE (encoder on visible tokens + light decoder, MSE on masked patches): ``rec_local``,
+  ``rec_global``;
+- **anchor**: the complete, unmasked global view through an EMA **teacher** (encoder + projector);
+- **global-to-global** consistency ``g2g = 1 - cos(pred(proj(mean student tokens of the masked
+  global view))), proj_t(mean teacher tokens))``;
+- **global-to-local** consistency ``g2l``: the same for each local view against the teacher
+  tokens of the region of the global view that the local view covers;
+- ``loss = rec_local + rec_global + extra["consistency_weight"] (default 1) * (g2g + g2l)``,
+  all four terms in ``logs``.
+
+**EMA timing.** The training loop has no post-step hook, so the teacher is updated at the START
+of a training-mode forward, BEFORE the anchor is computed, and only when the student weights
+changed since the last update (detected by the parameter's version counter, which the optimiser's
+in-place step bumps): the teacher used at step k is the EMA of the student weights up to
+step k-1. Gradient accumulation therefore gives one EMA update per optimiser step, and
+eval-mode or no-grad forwards never move the teacher.
+
+**Reconstruction** (``reconstruct``, inference, benchmark): the mask is drawn on the full grid
+``S // p`` exactly as for MAESIL, then the superpatch is cut into the s^3 aligned V^3 crops the
+student was trained on (local views), each crop is reconstructed with its part of the mask and
+the crops are stitched back.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .base import PretrainOutput
+from .maesil import MAESIL
+from .masking import make_mask, mask_to_keep_indices, mask_to_voxels, random_mask
+from .vit3d import pos_embed_3d_sincos
+
+
+def _patchify(x: torch.Tensor, patch) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, L, P) in C order over the grid (as :meth:`MAESIL.patchify`)."""
+    b, c, *sp = x.shape
+    (pd, ph, pw) = patch
+    gd, gh, gw = sp[0] // pd, sp[1] // ph, sp[2] // pw
+    x = x.reshape(b, c, gd, pd, gh, ph, gw, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(b, gd * gh * gw, pd * ph * pw * c)
+
+
+def _unpatchify(tokens: torch.Tensor, grid, patch) -> torch.Tensor:
+    b = tokens.shape[0]
+    (gd, gh, gw), (pd, ph, pw) = grid, patch
+    c = tokens.shape[-1] // (pd * ph * pw)
+    x = tokens.reshape(b, gd, gh, gw, pd, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, c, gd * pd, gh * ph, gw * pw)
+
+
+def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.GELU(), nn.Linear(hidden, dim_out))
+
+
+class GLMAE(MAESIL):
+    """Global-local MAE with an EMA teacher anchor. ``.encoder`` is the student encoder."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        ex = cfg.extra
+        self.scale = int(ex.get("global_scale", 2))
+        self.n_local = int(ex.get("n_local", 2))
+        self.momentum = float(ex.get("ema_momentum", 0.99))
+        self.consistency_weight = float(ex.get("consistency_weight", 1.0))
+        unit = tuple(self.scale * p for p in cfg.patch)
+        if self.scale < 1 or any(s % (self.scale * u) for s, u in zip(cfg.superpatch, unit)):
+            raise ConfigError(
+                f"GL-MAE: the superpatch {list(cfg.superpatch)} must be a multiple of "
+                f"global_scale x patch x global_scale = {[self.scale * u for u in unit]} on every "
+                "axis (views of superpatch/global_scale voxels cut into whole patches)."
+            )
+        self.view = tuple(s // self.scale for s in cfg.superpatch)  # V
+        self.view_grid = tuple(v // p for v, p in zip(self.view, cfg.patch))  # g
+        if math.prod(self.view_grid) < 2:
+            raise ConfigError("GL-MAE: a view must hold at least 2 patches; lower global_scale.")
+
+        e = cfg.embed_dim
+        proj_dim = int(ex.get("proj_dim", 128))
+        hidden = int(ex.get("proj_hidden", 2 * e))
+        self.projector = _mlp(e, hidden, proj_dim)
+        self.predictor = _mlp(proj_dim, hidden, proj_dim)
+        # EMA teacher (saved in checkpoints, never trained by the optimiser)
+        self.teacher_encoder = copy.deepcopy(self.encoder)
+        self.teacher_projector = copy.deepcopy(self.projector)
+        for p in self._teacher_params():
+            p.requires_grad_(False)
+        self._student_version: int | None = None
+        self._dec_pos: dict[tuple[int, ...], torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- EMA teacher
+
+    def _teacher_params(self):
+        return itertools.chain(
+            self.teacher_encoder.parameters(), self.teacher_projector.parameters()
+        )
+
+    def _student_params(self):
+        return itertools.chain(self.encoder.parameters(), self.projector.parameters())
+
+    @torch.no_grad()
+    def ema_update(self) -> bool:
+        """teacher <- m * teacher + (1 - m) * student, once per change of the student weights.
+
+        Returns True when an update happened. Called by ``forward`` in training mode.
+        """
+        version = self.encoder.patch_embed.proj.weight._version
+        if self._student_version is None or version == self._student_version:
+            self._student_version = version
+            return False
+        for t, s in zip(self._teacher_params(), self._student_params()):
+            t.mul_(self.momentum).add_(s.detach(), alpha=1.0 - self.momentum)
+        self._student_version = version
+        return True
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher_encoder.eval()  # no dropout anyway; kept explicit
+        return self
+
+    # ---------------------------------------------------------------- student MAE on a grid
+
+    def _decoder_pos(self, grid, device, dtype) -> torch.Tensor:
+        grid = tuple(grid)
+        if grid == self.grid:
+            return self.decoder_pos_embed
+        if grid not in self._dec_pos:
+            self._dec_pos[grid] = pos_embed_3d_sincos(self.cfg.decoder_embed_dim, grid)[None]
+        return self._dec_pos[grid].to(device=device, dtype=dtype)
+
+    def decode(self, latent: torch.Tensor, mask: torch.Tensor, grid) -> torch.Tensor:
+        """latent (B, L_keep, E), mask (B, L) on ``grid`` -> pred (B, L, P)."""
+        b, n_keep, _ = latent.shape
+        ids_keep, ids_masked = mask_to_keep_indices(mask, mask.shape[1] - n_keep)
+        x = self.decoder_embed(latent)
+        filler = self.mask_token.to(x.dtype).expand(b, ids_masked.shape[1], -1)
+        ids_all = torch.cat([ids_keep, ids_masked], dim=1)
+        values = torch.cat([x, filler], dim=1)
+        x = torch.empty_like(values).scatter(
+            1, ids_all.unsqueeze(-1).expand(-1, -1, values.shape[-1]), values
+        )
+        x = x + self._decoder_pos(grid, x.device, x.dtype)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def encode_visible(self, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Student encoder on the visible tokens of view v; (B, 0, E) when nothing is visible."""
+        n_keep = mask.shape[1] - int(mask[0].sum())
+        if n_keep == 0:
+            return v.new_zeros(v.shape[0], 0, self.cfg.embed_dim)
+        ids_keep, _ = mask_to_keep_indices(mask)
+        return self.encoder(v, ids_keep)
+
+    def _masked_mse(self, v: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        per_patch = (pred.float() - _patchify(v, self.patch).float()).pow(2).mean(-1)
+        m = mask.to(per_patch.dtype)
+        return (per_patch * m).sum() / m.sum().clamp(min=1)
+
+    def _embed_pred(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.projector(tokens.mean(dim=1)))
+
+    # ---------------------------------------------------------------- forward
+
+    def _local_corners(self, batch: int, device, generator) -> torch.Tensor:
+        """(n_local, B, 3) voxel corners of the local crops, multiples of scale * patch."""
+        step = torch.tensor([self.scale * p for p in self.patch], device=device)
+        counts = [
+            (s - v) // st + 1 for s, v, st in zip(self.cfg.superpatch, self.view, step.tolist())
+        ]
+        picks = [
+            torch.randint(0, c, (self.n_local, batch), device=device, generator=generator)
+            for c in counts
+        ]
+        return torch.stack(picks, dim=-1) * step  # (n_local, B, 3)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, generator=None
+    ) -> PretrainOutput:
+        """``mask`` (B, L) on the view grid, if given, is used for the global view."""
+        self._check_input(x)
+        b = x.shape[0]
+        if self.training and torch.is_grad_enabled():
+            self.ema_update()
+        ratio = self.cfg.mask_ratio
+        gview = F.avg_pool3d(x, self.scale) if self.scale > 1 else x  # (B, C, *V)
+
+        # global view: masked reconstruction + student embedding
+        gmask = (
+            mask
+            if mask is not None
+            else random_mask(b, self.view_grid, ratio, device=x.device, generator=generator)
+        )
+        g_lat = self.encode_visible(gview, gmask)
+        g_pred = self.decode(g_lat, gmask, self.view_grid)
+        rec_global = self._masked_mse(gview, g_pred, gmask)
+        s_global = self._embed_pred(g_lat)
+
+        # teacher anchor: complete global view
+        with torch.no_grad():
+            t_tokens = self.teacher_encoder(gview)  # (B, Lg, E)
+            t_global = self.teacher_projector(t_tokens.mean(dim=1))
+            t_grid = t_tokens.transpose(1, 2).reshape(b, -1, *self.view_grid)  # (B, E, *g)
+
+        # local views
+        corners = self._local_corners(b, x.device, generator)
+        sub = [g // self.scale for g in self.view_grid]  # teacher tokens per local view
+        rec_local, g2l = x.new_zeros(()), x.new_zeros(())
+        for i in range(self.n_local):
+            crops, anchors = [], []
+            for j in range(b):
+                c = corners[i, j].tolist()
+                crops.append(x[j, :, c[0] : c[0] + self.view[0], c[1] : c[1] + self.view[1],
+                               c[2] : c[2] + self.view[2]])  # fmt: skip
+                t0 = [cc // (self.scale * p) for cc, p in zip(c, self.patch)]
+                region = t_grid[j, :, t0[0] : t0[0] + sub[0], t0[1] : t0[1] + sub[1],
+                                t0[2] : t0[2] + sub[2]]  # fmt: skip
+                anchors.append(region.flatten(1).mean(dim=1))
+            lv = torch.stack(crops)  # (B, C, *V)
+            lmask = random_mask(b, self.view_grid, ratio, device=x.device, generator=generator)
+            l_lat = self.encode_visible(lv, lmask)
+            rec_local = rec_local + self._masked_mse(
+                lv, self.decode(l_lat, lmask, self.view_grid), lmask
+            )
+            with torch.no_grad():
+                t_local = self.teacher_projector(torch.stack(anchors))
+            g2l = g2l + (1 - F.cosine_similarity(self._embed_pred(l_lat), t_local, dim=-1)).mean()
+        rec_local = rec_local / self.n_local
+        g2l = g2l / self.n_local
+        g2g = (1 - F.cosine_similarity(s_global, t_global, dim=-1)).mean()
+        loss = rec_local + rec_global + self.consistency_weight * (g2g + g2l)
+
+        with torch.no_grad():
+            g_vox = _unpatchify(g_pred.detach().to(x.dtype), self.view_grid, self.patch)
+            pred = F.interpolate(g_vox, size=tuple(self.cfg.superpatch), mode="trilinear")
+            gm = mask_to_voxels(gmask, self.view_grid, self.patch).to(x.dtype)
+            vox_mask = F.interpolate(gm, size=tuple(self.cfg.superpatch), mode="nearest")
+        logs = {
+            "rec_local": float(rec_local.detach()),
+            "rec_global": float(rec_global.detach()),
+            "g2g": float(g2g.detach()),
+            "g2l": float(g2l.detach()),
+        }
+        return PretrainOutput(loss=loss, pred=pred, mask=vox_mask, logs=logs)
+
+    # ---------------------------------------------------------------- reconstruction
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        x: torch.Tensor,
+        *,
+        mode: str | None = None,
+        ratio: float | None = None,
+        mask: torch.Tensor | None = None,
+        generator=None,
+        return_raw: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """Same contract as :meth:`MAESIL.reconstruct`, through the V^3 local-view crops."""
+        self._check_input(x)
+        if mask is None:
+            mask = make_mask(
+                self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
+            )
+        b = x.shape[0]
+        grid_mask = mask.view(b, *self.grid)
+        raw = torch.zeros_like(x)
+        g = self.view_grid
+        for ci in itertools.product(*[range(self.scale)] * 3):
+            vs = [slice(k * v, (k + 1) * v) for k, v in zip(ci, self.view)]
+            ts = [slice(k * n, (k + 1) * n) for k, n in zip(ci, g)]
+            for j in range(b):
+                crop = x[j : j + 1, :, vs[0], vs[1], vs[2]]
+                m = grid_mask[j : j + 1, ts[0], ts[1], ts[2]].reshape(1, -1)
+                pred = self.decode(self.encode_visible(crop, m), m, g)
+                raw[j : j + 1, :, vs[0], vs[1], vs[2]] = _unpatchify(
+                    pred.to(x.dtype), g, self.patch
+                )
+        vox = mask_to_voxels(mask, self.grid, self.patch).to(x.dtype)
+        recon = x * (1 - vox) + raw * vox
+        return (recon, vox, raw) if return_raw else (recon, vox)
