@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import http.server
+import importlib.util
 import json
 import os
 import shutil
@@ -233,6 +234,15 @@ def test_truncated_gzip_variants(tmp_path, shared_data):
         load_volume(tmp_path / "corrupt.nii.gz")
 
 
+def test_nrrd_without_pynrrd_says_how_to_fix(tmp_path):
+    if importlib.util.find_spec("nrrd") is not None:
+        pytest.skip("pynrrd is installed here")
+    p = tmp_path / "scan.nrrd"
+    p.write_bytes(b"NRRD0004\n")
+    with pytest.raises(DataError, match="pip install pynrrd"):
+        load_volume(p)
+
+
 def test_single_channel_4d_is_squeezed(tmp_path):
     p = _nifti(tmp_path / "c1.nii.gz", np.full((8, 9, 10, 1), -1000, np.int16))
     assert load_volume(p).array.shape == (8, 9, 10)
@@ -448,8 +458,16 @@ def test_inference_transforms_invert_to_input(shared_data):
     diff = np.abs(back[0].numpy() - expected)
     assert diff.mean() < 0.02
     assert np.corrcoef(back[0].numpy().ravel(), expected.ravel())[0, 1] > 0.98
-    # a label-like prediction with nearest interpolation stays integer-valued
-    mask = (img > 0.5).float()
+    # the other accepted call forms give the same result
+    np.testing.assert_array_equal(invert_to_input(img, tr).numpy(), back.numpy())
+    np.testing.assert_array_equal(
+        invert_to_input({**data, "pred": img.clone()}, tr).numpy(), back.numpy()
+    )
+    # a plain tensor prediction (what a model returns) and a label-like one (nearest)
+    plain = torch.as_tensor(np.asarray(img))
+    assert type(plain) is torch.Tensor
+    np.testing.assert_array_equal(invert_to_input(plain, data, tr).numpy(), back.numpy())
+    mask = (plain > 0.5).float()
     back_mask = invert_to_input(mask, data, tr, nearest=True)
     assert set(np.unique(back_mask.numpy())) <= {0.0, 1.0}
 

@@ -94,6 +94,12 @@ class LoadVolumed(MapTransform):
                 continue
             if isinstance(value, Volume):
                 vol = value
+                if key not in self.label_keys and not np.isfinite(vol.array).all():
+                    n = int((~np.isfinite(vol.array)).sum())
+                    raise DataError(
+                        f"{vol.path} contains {n} NaN/infinite voxels; replace them "
+                        "(e.g. with -1024) or leave the file out."
+                    )
             elif key in self.label_keys:
                 vol = load_labels(value)
             else:
@@ -211,8 +217,10 @@ class DataCompose(Compose):
 def load_transforms(data_cfg: DataConfig) -> list:
     """Deterministic loading chain: load, RAS, resample to ``data_cfg.spacing``, to [0, 1].
 
-    Works on ``{"image": path}`` and ``{"image": path, "label": path}``; labels use nearest
-    interpolation and are not intensity-scaled. Output ``image``: MetaTensor (1, D, H, W).
+    Works on ``{"image": path}`` and ``{"image": path, "label": path}`` (a path may also be
+    a :class:`Volume` already in memory); labels use nearest interpolation and are not
+    intensity-scaled (they come out as float32 MetaTensors holding integer ids).
+    Output ``image``: MetaTensor (1, D, H, W) in [0, 1].
     """
     keys = (IMAGE_KEY, LABEL_KEY)
     chain: list = [
@@ -276,8 +284,8 @@ def inference_transforms(data_cfg: DataConfig) -> Compose:
 
 def invert_to_input(
     pred: Any,
-    data: Mapping[Hashable, Any],
-    transform: Compose,
+    data: Mapping[Hashable, Any] | Compose | None = None,
+    transform: Compose | Mapping[Hashable, Any] | None = None,
     *,
     orig_key: str = IMAGE_KEY,
     nearest: bool = False,
@@ -285,16 +293,28 @@ def invert_to_input(
     """Map ``pred`` (C, D, H, W) on the transformed grid back to the input voxel grid.
 
     ``data`` is the dict that ``transform`` (from :func:`inference_transforms`) returned;
-    its ``orig_key`` MetaTensor carries the applied spatial operations. Returns a
-    MetaTensor (C, X, Y, Z) in the file's own voxel order with the original affine
-    (``nearest=True`` for label maps). Intensity scaling is not undone.
-    Equivalent to ``monai.transforms.Invertd(keys="pred", transform=transform,
-    orig_keys="image", nearest_interp=nearest)`` on ``{"pred": pred, "image": data["image"]}``.
+    its ``orig_key`` MetaTensor carries the applied spatial operations. Also accepted:
+    ``invert_to_input(pred, transform)`` when ``pred`` is that MetaTensor itself (or
+    one carrying its ``applied_operations``), and ``invert_to_input(data, transform)``
+    with the prediction in ``data["pred"]``. Returns a MetaTensor (C, X, Y, Z) in the
+    file's own voxel order with the original affine (``nearest=True`` for label maps).
+    Intensity scaling is not undone. Equivalent to ``monai.transforms.Invertd(keys="pred",
+    transform=transform, orig_keys="image", nearest_interp=nearest)`` on
+    ``{"pred": pred, "image": data["image"]}``.
     """
-    orig = data[orig_key]
-    if not isinstance(orig, MetaTensor):
-        raise TypeError(f"data[{orig_key!r}] must be the MetaTensor produced by the transform")
-    pred_t = torch.as_tensor(pred)
+    if isinstance(data, Compose):  # invert_to_input(pred, transform[, data])
+        data, transform = transform, data
+    if not isinstance(transform, Compose):
+        raise TypeError("invert_to_input needs the Compose that produced the data")
+    if isinstance(pred, Mapping):
+        data, pred = pred, pred["pred"]
+    orig = pred if data is None else data[orig_key]  # type: ignore[index]
+    if not isinstance(orig, MetaTensor) or not orig.applied_operations:
+        raise TypeError(
+            f"pass the dict returned by the transform (its {orig_key!r} MetaTensor records "
+            "the operations to invert)"
+        )
+    pred_t = torch.as_tensor(pred).as_subclass(torch.Tensor)
     if pred_t.ndim == 3:
         pred_t = pred_t[None]
     if tuple(pred_t.shape[1:]) != tuple(orig.shape[1:]):
@@ -309,5 +329,9 @@ def invert_to_input(
         nearest_interp=nearest,
         to_tensor=True,
     )
-    out = inverter({"pred": pred_t.detach().cpu(), orig_key: orig})["pred"]
-    return out
+    # Invertd silently skips plain tensors: give pred the image's metadata and operations
+    pred_mt = MetaTensor(pred_t.detach().cpu(), meta=dict(orig.meta))  # meta holds the affine
+    pred_mt.applied_operations = list(orig.applied_operations)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a skipped inversion must not pass
+        return inverter({"pred": pred_mt, orig_key: orig})["pred"]
