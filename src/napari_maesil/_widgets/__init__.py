@@ -1,0 +1,1 @@
+"""The plugin's dock widgets, one module each (each usable on its own)."""

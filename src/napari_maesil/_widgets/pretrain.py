@@ -1,0 +1,330 @@
+"""Pretrain widget: MAESIL self-supervised pretraining on the open CT layers or a folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import napari
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    Select,
+    SpinBox,
+)
+
+from ._base import LAST, JobWidget, device_choices, fmt_seconds, layers_of, notify_error
+
+SOURCES = ("Image layers", "Folder or file", "Phantom (built in)")
+
+
+def _pretrain_job(
+    layer_snapshots: list[tuple[str, Any, dict]],
+    paths: list[str],
+    run_dir: str,
+    cfg: Any,
+    resume: bool,
+    force: bool,
+    *,
+    progress: Any,
+    cancel: Any,
+) -> Any:
+    """Runs in a worker thread: write chosen layers to NIfTI, then ``api.pretrain``."""
+    from maesil_core import api
+    from maesil_core.data.io import save_volume
+
+    from .._writer import volume_for_saving
+
+    files = list(paths)
+    if layer_snapshots:
+        progress({"phase": "prepare", "message": "writing the chosen layers to NIfTI"})
+        folder = Path(run_dir) / "layers"
+        for name, data, meta in layer_snapshots:
+            array, affine = volume_for_saving(data, meta)
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "layer"
+            files.append(str(save_volume(array, affine, folder / f"{safe}.nii", overwrite=True)))
+    progress({"phase": "prepare", "message": "loading and caching the volumes"})
+    return api.pretrain(
+        files or None, run_dir, cfg, resume=resume, force=force, progress=progress, cancel=cancel
+    )
+
+
+class PretrainWidget(JobWidget):
+    """Pretrain a MAESIL model: data, preset + main settings, Advanced, device, output."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(napari_viewer, start_text="Start pretraining")
+        from maesil_core.config import HU_WINDOWS, PRESETS
+
+        v = napari_viewer
+        self.source = ComboBox(choices=SOURCES, value=SOURCES[0], label="Data")
+        self.layers = Select(
+            choices=lambda _: [layer.name for layer in layers_of(v, "image")],
+            label="CT layers",
+        )
+        self.folder = FileEdit(mode="d", label="Folder", value="")
+        self.preset = ComboBox(choices=list(PRESETS), value="tiny", label="Preset")
+        self.steps = SpinBox(min=1, max=10_000_000, label="Steps")
+        self.batch_size = SpinBox(min=1, max=4096, label="Batch size")
+        self.lr = FloatSpinBox(min=1e-7, max=1.0, step=1e-4, label="Learning rate")
+        self.lr.native.setDecimals(6)
+        self.mask_mode = ComboBox(choices=["dual", "random", "block"], label="Mask mode")
+        self.mask_ratio = FloatSpinBox(min=0.05, max=0.95, step=0.05, label="Mask ratio")
+        self.spacing = FloatSpinBox(min=0.1, max=20.0, step=0.25, label="Spacing (mm)")
+        self.device = ComboBox(choices=device_choices(), label="Device")
+        self.out_dir = FileEdit(
+            mode="d", label="Output folder", value=str(Path.home() / "maesil-runs" / "pretrain")
+        )
+        self.resume = CheckBox(value=False, text="Resume the run in the output folder")
+        self.overwrite = CheckBox(value=False, text="Overwrite an earlier run there")
+        self.show_advanced = CheckBox(value=False, text="Advanced settings")
+
+        # advanced
+        self.superpatch = SpinBox(min=8, max=512, step=8, label="Superpatch (vox)")
+        self.patch = SpinBox(min=2, max=64, label="Patch (vox)")
+        self.block = SpinBox(min=1, max=32, label="Mask block (patches)")
+        self.embed_dim = SpinBox(min=8, max=4096, label="Encoder width")
+        self.depth = SpinBox(min=1, max=64, label="Encoder depth")
+        self.num_heads = SpinBox(min=1, max=64, label="Encoder heads")
+        self.decoder_embed_dim = SpinBox(min=8, max=4096, label="Decoder width")
+        self.decoder_depth = SpinBox(min=1, max=64, label="Decoder depth")
+        self.decoder_num_heads = SpinBox(min=1, max=64, label="Decoder heads")
+        self.warmup = SpinBox(min=0, max=1_000_000, label="Warm-up steps")
+        self.crops = SpinBox(min=1, max=256, label="Crops per volume")
+        self.hu_window = ComboBox(choices=list(HU_WINDOWS), label="HU window")
+        self.intensity = ComboBox(choices=["auto", "hu", "percentile"], label="Intensity")
+        self.seed = SpinBox(min=0, max=2**31 - 1, label="Seed")
+        self.checkpoint_every = SpinBox(min=1, max=10_000_000, label="Checkpoint every")
+        self.log_every = SpinBox(min=1, max=100_000, label="Report every")
+        self.precision = ComboBox(choices=["auto", "bf16", "fp32"], label="Precision")
+        self.num_workers = SpinBox(min=0, max=64, value=0, label="Loader workers")
+        self.advanced = Container(
+            widgets=[
+                self.superpatch, self.patch, self.block, self.embed_dim, self.depth,
+                self.num_heads, self.decoder_embed_dim, self.decoder_depth,
+                self.decoder_num_heads, self.warmup, self.crops, self.hu_window,
+                self.intensity, self.seed, self.checkpoint_every, self.log_every,
+                self.precision, self.num_workers,
+            ],
+            labels=True,
+        )  # fmt: skip
+        self.advanced.visible = False
+        self.metrics = Label(value="", label="")
+        self.extend(
+            [
+                self.source, self.layers, self.folder, self.preset, self.steps,
+                self.batch_size, self.lr, self.mask_mode, self.mask_ratio, self.spacing,
+                self.device, self.out_dir, self.resume, self.overwrite, self.show_advanced,
+                self.advanced, self.start_button, self.cancel_button, self.progress_bar,
+                self.status, self.metrics,
+            ]
+        )  # fmt: skip
+        self._lock_while_running += [self.preset, self.resume, self.source]
+        self._build_plot()
+
+        self.preset.changed.connect(self._apply_preset)
+        self.source.changed.connect(self._update_source)
+        self.show_advanced.changed.connect(lambda on: setattr(self.advanced, "visible", on))
+        self.start_button.changed.connect(self.start)
+        v.layers.events.inserted.connect(lambda *_: self.layers.reset_choices())
+        v.layers.events.removed.connect(lambda *_: self.layers.reset_choices())
+        self._apply_preset(self.preset.value)
+        self._update_source(self.source.value)
+        self.history: list[tuple[int, float]] = []
+        self._last_draw = 0.0
+
+    # ------------------------------------------------------------------ settings
+    def _apply_preset(self, name: str) -> None:
+        from maesil_core.config import preset
+
+        cfg = preset(name)
+        d, m, t = cfg.data, cfg.model, cfg.train
+        self.steps.value, self.batch_size.value, self.lr.value = t.steps, t.batch_size, t.lr
+        self.mask_mode.value, self.mask_ratio.value = m.mask_mode, m.mask_ratio
+        self.spacing.value = float(d.spacing[0]) if d.spacing else 1.5
+        self.superpatch.value, self.patch.value, self.block.value = (
+            m.superpatch[0], m.patch[0], m.block[0],
+        )  # fmt: skip
+        self.embed_dim.value, self.depth.value, self.num_heads.value = (
+            m.embed_dim, m.depth, m.num_heads,
+        )  # fmt: skip
+        self.decoder_embed_dim.value = m.decoder_embed_dim
+        self.decoder_depth.value = m.decoder_depth
+        self.decoder_num_heads.value = m.decoder_num_heads
+        self.warmup.value, self.crops.value = t.warmup_steps, d.crops_per_volume
+        if isinstance(d.hu_window, str):
+            self.hu_window.value = d.hu_window
+        self.intensity.value, self.seed.value = d.intensity, t.seed
+        self.checkpoint_every.value, self.log_every.value = t.checkpoint_every, t.log_every
+        self.precision.value = t.precision
+
+    def _update_source(self, source: str) -> None:
+        self.layers.visible = source == SOURCES[0]
+        self.folder.visible = source == SOURCES[1]
+
+    def config(self) -> Any:
+        """The RunConfig the widget describes (validated; ConfigError if impossible)."""
+        from maesil_core.config import preset
+
+        cfg = preset(self.preset.value)
+        s = float(self.spacing.value)
+        cfg = cfg.override(
+            "data",
+            spacing=(s, s, s),
+            hu_window=self.hu_window.value,
+            intensity=self.intensity.value,
+            crops_per_volume=int(self.crops.value),
+            num_workers=int(self.num_workers.value),
+        )
+        cfg = cfg.override(
+            "model",
+            superpatch=int(self.superpatch.value),
+            patch=int(self.patch.value),
+            block=int(self.block.value),
+            embed_dim=int(self.embed_dim.value),
+            depth=int(self.depth.value),
+            num_heads=int(self.num_heads.value),
+            decoder_embed_dim=int(self.decoder_embed_dim.value),
+            decoder_depth=int(self.decoder_depth.value),
+            decoder_num_heads=int(self.decoder_num_heads.value),
+            mask_mode=self.mask_mode.value,
+            mask_ratio=float(self.mask_ratio.value),
+        )
+        cfg = cfg.override(
+            "train",
+            steps=int(self.steps.value),
+            batch_size=int(self.batch_size.value),
+            lr=float(self.lr.value),
+            warmup_steps=int(self.warmup.value),
+            seed=int(self.seed.value),
+            checkpoint_every=int(self.checkpoint_every.value),
+            log_every=int(self.log_every.value),
+            precision=self.precision.value,
+            device=self.device.value,
+        )
+        return cfg.validate()
+
+    # ------------------------------------------------------------------ run
+    def start(self, *_: Any) -> None:
+        from maesil_core.errors import MaesilError
+
+        try:
+            cfg = self.config()
+            snapshots, paths = self._inputs()
+            run_dir = str(self.out_dir.value or "").strip()
+            if not run_dir or run_dir == ".":
+                raise MaesilError("choose an output folder for the run.")
+        except MaesilError as exc:
+            notify_error(str(exc))
+            return
+        self.history = []
+        self._draw(force=True)
+        self.progress_bar.value = 0
+        self.status.value = "starting..."
+        self.metrics.value = ""
+        self.launch(
+            _pretrain_job,
+            snapshots,
+            paths,
+            run_dir,
+            cfg,
+            bool(self.resume.value),
+            bool(self.overwrite.value),
+            on_progress=self._on_progress,
+            on_done=self._on_done,
+        )
+
+    def _inputs(self) -> tuple[list[tuple[str, Any, dict]], list[str]]:
+        from maesil_core.errors import MaesilError
+
+        if self.source.value == SOURCES[2]:
+            return [], []
+        if self.source.value == SOURCES[1]:
+            folder = str(self.folder.value or "").strip()
+            if not folder or folder == "." or not Path(folder).exists():
+                raise MaesilError("choose a folder (or file) of CT scans for pretraining.")
+            return [], [folder]
+        chosen = list(self.layers.value or [])
+        if not chosen:
+            raise MaesilError(
+                "select one or more CT Image layers to pretrain on (or choose a folder)."
+            )
+        snaps = []
+        for name in chosen:
+            layer = self.viewer.layers[name]
+            meta = {
+                "scale": tuple(layer.scale),
+                "translate": tuple(layer.translate),
+                "rotate": layer.rotate,
+                "metadata": dict(layer.metadata),
+            }
+            snaps.append((name, layer.data, meta))
+        return snaps, []
+
+    def _on_progress(self, info: dict) -> None:
+        phase = info.get("phase")
+        if phase == "prepare":
+            self.status.value = info.get("message", "")
+            return
+        step, steps = int(info.get("step", 0)), int(info.get("steps", 1))
+        self.progress_bar.max = max(1, steps)
+        self.progress_bar.value = min(step, steps)
+        loss = info.get("loss")
+        vps = info.get("volumes_per_s")
+        text = f"step {step}/{steps}"
+        if loss is not None:
+            text += f" · loss {loss:.4f}"
+        if vps is not None:
+            text += f" · {vps:.1f} vol/s"
+        if phase == "train":
+            text += f" · ETA {fmt_seconds(info.get('eta_s'))}"
+            if loss is not None and (not self.history or self.history[-1][0] != step):
+                self.history.append((step, float(loss)))
+                self._draw()
+        elif phase == "checkpoint":
+            text += " · checkpoint saved"
+        self.status.value = text
+
+    def _on_done(self, result: Any) -> None:
+        self._draw(force=True)
+        if result is None:
+            return
+        LAST["pretrain"] = str(result.run_dir)
+        what = "cancelled at" if result.cancelled else "finished at"
+        self.metrics.value = f"{what} step {result.step}: {result.checkpoint}"
+        if not result.cancelled:
+            self.status.value = f"done · step {result.step}"
+            from napari.utils.notifications import show_info
+
+            show_info(f"Pretraining finished: checkpoint {result.checkpoint}")
+
+    # ------------------------------------------------------------------ loss curve
+    def _build_plot(self) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(3.2, 1.8), dpi=90, tight_layout=True)
+        self._ax = fig.add_subplot(111)
+        self._canvas = FigureCanvasQTAgg(fig)
+        self._canvas.setMinimumHeight(150)
+        self.native.layout().addWidget(self._canvas)
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.5:
+            return
+        self._last_draw = now
+        ax = self._ax
+        ax.clear()
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if self.history:
+            xs, ys = zip(*self.history)
+            ax.plot(xs, ys, color="tab:orange", lw=1.5)
+        self._canvas.draw_idle()
