@@ -70,18 +70,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases, norms, embeddings and tokens; fused on CUDA."""
-    decay, no_decay = [], []
+    """AdamW without weight decay on biases, norms, embeddings and tokens; fused on CUDA.
+
+    A model may carry ``param_lr_scale`` ({parameter name: factor}, e.g. layer-wise lr
+    decay when fine-tuning); each group then keeps an ``lr_scale`` applied to the schedule.
+    """
+    scales = getattr(model, "param_lr_scale", None) or {}
+    buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith("token") or "pos_embed" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        no_wd = p.ndim <= 1 or name.endswith("token") or "pos_embed" in name
+        buckets.setdefault((no_wd, float(scales.get(name, 1.0))), []).append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_wd else cfg.weight_decay,
+            "lr_scale": scale,
+        }
+        for (no_wd, scale), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], -kv[0][1]))
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
 
@@ -319,7 +326,7 @@ def fit(
     while step < tc.steps:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         logs: dict[str, float] = {}
         for micro in range(tc.accum_steps):
             batch = {
