@@ -90,14 +90,23 @@ class MAESIL(nn.Module):
         ids_keep, _ = mask_to_keep_indices(mask, n_masked)
         return self.encoder(x, ids_keep)
 
-    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """latent (B, L_keep, E), mask (B, L) -> pred (B, L, P) for every patch."""
+    def forward_decoder(
+        self, latent: torch.Tensor, mask: torch.Tensor, ids_all: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """latent (B, L_keep, E), mask (B, L) -> pred (B, L, P) for every patch.
+
+        ``ids_all`` (B, L) = cat(ids_keep, ids_masked) of ``mask`` may be passed to skip
+        recomputing it.
+        """
         b, n_keep, _ = latent.shape
-        ids_keep, ids_masked = mask_to_keep_indices(mask, self.num_patches - n_keep)
+        if ids_all is None:
+            ids_all = torch.cat(mask_to_keep_indices(mask, self.num_patches - n_keep), dim=1)
         x = self.decoder_embed(latent)  # (B, L_keep, E')
-        filler = self.mask_token.to(x.dtype).expand(b, ids_masked.shape[1], -1)  # (B, L_mask, E')
-        # put visible tokens and mask tokens back into grid order with one scatter
-        ids_all = torch.cat([ids_keep, ids_masked], dim=1)  # (B, L) a permutation of 0..L-1
+        filler = self.mask_token.to(x.dtype).expand(
+            b, self.num_patches - n_keep, -1
+        )  # (B, L_mask, E')
+        # put visible tokens and mask tokens back into grid order with one scatter;
+        # ids_all is a permutation of 0..L-1: visible positions first, then masked ones
         values = torch.cat([x, filler], dim=1)  # (B, L, E')
         x = torch.empty_like(values).scatter(
             1, ids_all.unsqueeze(-1).expand(-1, -1, values.shape[-1]), values
@@ -151,8 +160,9 @@ class MAESIL(nn.Module):
         if mask is None:
             mask = make_mask(self.cfg, x.shape[0], device=x.device, generator=generator)
             n_masked = num_masked(self.grid, self.cfg.mask_ratio)
-        latent = self.forward_encoder(x, mask, n_masked)  # (B, L_keep, E)
-        pred = self.forward_decoder(latent, mask)  # (B, L, P)
+        ids_keep, ids_masked = mask_to_keep_indices(mask, n_masked)
+        latent = self.encoder(x, ids_keep)  # (B, L_keep, E): visible tokens only
+        pred = self.forward_decoder(latent, mask, torch.cat([ids_keep, ids_masked], 1))  # (B, L, P)
         loss = self.forward_loss(x, pred, mask)
         with torch.no_grad():
             recon = self.to_voxels(x, pred.detach().to(x.dtype))
