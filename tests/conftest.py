@@ -19,3 +19,27 @@ def shared_data() -> Path:
             "`shared/data` beside the repository root (abdomen_ct, chest_ct, head_ct, dicom_ct)."
         )
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def abdomen_ct(shared_data) -> str:
+    """Real abdominal CT (RAS, 3 mm, HU) with 41 TotalSegmentator labels beside it."""
+    return str(shared_data / "abdomen_ct" / "ct.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, shared_data) -> Path:
+    """A tiny MAESIL pretrained for 200 steps on two real CTs (abdomen, DICOM series).
+
+    chest_ct is kept out of it, as a held-out scan for reconstruction tests.
+    """
+    from maesil_core import api
+    from maesil_core.config import preset
+
+    cfg = preset("tiny").override("train", steps=200, log_every=10, checkpoint_every=100)
+    cfg = cfg.override("data", num_workers=0)
+    run = tmp_path_factory.mktemp("pretrained") / "run"
+    data = [shared_data / "abdomen_ct" / "ct.nii.gz", shared_data / "dicom_ct"]
+    result = api.pretrain(data, run, cfg)
+    assert result.step == 200 and not result.cancelled
+    return run

@@ -323,6 +323,44 @@ def fit(
     last_row: dict[str, float] = {}
     model.train()
 
+    def record(step: int, lr: float, now: float, logs: dict[str, float]) -> dict[str, float]:
+        """Log one row (mean loss since the last row) and report progress."""
+        nonlocal best_value, best_path
+        elapsed = now - t_window
+        mean_loss = D.mean_across_ranks(float(loss_sum) / max(1, loss_n), device)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"the loss became {mean_loss} by step {step}; lower the learning rate "
+                f"(now {tc.lr:g}) or check the input intensities."
+            )
+        vps = volumes_per_step * window_steps / max(elapsed, 1e-9)
+        last_row = {
+            "step": step,
+            "loss": mean_loss,
+            "lr": lr,
+            "volumes_per_s": vps,
+            "elapsed_s": now - t_start,
+            **{k: float(v) for k, v in logs.items()},
+        }
+        if evaluate is not None and eval_every and (step % eval_every == 0 or step == tc.steps):
+            model.eval()
+            with torch.no_grad():
+                last_row.update(evaluate(model) if main else {})
+            model.train()
+            if (
+                best_metric
+                and main
+                and best_metric in last_row
+                and (best_value is None or last_row[best_metric] > best_value)
+            ):
+                best_value = last_row[best_metric]
+                best_path = _save_best(run_dir, model, cfg, step, kind, extra_meta, last_row)
+        if main:
+            log.add(last_row)
+        remaining = (tc.steps - step) / max(window_steps / max(elapsed, 1e-9), 1e-9)
+        emit({**last_row, "steps": tc.steps, "eta_s": remaining, "phase": "train"})
+        return last_row
+
     while step < tc.steps:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
@@ -343,17 +381,11 @@ def fit(
             ):
                 loss, logs = loss_fn(train_model, batch)
                 (loss / tc.accum_steps).backward()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"the loss became {loss_value} at step {step}; lower the learning rate "
-                    f"(now {tc.lr:g}) or check the input intensities."
-                )
-            loss_sum += loss_value
+            loss_sum = loss_sum + loss.detach().float()  # stays on the device: no sync per step
             loss_n += 1
         if tc.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            logs = {**logs, "grad_norm": grad_norm}
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            logs = {**logs, "grad_norm": grad_norm.detach()}  # read at log time only
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -363,40 +395,16 @@ def fit(
         ckpt_due = step % tc.checkpoint_every == 0 or (
             tc.checkpoint_minutes > 0 and now - t_last_ckpt > 60 * tc.checkpoint_minutes
         )
-        stop = D.any_rank(_is_cancelled(cancel), device)
         ckpt_due = D.any_rank(ckpt_due, device)
-
-        if step % tc.log_every == 0 or step == tc.steps or stop or ckpt_due:
-            elapsed = now - t_window
-            mean_loss = D.mean_across_ranks(loss_sum / max(1, loss_n), device)
-            vps = volumes_per_step * window_steps / max(elapsed, 1e-9)
-            last_row = {
-                "step": step,
-                "loss": mean_loss,
-                "lr": lr,
-                "volumes_per_s": vps,
-                "elapsed_s": now - t_start,
-                **{k: float(v) for k, v in logs.items()},
-            }
-            if evaluate is not None and eval_every and (step % eval_every == 0 or step == tc.steps):
-                model.eval()
-                with torch.no_grad():
-                    last_row.update(evaluate(model) if main else {})
-                model.train()
-                if (
-                    best_metric
-                    and main
-                    and best_metric in last_row
-                    and (best_value is None or last_row[best_metric] > best_value)
-                ):
-                    best_value = last_row[best_metric]
-                    best_path = _save_best(run_dir, model, cfg, step, kind, extra_meta, last_row)
-            if main:
-                log.add(last_row)
-            remaining = (tc.steps - step) / max(window_steps / max(elapsed, 1e-9), 1e-9)
-            emit({**last_row, "steps": tc.steps, "eta_s": remaining, "phase": "train"})
+        logged = False
+        if step % tc.log_every == 0 or step == tc.steps or ckpt_due:
+            last_row = record(step, lr, now, logs)
             t_window, window_steps, loss_sum, loss_n = now, 0, 0.0, 0
-
+            logged = True
+        # checked after the progress report, so a cancel asked for in a callback stops here
+        stop = D.any_rank(_is_cancelled(cancel), device)
+        if stop and not logged:
+            last_row = record(step, lr, now, logs)
         if stop:
             cancelled = True
             break

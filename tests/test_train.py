@@ -1,0 +1,147 @@
+"""The training loop, checkpoints and resume, on real CT (tiny preset, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from maesil_core import api
+from maesil_core.checkpoint import (
+    build_from_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from maesil_core.config import preset
+from maesil_core.errors import CheckpointError, ConfigError
+from maesil_core.train import lr_at
+
+
+def tiny_cfg(steps: int, **train):
+    cfg = preset("tiny")
+    cfg = cfg.override("train", steps=steps, log_every=5, checkpoint_every=1000, **train)
+    return cfg.override("data", num_workers=0, cache="memory")
+
+
+def read_metrics(run_dir):
+    with (run_dir / "metrics.csv").open() as f:
+        return [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+
+
+def test_pretraining_on_real_ct_lowers_the_masked_loss(trained_run):
+    rows = read_metrics(trained_run)
+    first = np.mean([r["loss"] for r in rows[:2]])
+    last = np.mean([r["loss"] for r in rows[-3:]])
+    assert last < 0.5 * first, (first, last)
+    assert (trained_run / "loss.png").stat().st_size > 5000
+    assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
+    assert all(r["volumes_per_s"] > 0 for r in rows)
+
+
+def test_checkpoint_reloads_to_identical_outputs(trained_run):
+    path = resolve_checkpoint(trained_run)
+    model_a, ckpt = build_from_checkpoint(path)
+    model_b, _ = build_from_checkpoint(path.with_suffix(".json"))
+    assert ckpt.kind == "pretrain" and ckpt.step == 200
+    x = torch.rand(2, 1, 32, 32, 32)
+    out_a = model_a(x, mask=_token_mask(model_a, x, seed=3))
+    out_b = model_b(x, mask=_token_mask(model_b, x, seed=3))
+    assert torch.equal(out_a.pred, out_b.pred)
+    assert out_a.loss.item() == out_b.loss.item()
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["config"]["model"]["superpatch"] == [32, 32, 32]
+    assert meta["config"]["data"]["spacing"] == [3.0, 3.0, 3.0]
+    assert meta["package_version"]
+
+
+def _token_mask(model, x, seed):
+    from maesil_core.models.masking import make_mask
+
+    return make_mask(model.cfg, x.shape[0], generator=torch.Generator().manual_seed(seed))
+
+
+def test_resume_continues_the_same_schedule(tmp_path, abdomen_ct):
+    run = tmp_path / "run"
+    stop_at = 15
+
+    def cancel_after(info):
+        if info.get("step", 0) >= stop_at:
+            flag["stop"] = True
+
+    flag = {"stop": False}
+    cfg = tiny_cfg(30, warmup_steps=10)
+    first = api.pretrain([abdomen_ct], run, cfg, progress=cancel_after, cancel=lambda: flag["stop"])
+    assert first.cancelled and first.step == stop_at
+    assert [p.name for p in list_checkpoints(run)] == [f"step_{stop_at:06d}.safetensors"]
+    state = torch.load(resolve_checkpoint(run).with_suffix(".state.pt"), weights_only=False)
+    assert state["step"] == stop_at and state["optimizer"]["state"]
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        api.pretrain([abdomen_ct], run, cfg)
+
+    second = api.pretrain([abdomen_ct], run, None, resume=True)
+    assert not second.cancelled and second.step == 30
+    rows = read_metrics(run)
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 30 and stop_at in steps
+    for r in rows:  # the learning rate follows one uninterrupted schedule
+        assert r["lr"] == pytest.approx(lr_at(int(r["step"]) - 1, cfg.train), rel=1e-4)
+
+
+def test_force_overwrites_and_fresh_runs_are_refused(tmp_path, abdomen_ct):
+    run = tmp_path / "run"
+    api.pretrain([abdomen_ct], run, tiny_cfg(2))
+    with pytest.raises(ConfigError, match="--force"):
+        api.pretrain([abdomen_ct], run, tiny_cfg(2))
+    api.pretrain([abdomen_ct], run, tiny_cfg(3), force=True)
+    assert [p.name for p in list_checkpoints(run)] == ["step_000003.safetensors"]
+
+
+def test_killed_write_leaves_only_complete_checkpoints(tmp_path, trained_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = resolve_checkpoint(run)
+    # a kill between the weights and the JSON: the half-written checkpoint is ignored
+    (run / "checkpoints" / "step_999999.safetensors").write_bytes(b"partial")
+    assert resolve_checkpoint(run) == last
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, trained_run):
+    path = resolve_checkpoint(trained_run)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt|not a readable"):
+        load_checkpoint(broken)
+
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="without maesil metadata"):
+        load_checkpoint(foreign)
+
+    # same metadata, weights of another architecture
+    ckpt = load_checkpoint(path)
+    meta = dict(ckpt.meta)
+    meta["config"] = json.loads(json.dumps(meta["config"]))
+    meta["config"]["model"]["embed_dim"] = 192
+    other = tmp_path / "other.safetensors"
+    save_file(ckpt.state_dict, str(other), metadata={"maesil": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="another architecture"):
+        build_from_checkpoint(other)
+    with pytest.raises(CheckpointError, match="segmentation checkpoint is needed"):
+        load_checkpoint(path, kind="segmentation")
+
+
+def test_learning_rate_schedule_shape():
+    cfg = preset("tiny").train
+    lrs = [lr_at(s, cfg) for s in range(cfg.steps)]
+    assert lrs[0] < lrs[cfg.warmup_steps - 1] == pytest.approx(cfg.lr)
+    assert lrs[-1] < 0.01 * cfg.lr + cfg.min_lr
+    assert all(a >= b for a, b in zip(lrs[cfg.warmup_steps :], lrs[cfg.warmup_steps + 1 :]))
