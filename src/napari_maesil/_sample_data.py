@@ -28,26 +28,25 @@ def phantom_sample() -> list[tuple]:
 def public_ct_sample() -> list[tuple]:
     """TotalSegmentator's small example abdomen CT and its organ labels (Apache-2.0).
 
-    Downloaded on first use; offline you get a notification naming the file and folder.
+    Downloaded on first use; offline, the error notification names the file and the folder
+    to put it in (or ``MAESIL_CACHEDIR``).
     """
-    from napari.utils.notifications import show_error
+    from napari.utils.notifications import show_warning
 
     from maesil_core.data.download import fetch
     from maesil_core.errors import MaesilError
 
     from ._reader import read_volume
 
-    try:
-        ct_path = fetch("totalseg_example_ct")
-    except MaesilError as exc:
-        show_error(f"Sample CT not available: {exc}")
-        return []
+    # offline, fetch raises a DataError that says which file to put where; napari shows it
+    # as an error notification (a sample must return layers or raise)
+    ct_path = fetch("totalseg_example_ct")
     layers = [_renamed(read_volume(ct_path, as_labels=False), "abdomen_ct")]
     try:
         seg_path = fetch("totalseg_example_seg")
         layers.append(_renamed(read_volume(seg_path, as_labels=True), "abdomen_labels"))
     except MaesilError as exc:
-        show_error(f"Sample labels not available (the CT is): {exc}")
+        show_warning(f"Sample labels not available (the CT is): {exc}")
     return layers
 
 

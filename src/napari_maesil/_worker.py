@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: after Cancel, the UI is released at most this long after the job was asked to stop
-CANCEL_GRACE_S = 0.8
+CANCEL_GRACE_S = 0.4
 
 _DONE = object()
 _live_threads: list[threading.Thread] = []

@@ -78,6 +78,7 @@ class JobWidget(Container):
         self._cancel_event: threading.Event | None = None
         self._lock_while_running: list[Any] = [self.start_button]
         self.last_result: JobResult | None = None
+        self.released_at: float | None = None  #: monotonic time the last job let go of the UI
         self.cancel_button.changed.connect(self.cancel)
 
     # ------------------------------------------------------------------ state
@@ -118,14 +119,15 @@ class JobWidget(Container):
             job_generator, fn, self._cancel_event, *args, _start_thread=False, **kwargs
         )
         worker.yielded.connect(on_progress)
-        worker.returned.connect(lambda res: self._on_returned(res, on_done))
+        worker.returned.connect(lambda res: self._on_returned(worker, res, on_done))
         worker.errored.connect(self._on_errored)
-        worker.finished.connect(self._on_finished)
+        worker.finished.connect(lambda: self._release(worker))
         self._worker = worker
         self._set_running(True)
         worker.start()
 
-    def _on_returned(self, result: JobResult, on_done: Callable[[Any], None]) -> None:
+    def _on_returned(self, worker: Any, result: JobResult, on_done: Callable[[Any], None]) -> None:
+        self._release(worker)  # before on_done, which may launch the next job
         self.last_result = result
         if result.error:
             self.status.value = "failed: see the notification"
@@ -145,7 +147,11 @@ class JobWidget(Container):
         self.last_result = JobResult(error=f"{type(exc).__name__}: {exc}")
         self.status.value = f"failed: {type(exc).__name__}"
 
-    def _on_finished(self) -> None:
-        self._worker = None
-        self._cancel_event = None
-        self._set_running(False)
+    def _release(self, worker: Any) -> None:
+        if self._worker is worker:
+            import time
+
+            self.released_at = time.monotonic()
+            self._worker = None
+            self._cancel_event = None
+            self._set_running(False)

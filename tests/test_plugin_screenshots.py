@@ -1,0 +1,132 @@
+"""Regenerate the README screenshots (docs/images/*.png). Opt-in, run once by hand:
+
+    MAESIL_SCREENSHOTS=1 xvfb-run -a -s "-screen 0 1280x1024x24" \
+        python -m pytest tests/test_plugin_screenshots.py
+
+PNGs are palette-quantised to stay small (< 300 KB each).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_plugin import click, fast_config, open_ct, wait_done
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MAESIL_SCREENSHOTS") != "1", reason="set MAESIL_SCREENSHOTS=1 to regenerate"
+)
+IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def save_small(array: np.ndarray, name: str, width: int = 1100) -> Path:
+    from PIL import Image
+
+    img = Image.fromarray(np.asarray(array)[..., :3].astype(np.uint8))
+    if img.width > width:
+        img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+    img = img.quantize(colors=96, method=Image.Quantize.MEDIANCUT)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    path = IMAGES / name
+    img.save(path, optimize=True)
+    assert path.stat().st_size < 300_000, (path, path.stat().st_size)
+    return path
+
+
+def grab(widget) -> np.ndarray:
+    from qtpy.QtGui import QImage
+
+    img = widget.native.grab().toImage().convertToFormat(QImage.Format.Format_RGBA8888)
+    ptr = img.constBits()
+    ptr.setsize(img.height() * img.width() * 4)
+    return np.frombuffer(ptr, np.uint8).reshape(img.height(), img.width(), 4).copy()
+
+
+def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
+    from maesil_core import api
+    from napari_maesil._widgets.explorer import ExplorerWidget
+    from napari_maesil._widgets.finetune import FinetuneWidget
+    from napari_maesil._widgets.pretrain import PretrainWidget
+    from napari_maesil._widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    ct = open_ct(viewer, shared_data / "abdomen_ct" / "ct.nii.gz")
+    labels = open_ct(viewer, shared_data / "abdomen_ct" / "labels.nii.gz")
+
+    # Pretrain: a short run so the progress bar and the loss curve show something
+    pw = PretrainWidget(viewer)
+    viewer.window.add_dock_widget(pw, name="Pretrain")
+    cfg = fast_config(30)
+    pw.layers.value = [ct.name]
+    pw.steps.value, pw.batch_size.value, pw.lr.value = 30, 8, 3e-3
+    pw.mask_mode.value, pw.mask_ratio.value = "random", 0.5
+    pw.show_advanced.value = False
+    pw.out_dir.value = str(tmp_path / "pre")
+    pw.superpatch.value, pw.patch.value = 16, 4
+    pw.embed_dim.value, pw.depth.value, pw.num_heads.value = 64, 2, 2
+    pw.decoder_embed_dim.value, pw.decoder_depth.value, pw.decoder_num_heads.value = 64, 1, 2
+    pw.log_every.value, pw.crops.value, pw.warmup.value = 2, 8, 5
+    pw.device.value = "cpu"
+    click(qtbot, pw.start_button)
+    wait_done(qtbot, pw, timeout=600_000)
+    save_small(grab(pw), "pretrain_widget.png", width=420)
+
+    # a better model for the explorer pictures
+    run = tmp_path / "explorer_model"
+    api.pretrain([shared_data / "abdomen_ct" / "ct.nii.gz"], run, cfg.override("train", steps=150))
+    ew = ExplorerWidget(viewer)
+    viewer.window.add_dock_widget(ew, name="Superpatch explorer")
+    ew.checkpoint.value = str(run)
+    ew.image.value = ct
+    ew.mode.value, ew.ratio.value = "random", 0.5
+    labels.visible = False
+    click(qtbot, ew.load_button)
+    wait_done(qtbot, ew)
+    body = np.argwhere(ct.data > 0).mean(0)
+    viewer.dims.current_step = (int(body[0]), 0, 0)
+    ew.tile.value = ew.tile_at(ct.data_to_world(body))
+    click(qtbot, ew.start_button)
+    wait_done(qtbot, ew)
+    for name in ("masked input", "|error|"):
+        viewer.layers[name].visible = False
+    viewer.layers["superpatch grid"].opacity = 0.25
+    viewer.layers["reconstruction"].opacity = 1.0
+    viewer.reset_view()
+    qtbot.wait(300)
+    save_small(viewer.screenshot(canvas_only=False, flash=False), "explorer_viewer.png")
+    save_small(grab(ew), "explorer_widget.png", width=420)
+    viewer.dims.ndisplay = 3
+    viewer.camera.angles = (10, -30, 80)
+    qtbot.wait(300)
+    save_small(viewer.screenshot(canvas_only=True, flash=False), "explorer_3d.png", width=700)
+    viewer.dims.ndisplay = 2
+    viewer.window.remove_dock_widget(pw)
+
+    # Fine-tune + Segment
+    fw = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(fw, name="Fine-tune")
+    fw.image.value, fw.labels.value = ct, labels
+    fw.pretrained.value = str(run)
+    fw.classes.value = "liver, spleen, kidney_left, kidney_right"
+    fw.steps.value, fw.eval_every.value, fw.batch_size.value = 40, 10, 4
+    fw.device.value = "cpu"
+    fw.out_dir.value = str(tmp_path / "seg")
+    click(qtbot, fw.start_button)
+    wait_done(qtbot, fw, timeout=900_000)
+    save_small(grab(fw), "finetune_widget.png", width=420)
+
+    sw = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(sw, name="Segment")
+    sw.image.value = ct
+    sw.checkpoint.value = str(tmp_path / "seg")
+    click(qtbot, sw.start_button)
+    wait_done(qtbot, sw)
+    for layer in viewer.layers:
+        layer.visible = layer in (ct, sw.result_layer)
+    qtbot.wait(300)
+    save_small(grab(sw), "segment_widget.png", width=420)
+    save_small(viewer.screenshot(canvas_only=False, flash=False), "segment_viewer.png")
