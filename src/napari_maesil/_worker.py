@@ -26,6 +26,7 @@ CANCEL_GRACE_S = 0.4
 
 _DONE = object()
 _live_threads: list[threading.Thread] = []
+_live_events: list[threading.Event] = []
 
 
 @dataclass
@@ -42,6 +43,19 @@ def busy() -> bool:
     """True while a job thread from an earlier (cancelled) run is still finishing."""
     _live_threads[:] = [t for t in _live_threads if t.is_alive()]
     return bool(_live_threads)
+
+
+def cancel_all(wait_s: float = 0.0) -> bool:
+    """Ask every running job to stop (viewer closing, tests); wait up to ``wait_s`` for them.
+
+    Returns True when no job thread is left.
+    """
+    for event in list(_live_events):
+        event.set()
+    deadline = time.monotonic() + wait_s
+    for thread in list(_live_threads):
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    return not busy()
 
 
 def job_generator(
@@ -73,6 +87,7 @@ def job_generator(
 
     thread = threading.Thread(target=target, name=f"maesil-{fn.__name__}", daemon=True)
     _live_threads.append(thread)
+    _live_events[:] = [e for e in _live_events if not e.is_set()] + [cancel]
     thread.start()
     cancelled_at: float | None = None
     while True:

@@ -60,6 +60,20 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _guarded(slot: Callable[..., Any]) -> Callable[..., Any]:
+    """A slot that ignores a widget already deleted (viewer closed while a job ran)."""
+
+    def call(*args: Any) -> Any:
+        try:
+            return slot(*args)
+        except RuntimeError as exc:
+            if "has been deleted" not in str(exc):
+                raise
+            return None
+
+    return call
+
+
 class JobWidget(Container):
     """A container with Start / Cancel, a progress bar and a status line.
 
@@ -80,6 +94,7 @@ class JobWidget(Container):
         self.last_result: JobResult | None = None
         self.released_at: float | None = None  #: monotonic time the last job let go of the UI
         self.cancel_button.changed.connect(self.cancel)
+        self.native.destroyed.connect(lambda *_: self._cancel_event and self._cancel_event.set())
 
     # ------------------------------------------------------------------ state
     @property
@@ -118,10 +133,10 @@ class JobWidget(Container):
         worker = create_worker(
             job_generator, fn, self._cancel_event, *args, _start_thread=False, **kwargs
         )
-        worker.yielded.connect(on_progress)
-        worker.returned.connect(lambda res: self._on_returned(worker, res, on_done))
-        worker.errored.connect(self._on_errored)
-        worker.finished.connect(lambda: self._release(worker))
+        worker.yielded.connect(_guarded(on_progress))
+        worker.returned.connect(_guarded(lambda res: self._on_returned(worker, res, on_done)))
+        worker.errored.connect(_guarded(self._on_errored))
+        worker.finished.connect(_guarded(lambda: self._release(worker)))
         self._worker = worker
         self._set_running(True)
         worker.start()
