@@ -228,7 +228,7 @@ def reconstruct(
         raise ConfigError(f"mask ratio must be between 0 and 1, got {mask_ratio}.")
     volume = load_volume(image)
     transform = inference_transforms(cfg.data)
-    sample = transform({"image": str(image)})
+    sample = transform({"image": volume})  # the volume already read: no second read
     unit = sample["image"]  # (1, D, H, W) on the model grid
     is_cancelled = _cancel_fn(cancel)
 
