@@ -67,14 +67,20 @@ def _channels(cfg: ModelConfig, n: int) -> list[int]:
 
 
 class ConvEncoder3D(nn.Module):
-    """(B, C, D, H, W) -> (B, out, D/2^n, H/2^n, W/2^n): n stride-2 residual stages + 1x1 conv."""
+    """(B, C, D, H, W) -> (B, out, D/2^n, H/2^n, W/2^n).
+
+    Each stage: a stride-2 3x3x3 :class:`Convolution` (conv, instance norm, PReLU), then a
+    :class:`ResidualUnit` at the new resolution; a 1x1 conv gives the latent channels.
+    No convolution runs at full resolution (3D convs are slow on CPUs).
+    """
 
     def __init__(self, in_channels: int, channels: list[int], out_channels: int):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
         for ch in channels:
-            layers.append(ResidualUnit(3, c, ch, strides=2, subunits=2, norm="INSTANCE"))
+            layers.append(Convolution(3, c, ch, strides=2, kernel_size=3, norm="INSTANCE"))
+            layers.append(ResidualUnit(3, ch, ch, subunits=1, norm="INSTANCE"))
             c = ch
         self.body = nn.Sequential(*layers)
         self.out = Convolution(3, c, out_channels, kernel_size=1, conv_only=True)
@@ -84,7 +90,11 @@ class ConvEncoder3D(nn.Module):
 
 
 class ConvDecoder3D(nn.Module):
-    """(B, in, d, h, w) -> (B, C, d*2^n, h*2^n, w*2^n): n transposed stride-2 stages, sigmoid out."""
+    """(B, in, d, h, w) -> (B, C, d*2^n, h*2^n, w*2^n), the mirror of :class:`ConvEncoder3D`.
+
+    A 1x1 conv from the latent, then per stage a :class:`ResidualUnit` and a stride-2
+    transposed conv; the last transposed conv outputs the image channels (no norm), sigmoid.
+    """
 
     def __init__(self, in_channels: int, channels: list[int], out_channels: int):
         super().__init__()
@@ -92,18 +102,25 @@ class ConvDecoder3D(nn.Module):
         self.inp = Convolution(3, in_channels, rev[0], kernel_size=1, norm="INSTANCE")
         layers: list[nn.Module] = []
         for i, ch in enumerate(rev):
-            nxt = rev[i + 1] if i + 1 < len(rev) else rev[-1] // 2 or 1
+            last = i + 1 == len(rev)
+            nxt = out_channels if last else rev[i + 1]
+            layers.append(ResidualUnit(3, ch, ch, subunits=1, norm="INSTANCE"))
             layers.append(
                 Convolution(
-                    3, ch, nxt, strides=2, kernel_size=3, is_transposed=True, norm="INSTANCE"
+                    3,
+                    ch,
+                    nxt,
+                    strides=2,
+                    kernel_size=3,
+                    is_transposed=True,
+                    norm="INSTANCE",
+                    conv_only=last,
                 )
             )
-            layers.append(ResidualUnit(3, nxt, nxt, subunits=1, norm="INSTANCE"))
         self.body = nn.Sequential(*layers)
-        self.out = Convolution(3, rev[-1] // 2 or 1, out_channels, kernel_size=1, conv_only=True)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.out(self.body(self.inp(z))))
+        return torch.sigmoid(self.body(self.inp(z)))
 
 
 class _ConvAutoencoderBase(nn.Module):
