@@ -58,7 +58,7 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
 
     # Pretrain: a short run so the progress bar and the loss curve show something
     pw = PretrainWidget(viewer)
-    viewer.window.add_dock_widget(pw, name="Pretrain")
+    pw_dock = viewer.window.add_dock_widget(pw, name="Pretrain")
     pw.layers.value = [ct.name]
     pw.steps.value, pw.batch_size.value, pw.lr.value = 30, 8, 3e-3
     pw.mask_mode.value, pw.mask_ratio.value = "random", 0.5
@@ -71,9 +71,10 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
     pw.device.value = "cpu"
     click(qtbot, pw.start_button)
     wait_done(qtbot, pw, timeout=600_000)
-    save_small(grab(pw), "pretrain_widget.png", width=420)
 
     run = tmp_path / "pre"
+    save_small(grab(pw), "pretrain_widget.png", width=420)
+    viewer.window.remove_dock_widget(pw_dock)
     ew = ExplorerWidget(viewer)
     viewer.window.add_dock_widget(ew, name="Superpatch explorer")
     ew.checkpoint.value = str(run)
@@ -95,12 +96,6 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
     qtbot.wait(300)
     save_small(viewer.screenshot(canvas_only=False, flash=False), "explorer_viewer.png")
     save_small(grab(ew), "explorer_widget.png", width=420)
-    viewer.dims.ndisplay = 3
-    viewer.camera.angles = (10, -30, 80)
-    qtbot.wait(300)
-    save_small(viewer.screenshot(canvas_only=True, flash=False), "explorer_3d.png", width=700)
-    viewer.dims.ndisplay = 2
-    viewer.window.remove_dock_widget(pw)
 
     # Fine-tune + Segment
     fw = FinetuneWidget(viewer)
@@ -120,7 +115,7 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
     sw.image.value = ct
     sw.checkpoint.value = str(tmp_path / "seg")
     click(qtbot, sw.start_button)
-    wait_done(qtbot, sw)
+    wait_done(qtbot, sw, timeout=600_000)
     for layer in viewer.layers:
         layer.visible = layer in (ct, sw.result_layer)
     qtbot.wait(300)

@@ -225,6 +225,7 @@ class ExplorerWidget(JobWidget):
         v.layers.events.inserted.connect(lambda *_: self.image.reset_choices())
         v.layers.events.removed.connect(lambda *_: self.image.reset_choices())
         v.mouse_drag_callbacks.append(self._on_click)
+        v.dims.events.ndisplay.connect(self._style_grid)
 
     # ------------------------------------------------------------------ load
     def _key(self) -> tuple:
@@ -267,8 +268,8 @@ class ExplorerWidget(JobWidget):
     def _show_grid(self) -> None:
         grid = self.grid
         data, geo, _ = volume_to_layer(grid.tile_ids(), grid.affine)
-        layer = self._put_layer("grid", data, geo, "labels", opacity=0.35)
-        layer.contour = 1
+        self._put_layer("grid", data, geo, "labels", opacity=0.35)
+        self._style_grid()
         self.tile.max = grid.n_tiles
         self.tile.value = min(max(1, self.tile.value), grid.n_tiles)
         self.status.value = (
@@ -276,6 +277,17 @@ class ExplorerWidget(JobWidget):
             f"{grid.cfg.data.spacing} mm; click one or pick its number"
         )
         self._highlight()
+
+    def _style_grid(self, *_: Any) -> None:
+        """2D: superpatch outlines; 3D: a faint translucent tint (still clickable)."""
+        name = LAYER_NAMES["grid"]
+        if name not in self.viewer.layers:
+            return
+        layer = self.viewer.layers[name]
+        if self.viewer.dims.ndisplay == 3:
+            layer.contour, layer.opacity, layer.rendering = 0, 0.08, "translucent"
+        else:
+            layer.contour, layer.opacity = 1, 0.35
 
     def _highlight(self, *_: Any) -> None:
         name = LAYER_NAMES["grid"]

@@ -296,7 +296,10 @@ class PretrainWidget(JobWidget):
             return
         LAST["pretrain"] = str(result.run_dir)
         what = "cancelled at" if result.cancelled else "finished at"
-        self.metrics.value = f"{what} step {result.step}: {result.checkpoint}"
+        ckpt = Path(result.checkpoint) if result.checkpoint else None
+        where = f"{ckpt.parent.parent.name}/{ckpt.parent.name}/{ckpt.name}" if ckpt else "-"
+        self.metrics.value = f"{what} step {result.step}: {where}"
+        self.metrics.tooltip = str(result.checkpoint)
         if not result.cancelled:
             self.status.value = f"done · step {result.step}"
             from napari.utils.notifications import show_info
