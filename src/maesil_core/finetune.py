@@ -254,6 +254,18 @@ def _load_pair(image: str | Volume, label: str | Volume, resample: bool) -> tupl
     return img, lab
 
 
+def crop_volume(vol: Volume, box: Sequence[tuple[int | None, int | None]], tag: str = "") -> Volume:
+    """A sub-volume ``vol.array[x0:x1, y0:y1, z0:z1]`` with its affine shifted to match, so it
+    stays aligned in world coordinates (for slabs / crops of one scan as separate volumes)."""
+    slices = tuple(slice(a, b) for a, b in box)
+    array = np.ascontiguousarray(vol.array[slices])
+    start = [s.indices(n)[0] for s, n in zip(slices, vol.array.shape)]
+    affine = np.array(vol.affine, dtype=np.float64, copy=True)
+    affine[:3, 3] = affine[:3, :3] @ np.asarray(start, float) + affine[:3, 3]
+    path = f"{vol.path}{tag or '[' + ','.join(f'{a}:{b}' for a, b in box) + ']'}"
+    return Volume(array=array, affine=affine, path=path, is_hu=vol.is_hu)
+
+
 def _label_names_for(label_paths: Sequence[Any], label_names: str | Path | None):
     from .data.io import read_label_names
 
@@ -577,7 +589,7 @@ def finetune(
 
     from monai.losses import DiceCELoss
 
-    criterion = DiceCELoss(to_onehot_y=True, softmax=True)
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]):
         logits = m(batch["image"])

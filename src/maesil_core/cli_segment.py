@@ -1,0 +1,316 @@
+"""``maesil finetune`` / ``segment`` / ``evaluate``: registered into :mod:`maesil_core.cli`.
+
+    maesil finetune --images ct/ --labels labels/ --pretrained runs/pre --out runs/seg --classes liver spleen
+    maesil segment --checkpoint runs/seg --input new_ct.nii.gz --out new_ct_seg.nii.gz
+    maesil evaluate --checkpoint runs/seg --images test_ct/ --labels test_labels/
+
+Problems with the input (labels of another geometry, unknown classes, count mismatch, a
+pretraining checkpoint given to ``segment``) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from . import cli
+from .errors import ConfigError
+
+EXAMPLES = {
+    "finetune": """examples:
+  maesil finetune --images ../shared/data/abdomen_ct/ct.nii.gz --labels ../shared/data/abdomen_ct/labels.nii.gz \\
+      --pretrained runs/ct --out runs/seg --classes liver spleen --steps 300
+  maesil finetune --images ct/ --labels labels/ --out runs/scratch --classes 5 1     # from scratch, ids
+  maesil finetune --images ct/ --labels labels/ --labels-map organs.json --pretrained runs/ct \\
+      --out runs/seg --n-labelled 2 --layer-decay 0.75 --val-images val_ct/ --val-labels val_labels/
+  maesil finetune --images dataset.json --out runs/seg --pretrained runs/ct --freeze-encoder
+  maesil finetune --images ct/ --labels labels/ --out runs/seg --resume --steps 600   # continue a run
+
+organs.json chooses, renames and merges classes of the source labels (names from the
+label_names.json beside the labels, or ids):
+  {"liver": "liver", "spleen": 1, "kidneys": ["kidney_left", "kidney_right"]}""",
+    "segment": """examples:
+  maesil segment --checkpoint runs/seg --input ../shared/data/abdomen_ct/ct.nii.gz --out seg.nii.gz
+  maesil segment --checkpoint runs/seg/best.safetensors --input dicom_folder/ --out seg.nii.gz --overlap 0.5 --device cuda
+writes seg.nii.gz (labels on the input's voxel grid, with its affine) and seg.json ({id: name}).""",
+    "evaluate": """examples:
+  maesil evaluate --checkpoint runs/seg --images ../shared/data/abdomen_ct/ct.nii.gz --labels ../shared/data/abdomen_ct/labels.nii.gz
+  maesil evaluate --checkpoint runs/seg --images ../shared/data/dicom_ct --labels ../shared/data/dicom_ct_labels/labels.nii.gz --resample-labels --csv eval.csv""",
+}
+
+
+def _paths(values: list[str] | None) -> list[str] | None:
+    return list(values) if values else None
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import finetune as ft
+    from .checkpoint import load_checkpoint
+
+    if not args.images:
+        raise ConfigError(
+            "--images is required (CT files, folders, a .txt list or a dataset.json), also "
+            "with --resume."
+        )
+    pre_ckpt = load_checkpoint(args.pretrained) if args.pretrained else None
+    explicit_arch = args.preset is not None or args.config is not None
+    if args.preset is None:
+        args.preset = _preset_of(pre_ckpt)
+    cfg = cli.run_config_from_args(args)
+    if pre_ckpt is not None and not explicit_arch:
+        base = ft.config_from_pretrained(pre_ckpt, base=cfg)
+        cfg.model = base.model
+        # the encoder was pretrained at this spacing / window: keep them unless asked otherwise
+        if not args.spacing:
+            cfg.data.spacing = base.data.spacing
+        if not args.window:
+            cfg.data.hu_window = base.data.hu_window
+        if not args.intensity:
+            cfg.data.intensity = base.data.intensity
+    cfg.validate()
+    seg = ft.SegmentationConfig(
+        roi=tuple(args.roi) if args.roi else None,
+        feature_size=args.feature_size,
+        freeze_encoder=args.freeze_encoder,
+        layer_decay=args.layer_decay,
+        eval_every=args.eval_every,
+        overlap=args.overlap,
+    )
+    if args.roi and len(args.roi) not in (1, 3):
+        raise ConfigError("--roi takes one number or three (D H W voxels).")
+    cancel = cli._install_cancel()
+    result = ft.finetune(
+        _paths(args.images),
+        _paths(args.labels),
+        args.out,
+        cfg,
+        pretrained=args.pretrained,
+        seg=seg,
+        classes=args.classes,
+        label_names=args.label_names,
+        labels_map=args.labels_map,
+        n_labelled=args.n_labelled,
+        val_images=_paths(args.val_images),
+        val_labels=_paths(args.val_labels),
+        resample_labels=args.resample_labels,
+        resume=args.resume,
+        force=args.force,
+        progress=cli.Progress(),
+        cancel=cancel,
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    state = "stopped early" if result.cancelled else "finished"
+    print(f"{state} at step {result.step}; checkpoint: {result.checkpoint}")
+    if result.best_checkpoint:
+        best = [r for r in result.history if "val_dice" in r]
+        top = max(best, key=lambda r: r["val_dice"]) if best else {}
+        print(
+            f"best validation Dice {top.get('val_dice', float('nan')):.4f} at step "
+            f"{int(top.get('step', 0))}: {result.best_checkpoint}"
+        )
+    print(f"curves: {Path(args.out) / 'loss.png'}; metrics: {Path(args.out) / 'metrics.csv'}")
+    print(f"segment a CT with: maesil segment --checkpoint {args.out} --input CT --out SEG.nii.gz")
+    return 0
+
+
+def _preset_of(ckpt) -> str:
+    from .config import PRESETS
+
+    if ckpt is not None and ckpt.config.preset in PRESETS:
+        return ckpt.config.preset
+    return "tiny"
+
+
+def _default_out(input_path: str) -> Path:
+    from .data.io import strip_suffix
+
+    p = Path(input_path.rstrip("/"))
+    return Path.cwd() / f"{strip_suffix(p.name)}_seg.nii.gz"
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from . import finetune as ft
+    from .data.io import strip_suffix
+
+    out = Path(args.out) if args.out else _default_out(args.input)
+    if not out.name.lower().endswith((".nii.gz", ".nii")):
+        raise ConfigError(f"--out {out} must end in .nii.gz or .nii.")
+    names = out.with_name(strip_suffix(out.name) + ".json")
+    for target in (out, names):
+        if target.exists() and not args.force:
+            raise ConfigError(
+                f"{target} exists; pass --force to overwrite it or choose another --out."
+            )
+    ft.load_segmenter(args.checkpoint)  # refuse a wrong checkpoint before reading the CT
+    result = ft.segment(
+        args.checkpoint,
+        args.input,
+        overlap=args.overlap,
+        blend=args.blend,
+        sw_batch_size=args.sw_batch_size,
+        device=args.device or "auto",
+        progress=cli.Progress(),
+    )
+    seg_path, names_path = result.save(out, overwrite=args.force)
+    print(f"labels: {seg_path}")
+    print(f"names:  {names_path}")
+    voxel_ml = abs(float(__import__("numpy").linalg.det(result.affine[:3, :3]))) / 1000.0
+    for cid, name in result.classes.items():
+        n = int((result.labels == cid).sum())
+        print(f"  {cid:>3} {name:<20} {n:>9} voxels  {n * voxel_ml:9.1f} ml")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import finetune as ft
+
+    report = ft.evaluate(
+        args.checkpoint,
+        _paths(args.images),
+        _paths(args.labels),
+        labels_map=args.labels_map,
+        label_names=args.label_names,
+        resample_labels=args.resample_labels,
+        overlap=args.overlap,
+        device=args.device or "auto",
+        progress=cli.Progress(),
+    )
+    print(report.table())
+    csv_path = Path(args.csv) if args.csv else _default_csv(args.checkpoint)
+    report.save_csv(csv_path)
+    print(f"saved: {csv_path}")
+    return 0
+
+
+def _default_csv(checkpoint: str) -> Path:
+    p = Path(checkpoint)
+    return (p if p.is_dir() else p.parent) / "evaluation.csv"
+
+
+def register(sub, command) -> None:
+    """Add ``finetune``, ``segment`` and ``evaluate`` to the ``maesil`` parser."""
+    cli.EXAMPLES.update(EXAMPLES)
+
+    p = command(
+        "finetune", "fine-tune a pretrained encoder into a 3D organ segmenter", cmd_finetune
+    )
+    p.add_argument(
+        "--images",
+        nargs="+",
+        metavar="PATH",
+        help="training CTs (files, folders, .txt, dataset.json)",
+    )
+    p.add_argument(
+        "--labels", nargs="+", metavar="PATH", help="label maps, one per image, same order"
+    )
+    p.add_argument(
+        "--pretrained",
+        metavar="CKPT",
+        help="pretraining run dir or .safetensors (default: from scratch)",
+    )
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        metavar="NAME",
+        help="classes to learn, by name or id (default: all labels)",
+    )
+    p.add_argument(
+        "--label-names",
+        metavar="FILE",
+        help="label_names.json of the source labels (default: beside the labels)",
+    )
+    p.add_argument(
+        "--labels-map",
+        metavar="FILE",
+        help="JSON mapping file: select / rename / merge source classes",
+    )
+    p.add_argument(
+        "--n-labelled", type=int, metavar="N", help="use only the first N labelled volumes"
+    )
+    p.add_argument(
+        "--val-images",
+        nargs="+",
+        metavar="PATH",
+        help="validation CTs (best checkpoint by mean Dice)",
+    )
+    p.add_argument("--val-labels", nargs="+", metavar="PATH", help="validation label maps")
+    p.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
+    p.add_argument(
+        "--layer-decay",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="layer-wise lr decay, e.g. 0.75 (default 1: none)",
+    )
+    p.add_argument(
+        "--roi",
+        type=int,
+        nargs="+",
+        metavar="VOX",
+        help="training crop / inference window (default: the superpatch)",
+    )
+    p.add_argument("--feature-size", type=int, default=16, help="decoder width (default 16)")
+    p.add_argument(
+        "--eval-every", type=int, help="steps between validations (default: ~10 per run)"
+    )
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=0.25,
+        help="sliding-window overlap for validation and later inference",
+    )
+    p.add_argument(
+        "--resample-labels",
+        action="store_true",
+        help="resample label maps onto their image by world coordinates",
+    )
+    cli.add_run_options(p)
+    p.set_defaults(preset=None)  # None: the pretrained checkpoint's architecture (or tiny)
+
+    p = command("segment", "segment a whole CT with a fine-tuned checkpoint", cmd_segment)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="fine-tuning run dir (its best checkpoint) or .safetensors",
+    )
+    p.add_argument("--input", required=True, help="CT file or DICOM folder")
+    p.add_argument("--out", help="output label map .nii.gz (default: INPUT_seg.nii.gz here)")
+    p.add_argument(
+        "--overlap", type=float, help="sliding-window overlap (default: the checkpoint's, 0.25)"
+    )
+    p.add_argument(
+        "--blend", choices=["gaussian", "constant"], help="window blending (default gaussian)"
+    )
+    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default 4)")
+    p.add_argument(
+        "--device", help="auto (default), cpu, cuda or cuda:N (the volume stays on the CPU)"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+    p = command("evaluate", "Dice and HD95 per organ of a fine-tuned checkpoint", cmd_evaluate)
+    p.add_argument("--checkpoint", required=True, help="fine-tuning run dir or .safetensors")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="test CTs")
+    p.add_argument(
+        "--labels", nargs="+", required=True, metavar="PATH", help="reference label maps"
+    )
+    p.add_argument(
+        "--labels-map",
+        metavar="FILE",
+        help="mapping of the reference labels onto the model's classes",
+    )
+    p.add_argument("--label-names", metavar="FILE", help="label_names.json of the reference labels")
+    p.add_argument(
+        "--resample-labels",
+        action="store_true",
+        help="resample label maps onto their image by world coordinates",
+    )
+    p.add_argument("--overlap", type=float, help="sliding-window overlap")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--csv", metavar="FILE", help="where to save the table (default: evaluation.csv in the run)"
+    )
+
+
+cli._EXTENSIONS.append(register)

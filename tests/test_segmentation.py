@@ -1,0 +1,318 @@
+"""Fine-tuning a pretrained encoder into an organ segmenter, on real labelled CT (tiny, CPU).
+
+Data: ``abdomen_ct`` (one real abdominal CT at 3 mm, TotalSegmentator labels: 5 liver,
+1 spleen) is cut into two slabs along the cranio-caudal axis: slices 0-19 train, slices 20-29
+are the held-out volume (same patient, anatomy the model never saw). ``dicom_ct`` (another
+patient, a DICOM series in LPS) is used for geometry checks only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from maesil_core import api, cli
+from maesil_core import finetune as ft
+from maesil_core.checkpoint import load_checkpoint, save_checkpoint
+from maesil_core.config import preset
+from maesil_core.data import load_labels, load_volume
+from maesil_core.data.labels import LabelSet, from_classes, from_mapping
+from maesil_core.errors import CheckpointError, DataError
+from maesil_core.models import build_model
+from maesil_core.models.segmenter import UNETRSegmenter, default_layers
+from maesil_core.train.loop import make_optimizer
+
+ORGANS = {"liver": "liver", "spleen": "spleen"}  # TotalSegmentator ids 5 and 1
+TRAIN_SLAB = [(None, None), (None, None), (0, 20)]
+HELD_OUT_SLAB = [(None, None), (None, None), (20, 30)]
+FT_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def abdomen(shared_data):
+    folder = shared_data / "abdomen_ct"
+    image = load_volume(folder / "ct.nii.gz")
+    labels = load_labels(folder / "labels.nii.gz", image)
+    return folder, image, labels
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory, shared_data):
+    """A tiny MAESIL pretrained briefly on the two abdominal CTs (no labels used)."""
+    cfg = preset("tiny").override("train", steps=40, log_every=10, checkpoint_every=1000)
+    cfg = cfg.override("data", num_workers=0)
+    run = tmp_path_factory.mktemp("seg_pre") / "run"
+    api.pretrain([shared_data / "abdomen_ct" / "ct.nii.gz", shared_data / "dicom_ct"], run, cfg)
+    return run
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory, pretrained_run, abdomen):
+    """Fine-tune liver + spleen on the training slab; validate on the held-out slab."""
+    folder, image, labels = abdomen
+    train = [ft.crop_volume(v, TRAIN_SLAB) for v in (image, labels)]
+    held = [ft.crop_volume(v, HELD_OUT_SLAB) for v in (image, labels)]
+    cfg = ft.config_from_pretrained(load_checkpoint(pretrained_run))
+    cfg = cfg.override(
+        "train", steps=FT_STEPS, batch_size=2, lr=2e-3, warmup_steps=10, log_every=50
+    )
+    run = tmp_path_factory.mktemp("seg_ft") / "run"
+    result = ft.finetune(
+        [train[0]],
+        [train[1]],
+        run,
+        cfg,
+        pretrained=pretrained_run,
+        seg=ft.SegmentationConfig(feature_size=8, eval_every=100),
+        labels_map=ORGANS,
+        label_names=folder / "label_names.json",
+        val_images=[held[0]],
+        val_labels=[held[1]],
+    )
+    assert result.step == FT_STEPS and result.best_checkpoint is not None
+    return run
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def test_finetuning_segments_liver_on_a_held_out_slab(finetuned_run, abdomen):
+    folder, image, labels = abdomen
+    held = [ft.crop_volume(v, HELD_OUT_SLAB) for v in (image, labels)]
+    report = ft.evaluate(finetuned_run, [held[0]], [held[1]])
+    liver = report.summary()["liver"]["dice"]
+    # a trivial answer (all body voxels = liver) scores this on the slab:
+    body = held[0].array > -300
+    trivial = 2 * (body & (held[1].array == 5)).sum() / (body.sum() + (held[1].array == 5).sum())
+    assert liver > 0.5, report.table()
+    assert liver > trivial + 0.15, (liver, trivial)
+    meta = json.loads((finetuned_run / "best.json").read_text())
+    assert meta["kind"] == "segmentation"
+    assert meta["extra"]["labels"]["classes"][0] == {"id": 1, "name": "liver", "source_ids": [5]}
+    assert meta["extra"]["segmentation"]["roi"] is None  # = the pretraining superpatch
+    assert meta["config"]["data"]["spacing"] == [3.0, 3.0, 3.0]
+
+
+def test_segment_cli_writes_labels_on_the_input_grid(finetuned_run, abdomen, tmp_path, capsys):
+    folder, image, labels = abdomen
+    out = tmp_path / "abdomen_seg.nii.gz"
+    code, stdout, err = run_cli(
+        capsys,
+        "segment",
+        "--checkpoint",
+        finetuned_run,
+        "--input",
+        folder / "ct.nii.gz",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    seg = nib.load(str(out))
+    assert seg.shape == image.array.shape
+    np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
+    names = json.loads((tmp_path / "abdomen_seg.json").read_text())
+    assert names == {"1": "liver", "2": "spleen"}
+    pred = np.asarray(seg.dataobj)
+    ref = labels.array == 5
+    dice = 2 * ((pred == 1) & ref).sum() / ((pred == 1).sum() + ref.sum())
+    assert dice > 0.5, dice
+    # the liver lands on the patient's right (low x in RAS world mm), the spleen's side is left
+    xs = nib.affines.apply_affine(seg.affine, np.argwhere(pred == 1))[:, 0]
+    xs_ref = nib.affines.apply_affine(image.affine, np.argwhere(ref))[:, 0]
+    assert abs(np.median(xs) - np.median(xs_ref)) < 30.0
+    assert "liver" in stdout and "ml" in stdout
+
+
+def test_segment_a_dicom_series_keeps_its_geometry(finetuned_run, shared_data):
+    dicom = load_volume(shared_data / "dicom_ct")
+    result = ft.segment(finetuned_run, shared_data / "dicom_ct", overlap=0.0)
+    assert result.labels.shape == dicom.array.shape  # (512, 512, 20), LPS
+    np.testing.assert_allclose(result.affine, dicom.affine)
+    assert set(np.unique(result.labels)) <= {0, 1, 2}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def test_pretrained_encoder_is_loaded_and_a_wrong_one_refused(pretrained_run, tmp_path):
+    ckpt = load_checkpoint(pretrained_run)
+    cfg = ft.config_from_pretrained(ckpt)
+    torch.manual_seed(0)
+    scratch = UNETRSegmenter(cfg.model, 2, feature_size=8)
+    torch.manual_seed(0)
+    loaded = UNETRSegmenter(cfg.model, 2, feature_size=8)
+    ft.load_pretrained_encoder(loaded, ckpt)
+    enc = {k[8:]: v for k, v in ckpt.state_dict.items() if k.startswith("encoder.")}
+    own = loaded.encoder.state_dict()
+    assert set(enc) == set(own) and all(torch.equal(own[k], enc[k]) for k in enc)
+    assert not torch.equal(
+        scratch.encoder.blocks[0].attn.qkv.weight, own["blocks.0.attn.qkv.weight"]
+    )
+    for (name, a), b in zip(scratch.ups.state_dict().items(), loaded.ups.state_dict().values()):
+        assert torch.equal(a, b), name  # the decoder keeps its initialisation
+
+    # an encoder of another width: refused, saying what differs
+    other = preset("tiny").model
+    other.embed_dim, other.num_heads = 48, 3
+    wrong = save_checkpoint(tmp_path / "wide", build_model(other), preset("tiny"), 1)
+    wrong_cfg = load_checkpoint(wrong).config
+    wrong_cfg.model = other
+    wrong = save_checkpoint(tmp_path / "wide", build_model(other), wrong_cfg, 1)
+    with pytest.raises(CheckpointError, match="embed_dim 48 vs 96"):
+        ft.load_pretrained_encoder(UNETRSegmenter(cfg.model, 2, feature_size=8), wrong)
+
+
+def test_unetr_layers_and_any_multiple_of_the_patch():
+    assert default_layers(12, 4) == [2, 5, 8, 11]  # UNETR's 3, 6, 9, 12 for ViT-B / patch 16
+    assert default_layers(4, 3) == [0, 2, 3]
+    model = UNETRSegmenter(preset("tiny").model, 3, feature_size=4).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 48, 32, 16)).shape == (1, 4, 48, 32, 16)
+
+
+def test_sliding_window_equals_direct_forward_where_both_fit():
+    torch.manual_seed(0)
+    model = UNETRSegmenter(preset("tiny").model, 2, feature_size=4).eval()
+    x = torch.rand(1, 64, 32, 96)  # three times the 32^3 window along W, twice along D
+    with torch.no_grad():
+        tiles = [
+            [model(x[None, :, d : d + 32, :, w : w + 32])[0] for w in (0, 32, 64)] for d in (0, 32)
+        ]
+        direct = torch.cat([torch.cat(row, dim=-1) for row in tiles], dim=1)
+        # zero overlap, constant blending: every voxel comes from exactly one window
+        sw = ft.sliding_window_logits(model, x, (32, 32, 32), overlap=0.0, blend="constant")
+        torch.testing.assert_close(sw, direct, rtol=1e-5, atol=1e-5)
+        # a volume the size of the window: one window, any blending = the direct forward
+        one = ft.sliding_window_logits(model, x[:, :32, :, :32], (32, 32, 32), overlap=0.5)
+        torch.testing.assert_close(one, model(x[None, :, :32, :, :32])[0], rtol=1e-5, atol=1e-5)
+    assert ft.count_windows((64, 32, 96), (32, 32, 32), 0.0) == 6
+
+
+def test_layer_decay_and_frozen_encoder_reach_the_optimizer():
+    cfg = preset("tiny")
+    seg = ft.SegmentationConfig(feature_size=4, layer_decay=0.5)
+    model = ft.build_segmenter(cfg, seg, 2)
+    opt = make_optimizer(model, cfg.train, torch.device("cpu"))
+    scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert scale_of[id(model.encoder.blocks[3].attn.qkv.weight)] == 0.5
+    assert scale_of[id(model.encoder.blocks[0].attn.qkv.weight)] == 0.5**4
+    assert scale_of[id(model.out.conv.conv.weight)] == 1.0
+    frozen = ft.build_segmenter(cfg, ft.SegmentationConfig(feature_size=4, freeze_encoder=True), 2)
+    opt = make_optimizer(frozen, cfg.train, torch.device("cpu"))
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not trained & {id(p) for p in frozen.encoder.parameters()}
+    assert id(frozen.out.conv.conv.weight) in trained
+
+
+# --------------------------------------------------------------------------- label sets
+
+
+def test_label_sets_select_rename_and_merge(abdomen):
+    folder, _, labels = abdomen
+    names = json.loads((folder / "label_names.json").read_text())
+    names = {int(k): v for k, v in names.items()}
+    lset = from_mapping(
+        {"liver": "liver", "kidneys": ["kidney_left", "kidney_right"], "spleen": 1}, names
+    )
+    assert lset.names == ["liver", "kidneys", "spleen"] and lset.ids == [1, 2, 3]
+    assert lset.classes[1].source_ids == (3, 2)
+    out = lset.to_ids(labels.array)
+    assert (out == 2).sum() == ((labels.array == 2) | (labels.array == 3)).sum()
+    assert (out == 1).sum() == (labels.array == 5).sum()
+    assert set(np.unique(out)) == {0, 1, 2, 3}
+    assert LabelSet.from_dict(lset.to_dict()) == lset
+    assert from_classes(["Liver", 1], names).names == ["liver", "spleen"]
+    with pytest.raises(DataError, match="did you mean liver"):
+        from_classes(["livr"], names)
+    with pytest.raises(DataError, match="unknown label id 999"):
+        from_classes([999], names)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_finetune_then_evaluate(pretrained_run, abdomen, tmp_path, capsys):
+    folder, _, _ = abdomen
+    ct, lab = folder / "ct.nii.gz", folder / "labels.nii.gz"
+    out = tmp_path / "cli_run"
+    args = ["finetune", "--images", ct, "--labels", lab, "--pretrained", pretrained_run]
+    args += ["--out", out, "--classes", "liver", "spleen", "--steps", 3, "--batch-size", 1]
+    args += ["--feature-size", 4, "--layer-decay", 0.75, "--val-images", ct, "--val-labels", lab]
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "best validation Dice" in stdout
+    meta = load_checkpoint(out / "best.safetensors", kind="segmentation").meta
+    assert meta["extra"]["pretrained"].endswith(".safetensors")
+    assert meta["config"]["model"]["embed_dim"] == 96
+    code, stdout, err = run_cli(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        out,
+        "--images",
+        ct,
+        "--labels",
+        lab,
+        "--csv",
+        tmp_path / "e.csv",
+    )
+    assert code == 0, err
+    assert "hd95" in stdout and "spleen" in stdout
+    rows = (tmp_path / "e.csv").read_text().splitlines()
+    assert rows[0] == "case,class,id,dice,hd95_mm" and len(rows) == 1 + 2 + 2
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, shared_data):
+    folder = tmp_path_factory.mktemp("bad")
+    return {
+        "ct": shared_data / "abdomen_ct" / "ct.nii.gz",
+        "lab": shared_data / "abdomen_ct" / "labels.nii.gz",
+        "chest_lab": shared_data / "chest_ct" / "labels.nii.gz",
+        "dicom": shared_data / "dicom_ct",
+        "dicom_lab": shared_data / "dicom_ct_labels" / "labels.nii.gz",
+        "out": folder / "run",
+    }
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("geometry", "do not match image"),
+        ("resampled_world", "do not match image"),
+        ("unknown_name", "unknown class name 'livr' (did you mean liver?)"),
+        ("unknown_id", "unknown label id 200"),
+        ("count", "found 2 images but 1 label maps"),
+        ("n_labelled", "--n-labelled 3 but only 1 labelled volumes"),
+        ("absent", "occurs in none of the 1 label maps"),
+        ("pretrain_to_segment", "is a pretrain (maesil) checkpoint, not a segmentation model"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(case, message, bad_inputs, pretrained_run, capsys):
+    b = bad_inputs
+    ft_args = ["finetune", "--out", b["out"], "--steps", 1]
+    argv = {
+        "geometry": ft_args + ["--images", b["ct"], "--labels", b["chest_lab"]],
+        "resampled_world": ft_args + ["--images", b["dicom"], "--labels", b["dicom_lab"]],
+        "unknown_name": ft_args + ["--images", b["ct"], "--labels", b["lab"], "--classes", "livr"],
+        "unknown_id": ft_args + ["--images", b["ct"], "--labels", b["lab"], "--classes", 200],
+        "count": ft_args + ["--images", b["ct"], b["dicom"], "--labels", b["lab"]],
+        "n_labelled": ft_args + ["--images", b["ct"], "--labels", b["lab"], "--n-labelled", 3],
+        "absent": ft_args + ["--images", b["ct"], "--labels", b["lab"], "--classes", "brain"],
+        "pretrain_to_segment": ["segment", "--checkpoint", pretrained_run, "--input", b["ct"]],
+    }[case]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (b["out"] / "checkpoints").exists()
