@@ -1,0 +1,292 @@
+"""Data loading: superpatches/s the pretraining loader delivers from real CT vs what MAESIL eats.
+
+For each ``--cache`` x ``--workers`` setting the real loader of ``maesil pretrain``
+(``make_pretrain_loader`` + ``infinite``, the preset's spacing, crops and batch size) is
+built from scratch and measured:
+
+- **first batch**: seconds from building the loader to the first batch, so it includes
+  filling the cache (``memory``: every volume is preprocessed up front; ``disk``: a fresh,
+  empty cache folder, written as volumes are first drawn; ``none``: nothing cached).
+- **delivered**: superpatches/s over ``--batches`` batches after the first epoch (so the
+  disk cache is full and the workers are running), no model; timed per epoch-sized chunk,
+  median chunk.
+- **fed**: training steps/s of the model when it takes its batches from this loader
+  (``--fed-steps`` steps, after one), i.e. the real training loop with data waits included.
+
+The model's **consumption** rate is the training steps/s x batch size of the preset's model
+(forward, loss, backward, gradient clipping, AdamW; bf16 autocast on CUDA as in ``fit``) on
+a fixed batch already on the device. It is measured in rounds of ``--model-steps`` steps
+interleaved with the loader settings (one round before each setting, one at the end, while no
+loader workers are alive) and the median round counts. ratio = delivered / consumed: above 1
+the loader can keep the model busy.
+
+    python benchmarks/data_loading.py --preset tiny --workers 0 1 2 \\
+        --cache memory none disk --batches 12 --out data_loading.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from maesil_core.config import RunConfig, preset  # noqa: E402
+from maesil_core.data import check_inputs, infinite, make_pretrain_loader, resolve_inputs  # noqa: E402
+from maesil_core.models import build_model  # noqa: E402
+from maesil_core.train.loop import autocast_dtype, make_optimizer, pretrain_loss  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA = [
+    SHARED / "abdomen_ct" / "ct.nii.gz",
+    SHARED / "chest_ct" / "ct.nii.gz",
+    SHARED / "dicom_ct",
+    SHARED / "head_ct" / "ct_not_hu.nii.gz",
+]
+
+
+class Trainer:
+    """The preset's model with the training step of ``train.loop.fit``."""
+
+    def __init__(self, run: RunConfig, device: torch.device):
+        torch.manual_seed(0)
+        self.dev, self.run = device, run
+        self.model = build_model(run.model).to(device).train()
+        self.opt = make_optimizer(self.model, run.train, device)
+        self.amp = autocast_dtype(run.train, device)
+        shape = (run.train.batch_size, run.model.in_channels, *run.model.superpatch)
+        self.fixed = {"image": torch.rand(shape, device=device)}
+
+    def step(self, batch: dict | None = None) -> None:
+        batch = self.fixed if batch is None else batch
+        batch = {
+            k: v.to(self.dev, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
+        with torch.autocast(
+            self.dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+        ):
+            loss, _ = pretrain_loss(self.model, batch)
+            loss.backward()
+        if self.run.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run.train.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
+    def steps_per_s(self, steps: int, batches=None) -> float:
+        """Steps/s over ``steps`` steps (on the fixed batch, or on ``next(batches)``)."""
+        self.sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.step(None if batches is None else next(batches))
+        self.sync()
+        return steps / (time.perf_counter() - t)
+
+
+def shutdown(loader, batches) -> None:
+    """Stop the loader's persistent workers now (not at garbage collection)."""
+    batches.close()
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
+def measure_setting(
+    files: list[str],
+    run: RunConfig,
+    cache: str,
+    workers: int,
+    n_batches: int,
+    fed_steps: int,
+    trainer: Trainer | None,
+    cache_root: Path,
+) -> dict:
+    data_cfg = dataclasses.replace(run.data, cache=cache, num_workers=workers)
+    batch_size = run.train.batch_size
+    t0 = time.perf_counter()
+    loader = make_pretrain_loader(
+        files,
+        data_cfg,
+        run.model.superpatch,
+        batch_size,
+        seed=run.train.seed,
+        cache_dir=cache_root / f"{cache}-w{workers}",  # fresh per setting: a cold disk cache
+    )
+    batches = infinite(loader)
+    first = next(batches)
+    first_s = time.perf_counter() - t0
+    per_epoch = len(loader)
+    for _ in range(per_epoch - 1):  # rest of the first epoch: disk cache now full
+        next(batches)
+
+    chunk = max(1, min(per_epoch, n_batches))
+    rates = []
+    done = 0
+    while done < n_batches:
+        n = min(chunk, n_batches - done)
+        items = 0
+        t = time.perf_counter()
+        for _ in range(n):
+            items += int(next(batches)["image"].shape[0])
+        rates.append(items / (time.perf_counter() - t))
+        done += n
+    fed = None
+    if fed_steps > 0:
+        trainer.step(next(batches))
+        fed = trainer.steps_per_s(fed_steps, batches)
+    shutdown(loader, batches)
+    return {
+        "cache": cache,
+        "workers": workers,
+        "first_batch_s": first_s,
+        "first_batch_shape": list(first["image"].shape),
+        "batches_per_epoch": per_epoch,
+        "delivered_per_s": statistics.median(rates),
+        "delivered_chunks_per_s": rates,
+        "fed_steps_per_s": fed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=["tiny", "small", "base", "mim-med3d"], default="tiny")
+    ap.add_argument("--data", nargs="+", default=[str(p) for p in DEFAULT_DATA])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--cache", nargs="+", choices=["memory", "none", "disk"], default=["memory", "none", "disk"]
+    )
+    ap.add_argument("--batches", type=int, default=12, help="steady-state batches per setting")
+    ap.add_argument(
+        "--model-steps",
+        type=int,
+        default=5,
+        help="steps per model timing round (0: loader only, no model)",
+    )
+    ap.add_argument(
+        "--fed-steps", type=int, default=8, help="model steps on real batches (0: skip)"
+    )
+    ap.add_argument("--warmup", type=int, default=3, help="model warm-up steps")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the main process (default: torch's)",
+    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore", UserWarning)  # head_ct's "not in HU" notice, once per file
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = preset(args.preset).validate()
+    dev = torch.device(args.device)
+    files = check_inputs(resolve_inputs(args.data))
+    batch = run.train.batch_size
+    print(
+        f"preset {args.preset}: {run.model.method}, superpatch {run.model.superpatch}, "
+        f"batch {batch}, spacing {run.data.spacing}, {run.data.crops_per_volume} crops/volume, "
+        f"{len(files)} volumes, device {dev}, {torch.get_num_threads()} threads"
+    )
+
+    with_model = args.model_steps > 0
+    trainer = Trainer(run, dev) if with_model else None
+    for _ in range(args.warmup if with_model else 0):
+        trainer.step()
+    fed_steps = args.fed_steps if with_model else 0
+    model_rounds: list[float] = []
+    results = []
+    with tempfile.TemporaryDirectory(prefix="maesil-bench-cache-") as tmp:
+        for cache in args.cache:
+            for workers in args.workers:
+                if with_model:
+                    model_rounds.append(trainer.steps_per_s(args.model_steps))
+                r = measure_setting(
+                    files, run, cache, workers, args.batches, fed_steps, trainer, Path(tmp)
+                )
+                print(
+                    f"  cache={cache} workers={workers}: first batch {r['first_batch_s']:.2f} s, "
+                    f"{r['delivered_per_s']:.1f} superpatches/s",
+                    flush=True,
+                )
+                results.append(r)
+    if with_model:
+        model_rounds.append(trainer.steps_per_s(args.model_steps))
+    steps_per_s = statistics.median(model_rounds) if model_rounds else None
+    consumed = None if steps_per_s is None else steps_per_s * batch
+    for r in results:
+        r["consumed_per_s"] = consumed
+        r["ratio"] = None if consumed is None else r["delivered_per_s"] / consumed
+        fed = r["fed_steps_per_s"]
+        r["fed_over_synthetic"] = None if fed is None else fed / steps_per_s
+
+    def num(x: float | None, fmt: str) -> str:
+        return "" if x is None else format(x, fmt)
+
+    lines = [
+        "| cache | workers | first batch (s) | delivered (superpatches/s) "
+        "| consumed (superpatches/s) | delivered / consumed | fed steps/s | fed / synthetic |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['cache']} | {r['workers']} | {r['first_batch_s']:.2f} "
+            f"| {r['delivered_per_s']:.1f} | {num(consumed, '.1f')} | {num(r['ratio'], '.2f')} "
+            f"| {num(r['fed_steps_per_s'], '.2f')} | {num(r['fed_over_synthetic'], '.2f')} |"
+        )
+    lines.append("")
+    if with_model:
+        lines.append(
+            f"model: {steps_per_s:.2f} steps/s x batch {batch} on a fixed batch "
+            f"(median of {len(model_rounds)} rounds of {args.model_steps} steps: "
+            + ", ".join(f"{s:.2f}" for s in model_rounds)
+            + ")"
+        )
+    else:
+        lines.append("model not run (--model-steps 0): loader figures only")
+    print("\n".join(lines))
+
+    if args.out:
+        meta = {
+            "preset": args.preset,
+            "method": run.model.method,
+            "superpatch": list(run.model.superpatch),
+            "spacing": run.data.spacing,
+            "crops_per_volume": run.data.crops_per_volume,
+            "batch_size": batch,
+            "files": files,
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev)
+            if dev.type == "cuda"
+            else platform.processor(),
+            "threads": torch.get_num_threads(),
+            "batches": args.batches,
+            "model_steps": args.model_steps,
+            "fed_steps": args.fed_steps,
+            "model_steps_per_s": steps_per_s,
+            "model_rounds_steps_per_s": model_rounds,
+            "torch": torch.__version__,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
