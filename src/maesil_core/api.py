@@ -349,3 +349,4 @@ __all__ = [
     "pretrain",
     "reconstruct",
 ]
+from .finetune import evaluate, finetune, segment  # noqa: E402, F401  (fine-tuning API)
