@@ -1,0 +1,446 @@
+"""Label efficiency: does MAESIL pretraining help when labelled scans are few?
+
+Fine-tunes the same UNETR segmenter from (a) a MAESIL-pretrained encoder and (b) a randomly
+initialised one, with 1, 2 and all 3 labelled training volumes, the same steps, seeds and
+settings, and scores liver / spleen / stomach on a held-out volume.
+
+Data (real CT from ``../shared/data``, labels = TotalSegmentator output, ids 5 liver,
+1 spleen, 6 stomach). There are only two labelled scans, so volumes are cut from them:
+
+* held-out test volume: ``abdomen_ct`` axial slices 20-29 (the cranial 30 mm), never trained on,
+  not even in pretraining;
+* training volume 1: ``abdomen_ct`` slices 10-19; volume 2: ``dicom_ct`` (another patient, the
+  DICOM series with its LAS label map resampled onto it in world coordinates); volume 3:
+  ``abdomen_ct`` slices 0-9. "1 labelled" uses volume 1, "2" volumes 1-2, "all" 1-3;
+* pretraining (no labels): ``abdomen_ct`` slices 0-19, ``dicom_ct`` and ``chest_ct``.
+
+Everything is resampled to the preset's spacing (3 mm for tiny); crops of ``--roi`` voxels
+(default 32x32x16: the slabs are 10 slices thin) are drawn around the labels; the
+pretraining superpatch (32^3) differs, so the encoder's position embedding is recomputed for
+the fine-tuning grid. The test volume is scored every ``--eval-every`` steps (sliding
+window); the table reports the final step (no checkpoint picking on the test volume) and the
+first step at which the mean Dice reached ``--threshold``.
+
+    python benchmarks/label_efficiency.py                         # CPU, tiny, ~10 min on 2 cores
+    python benchmarks/label_efficiency.py --pretrained runs/ct    # reuse a pretraining run
+    python benchmarks/label_efficiency.py --preset base --device cuda --steps 2000 --pretrain-steps 20000 --seeds 0 1 2
+
+Writes ``--out`` (default ``runs/label_efficiency``): the cut volumes, the runs,
+``results.json``, ``label_efficiency.png``, and the table into ``RESULTS.md``
+(section "## Label efficiency", replaced on each run; ``--no-results`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+ORGANS = {"liver": [5], "spleen": [1], "stomach": [6]}
+SIZES = (1, 2, 3)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def cut_volumes(shared: Path, out: Path) -> dict[str, list[str]]:
+    """Write the training / test / pretraining volumes (NIfTI) under ``out/data``."""
+    from maesil_core.data import load_labels, load_volume, save_volume
+    from maesil_core.finetune import crop_volume
+
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    ct = load_volume(shared / "abdomen_ct" / "ct.nii.gz")
+    lab = load_labels(shared / "abdomen_ct" / "labels.nii.gz", ct)
+    dicom = load_volume(shared / "dicom_ct")
+    dicom_lab = load_labels(shared / "dicom_ct_labels" / "labels.nii.gz", dicom, resample=True)
+
+    def write(name: str, vol, labels=None) -> tuple[str, str | None]:
+        img_path = data / f"{name}.nii.gz"
+        save_volume(vol.array, vol.affine, img_path, overwrite=True, dtype=np.int16)
+        lab_path = None
+        if labels is not None:
+            lab_path = data / f"{name}_labels.nii.gz"
+            save_volume(labels.array, labels.affine, lab_path, overwrite=True, dtype=np.uint8)
+        return str(img_path), str(lab_path) if lab_path else None
+
+    def slab(z0: int, z1: int):
+        box = [(None, None), (None, None), (z0, z1)]
+        return crop_volume(ct, box), crop_volume(lab, box)
+
+    test = write("test_abdomen_z20-29", *slab(20, 30))
+    train = [
+        write("train1_abdomen_z10-19", *slab(10, 20)),
+        write("train2_dicom_ct", dicom, dicom_lab),
+        write("train3_abdomen_z00-09", *slab(0, 10)),
+    ]
+    pre = write("pretrain_abdomen_z00-19", slab(0, 20)[0])[0]
+    return {
+        "train_images": [t[0] for t in train],
+        "train_labels": [t[1] for t in train],
+        "test_image": [test[0]],
+        "test_label": [test[1]],
+        "pretrain": [pre, str(shared / "dicom_ct"), str(shared / "chest_ct" / "ct.nii.gz")],
+    }
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_one(job: dict) -> dict:
+    """One fine-tuning run (in its own process): returns its validation history."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from maesil_core import finetune as ft
+    from maesil_core.checkpoint import load_checkpoint
+    from maesil_core.config import preset
+
+    pre = load_checkpoint(job["pretrained"]) if job["init"] == "maesil" else None
+    base = preset(job["preset"]).override(
+        "train",
+        steps=job["steps"],
+        batch_size=job["batch_size"],
+        lr=job["lr"],
+        warmup_steps=job["warmup"],
+        seed=job["seed"],
+        log_every=job["eval_every"],
+        checkpoint_every=10**9,
+        device=job["device"],
+    )
+    # both arms share the pretraining run's architecture, spacing and window
+    cfg = ft.config_from_pretrained(load_checkpoint(job["pretrained"]), base=base)
+    seg = ft.SegmentationConfig(
+        roi=tuple(job["roi"]), feature_size=job["feature_size"], eval_every=job["eval_every"]
+    )
+    t0 = time.perf_counter()
+    result = ft.finetune(
+        job["data"]["train_images"],
+        job["data"]["train_labels"],
+        job["run_dir"],
+        cfg,
+        pretrained=pre.path if pre else None,
+        seg=seg,
+        labels_map=ORGANS,
+        n_labelled=job["n"],
+        val_images=job["data"]["test_image"],
+        val_labels=job["data"]["test_label"],
+        force=True,
+    )
+    curve = [
+        {k: v for k, v in r.items() if k == "step" or k.startswith("val_dice")}
+        for r in result.history
+        if "val_dice" in r
+    ]
+    return {
+        "init": job["init"],
+        "n": job["n"],
+        "seed": job["seed"],
+        "curve": curve,
+        "final": curve[-1],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def steps_to(curve: list[dict], threshold: float) -> int | None:
+    for r in curve:
+        if r["val_dice"] >= threshold:
+            return int(r["step"])
+    return None
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarise(results: list[dict], threshold: float) -> list[dict]:
+    rows = []
+    for init in ("maesil", "scratch"):
+        for n in SIZES:
+            runs = [r for r in results if r["init"] == init and r["n"] == n]
+            if not runs:
+                continue
+            row = {"init": init, "n": n, "seeds": len(runs)}
+            for organ in ORGANS:
+                vals = [r["final"][f"val_dice_{organ}"] for r in runs]
+                row[organ] = (float(np.nanmean(vals)), float(np.nanstd(vals)))
+            vals = [r["final"]["val_dice"] for r in runs]
+            row["mean"] = (float(np.mean(vals)), float(np.std(vals)))
+            reached = [steps_to(r["curve"], threshold) for r in runs]
+            row["steps_to"] = reached
+            rows.append(row)
+    return rows
+
+
+def _pm(v: tuple[float, float], seeds: int) -> str:
+    return f"{v[0]:.3f}" if seeds == 1 else f"{v[0]:.3f} ± {v[1]:.3f}"
+
+
+def markdown(rows: list[dict], args, meta: dict, threshold: float) -> str:
+    organs = list(ORGANS)
+    head = (
+        "| init | labelled volumes | " + " | ".join(organs) + " | mean Dice | steps to mean Dice ≥ "
+    )
+    head += f"{threshold:g} |"
+    lines = [head, "|" + "---|" * (len(organs) + 4)]
+    for r in rows:
+        reached = ", ".join("never" if s is None else str(s) for s in r["steps_to"])
+        n = "all (3)" if r["n"] == 3 else str(r["n"])
+        cells = [_pm(r[o], r["seeds"]) for o in organs]
+        lines.append(
+            f"| {r['init']} | {n} | "
+            + " | ".join(cells)
+            + f" | **{_pm(r['mean'], r['seeds'])}** | {reached} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], rows: list[dict], path: Path, threshold: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"maesil": "tab:blue", "scratch": "tab:orange"}
+    for init in ("maesil", "scratch"):
+        pts = [r for r in rows if r["init"] == init]
+        axes[0].errorbar(
+            [r["n"] for r in pts],
+            [r["mean"][0] for r in pts],
+            yerr=[r["mean"][1] for r in pts],
+            marker="o",
+            capsize=3,
+            color=colors[init],
+            label=f"{init}",
+        )
+    axes[0].set_xticks(SIZES, ["1", "2", "all (3)"])
+    axes[0].set_xlabel("labelled training volumes")
+    axes[0].set_ylabel("mean Dice on the held-out volume (final step)")
+    axes[0].set_ylim(0, 1)
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    styles = {1: ":", 2: "--", 3: "-"}
+    for r in results:
+        axes[1].plot(
+            [c["step"] for c in r["curve"]],
+            [c["val_dice"] for c in r["curve"]],
+            styles[r["n"]],
+            color=colors[r["init"]],
+            alpha=0.8,
+            label=f"{r['init']}, n={r['n']}" if r["seed"] == results[0]["seed"] else None,
+        )
+    axes[1].axhline(threshold, color="grey", lw=0.8)
+    axes[1].set_xlabel("fine-tuning step")
+    axes[1].set_ylabel("mean Dice (liver, spleen, stomach)")
+    axes[1].set_ylim(0, 1)
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle("Label efficiency: MAESIL-pretrained vs scratch encoder (UNETR, tiny, CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results_md(path: Path, section: str) -> None:
+    """Replace (or append) the '## Label efficiency' section of RESULTS.md, keeping its
+    hand-written '### Reading the numbers' subsection."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    marker, keep = "## Label efficiency", "### Reading the numbers"
+    if marker in text:
+        start = text.index(marker)
+        nxt = text.find("\n## ", start + len(marker))
+        old = text[start:] if nxt == -1 else text[start:nxt]
+        if keep in old:
+            section = section.rstrip() + "\n\n" + old[old.index(keep) :].rstrip() + "\n"
+        text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt != -1 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
+    path.write_text(text)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "label_efficiency")
+    p.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument(
+        "--pretrained", help="a MAESIL pretraining run/checkpoint (default: pretrain here)"
+    )
+    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per run")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--roi", type=int, nargs=3, default=(32, 32, 16))
+    p.add_argument("--feature-size", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--threshold", type=float, default=0.5, help="mean Dice for 'steps to reach'")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel (1 thread each on CPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--results", type=Path, default=ROOT / "RESULTS.md")
+    p.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from maesil_core import api
+    from maesil_core.config import preset
+
+    t_start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = cut_volumes(args.shared, args.out)
+
+    if args.pretrained:
+        pretrained = args.pretrained
+        pre_seconds = 0.0
+    else:
+        cfg = preset(args.preset).override(
+            "train",
+            steps=args.pretrain_steps,
+            checkpoint_every=10**9,
+            log_every=50,
+            device=args.device,
+        )
+        cfg = cfg.override("data", num_workers=0)
+        t0 = time.perf_counter()
+        print(f"pretraining MAESIL ({args.preset}, {args.pretrain_steps} steps) ...", flush=True)
+        api.pretrain(data["pretrain"], args.out / "pretrain", cfg, force=True)
+        pre_seconds = time.perf_counter() - t0
+        pretrained = str(args.out / "pretrain")
+        print(f"  done in {pre_seconds:.0f} s", flush=True)
+
+    cuda = args.device.startswith("cuda")
+    workers = 1 if cuda else max(1, args.workers)
+    jobs = []
+    for seed in args.seeds:
+        for n in SIZES:
+            for init in ("maesil", "scratch"):
+                jobs.append(
+                    {
+                        "init": init,
+                        "n": n,
+                        "seed": seed,
+                        "data": data,
+                        "pretrained": pretrained,
+                        "preset": args.preset,
+                        "steps": args.steps,
+                        "batch_size": args.batch_size,
+                        "lr": args.lr,
+                        "warmup": args.warmup,
+                        "roi": list(args.roi),
+                        "feature_size": args.feature_size,
+                        "eval_every": args.eval_every,
+                        "device": args.device,
+                        "threads": 1 if workers > 1 else max(1, torch.get_num_threads()),
+                        "run_dir": str(args.out / f"{init}_n{n}_seed{seed}"),
+                    }
+                )
+    print(
+        f"{len(jobs)} fine-tuning runs of {args.steps} steps, {workers} at a time ...", flush=True
+    )
+    results = []
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for r in pool.imap_unordered(run_one, jobs):
+                print(
+                    f"  {r['init']:<8} n={r['n']} seed={r['seed']}: mean Dice {r['final']['val_dice']:.3f} ({r['seconds']:.0f} s)",
+                    flush=True,
+                )
+                results.append(r)
+    else:
+        for job in jobs:
+            r = run_one(job)
+            print(
+                f"  {r['init']:<8} n={r['n']} seed={r['seed']}: mean Dice {r['final']['val_dice']:.3f} ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+            results.append(r)
+    results.sort(key=lambda r: (r["init"], r["n"], r["seed"]))
+    total = time.perf_counter() - t_start
+
+    rows = summarise(results, args.threshold)
+    meta = {
+        "device": args.device,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "total_seconds": total,
+        "pretrain_seconds": pre_seconds,
+        "pretrained": pretrained,
+    }
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "meta": meta, "runs": results},
+            indent=2,
+        )
+    )
+    png = args.out / "label_efficiency.png"
+    plot(results, rows, png, args.threshold)
+    table = markdown(rows, args, meta, args.threshold)
+    print(table)
+    print(f"total {total / 60:.1f} min; plot {png}; numbers {args.out / 'results.json'}")
+    if not args.no_results:
+        write_results_md(args.results, section_text(table, args, meta, pretrained, png))
+        print(f"table written to {args.results}")
+    return 0
+
+
+def section_text(table: str, args, meta: dict, pretrained: str, png: Path) -> str:
+    """The RESULTS.md section (numbers and setup; the discussion is kept in RESULTS.md)."""
+    cmd = "python benchmarks/label_efficiency.py" + (
+        "" if args.pretrained is None else f" --pretrained {args.pretrained}"
+    )
+    defaults = {"steps": 200, "seeds": [0], "pretrain_steps": 400}
+    for key, default in defaults.items():
+        if getattr(args, key) != default:
+            value = getattr(args, key)
+            cmd += f" --{key.replace('_', '-')} " + (
+                " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            )
+    pre = (
+        f"MAESIL pretrained here for {args.pretrain_steps} steps ({meta['pretrain_seconds']:.0f} s)"
+        if args.pretrained is None
+        else f"MAESIL checkpoint {pretrained}"
+    )
+    try:
+        plot_rel = png.relative_to(ROOT)
+    except ValueError:
+        plot_rel = png
+    return f"""## Label efficiency
+
+Command: `{cmd}` ({args.preset} preset, device {args.device}, {meta["cores"]} CPU cores,
+{meta["total_seconds"] / 60:.1f} min in all). Plot: `{plot_rel}` (written by the command, under the
+git-ignored `runs/`); every number is in `{args.out.name}/results.json`.
+
+Setup: UNETR decoder (feature size {args.feature_size}) on the {args.preset} ViT encoder; (a) encoder
+from {pre}, (b) the same encoder randomly initialised. Both arms: {args.steps} steps, batch
+{args.batch_size}, AdamW lr {args.lr:g} (warm-up {args.warmup}, cosine), Dice + CE, crops of
+{"x".join(map(str, args.roi))} voxels at 3 mm, seeds {" ".join(map(str, args.seeds))}. Dice on the
+held-out volume (``abdomen_ct`` slices 20-29) after the last step; "steps to" = first
+evaluation (every {args.eval_every} steps) with mean Dice ≥ {args.threshold:g}, per seed.
+Training volumes: 1 = ``abdomen_ct`` slices 10-19, 2 = + ``dicom_ct`` (other patient, labels
+resampled in world coordinates), all = + ``abdomen_ct`` slices 0-9. Labels are
+TotalSegmentator output (liver 5, spleen 1, stomach 6), not manual tracing.
+
+{table}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
