@@ -247,13 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--results", type=Path, default=None, help="table file (default OUT/reconstruction.md)"
     )
-    ap.add_argument("--steps", type=int, default=200, help="optimiser steps per method")
+    ap.add_argument("--steps", type=int, default=300, help="optimiser steps per method")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument(
         "--pool", type=int, default=192, help="crops in the training pool per superpatch size"
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared CPU, spinning OpenMP threads made "
+        "the run 20x slower; 0 keeps torch's default)",
+    )
     ap.add_argument("--only", nargs="*", default=None, help="method ids or row names to run")
     ap.add_argument("--quick", action="store_true", help="2 steps, tiny pool: a smoke test")
     args = ap.parse_args(argv)
