@@ -1,24 +1,19 @@
-"""Regenerate the README screenshots (docs/images/*.png). Opt-in, run once by hand:
+"""Regenerate the README screenshots (docs/images/*.png). Not part of the test suite (the
+file name keeps pytest from collecting it); run it by hand:
 
-    MAESIL_SCREENSHOTS=1 xvfb-run -a -s "-screen 0 1280x1024x24" \
-        python -m pytest tests/test_plugin_screenshots.py
+    xvfb-run -a -s "-screen 0 1280x1024x24" python -m pytest tests/readme_screenshots.py
 
 PNGs are palette-quantised to stay small (< 300 KB each).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from test_plugin import click, open_ct, wait_done
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("MAESIL_SCREENSHOTS") != "1", reason="set MAESIL_SCREENSHOTS=1 to regenerate"
-)
 IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
 
 
