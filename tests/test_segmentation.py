@@ -1,8 +1,9 @@
 """Fine-tuning a pretrained encoder into an organ segmenter, on real labelled CT (tiny, CPU).
 
 Data: ``abdomen_ct`` (one real abdominal CT at 3 mm, TotalSegmentator labels: 5 liver,
-1 spleen) is cut into two slabs along the cranio-caudal axis: slices 0-19 train, slices 20-29
-are the held-out volume (same patient, anatomy the model never saw). ``dicom_ct`` (another
+1 spleen) is cut into three 10-slice slabs along the cranio-caudal axis: slices 0-9 and 20-29
+are two training volumes, slices 10-19 the held-out volume (same patient, anatomy the model
+never saw). ``dicom_ct`` (another
 patient, a DICOM series in LPS) is used for geometry checks only.
 """
 
@@ -27,9 +28,10 @@ from maesil_core.models.segmenter import UNETRSegmenter, default_layers
 from maesil_core.train.loop import make_optimizer
 
 ORGANS = {"liver": "liver", "spleen": "spleen"}  # TotalSegmentator ids 5 and 1
-TRAIN_SLAB = [(None, None), (None, None), (0, 20)]
-HELD_OUT_SLAB = [(None, None), (None, None), (20, 30)]
+TRAIN_SLABS = ([(None, None), (None, None), (0, 10)], [(None, None), (None, None), (20, 30)])
+HELD_OUT_SLAB = [(None, None), (None, None), (10, 20)]
 FT_STEPS = 200
+ROI = (48, 48, 8)  # no thicker than a 10-slice slab (no padding); the superpatch is 32^3
 
 
 @pytest.fixture(scope="module")
@@ -52,28 +54,26 @@ def pretrained_run(tmp_path_factory, shared_data):
 
 @pytest.fixture(scope="module")
 def finetuned_run(tmp_path_factory, pretrained_run, abdomen):
-    """Fine-tune liver + spleen on the training slab; validate on the held-out slab."""
+    """Fine-tune liver + spleen on the two training slabs (no validation: the held-out slab
+    must not pick the checkpoint); the run's last checkpoint is the model."""
     folder, image, labels = abdomen
-    train = [ft.crop_volume(v, TRAIN_SLAB) for v in (image, labels)]
-    held = [ft.crop_volume(v, HELD_OUT_SLAB) for v in (image, labels)]
+    train = [[ft.crop_volume(v, box) for box in TRAIN_SLABS] for v in (image, labels)]
     cfg = ft.config_from_pretrained(load_checkpoint(pretrained_run))
     cfg = cfg.override(
-        "train", steps=FT_STEPS, batch_size=2, lr=2e-3, warmup_steps=10, log_every=50
+        "train", steps=FT_STEPS, batch_size=4, lr=3e-3, warmup_steps=10, log_every=50
     )
     run = tmp_path_factory.mktemp("seg_ft") / "run"
     result = ft.finetune(
-        [train[0]],
-        [train[1]],
+        train[0],
+        train[1],
         run,
         cfg,
         pretrained=pretrained_run,
-        seg=ft.SegmentationConfig(feature_size=8, eval_every=100),
+        seg=ft.SegmentationConfig(roi=ROI, feature_size=8),
         labels_map=ORGANS,
         label_names=folder / "label_names.json",
-        val_images=[held[0]],
-        val_labels=[held[1]],
     )
-    assert result.step == FT_STEPS and result.best_checkpoint is not None
+    assert result.step == FT_STEPS and result.best_checkpoint is None
     return run
 
 
@@ -90,16 +90,22 @@ def test_finetuning_segments_liver_on_a_held_out_slab(finetuned_run, abdomen):
     folder, image, labels = abdomen
     held = [ft.crop_volume(v, HELD_OUT_SLAB) for v in (image, labels)]
     report = ft.evaluate(finetuned_run, [held[0]], [held[1]])
-    liver = report.summary()["liver"]["dice"]
-    # a trivial answer (all body voxels = liver) scores this on the slab:
-    body = held[0].array > -300
-    trivial = 2 * (body & (held[1].array == 5)).sum() / (body.sum() + (held[1].array == 5).sum())
-    assert liver > 0.5, report.table()
-    assert liver > trivial + 0.15, (liver, trivial)
-    meta = json.loads((finetuned_run / "best.json").read_text())
+    scores = report.summary()
+    # Liver Dice alone proves little here: a 0..150 HU threshold scores ~0.5 on this slab, an
+    # untrained network ~0.1-0.3. The threshold also calls the spleen (same HU, other side)
+    # liver; the model must not. (The spleen itself is not reliably learnt in 200 tiny steps,
+    # and stray voxels keep the liver HD95 far from clinical values: both are only reported.)
+    assert scores["liver"]["dice"] > 0.7, report.table()
+    assert np.isfinite(scores["liver"]["hd95"]), report.table()
+    pred = ft.segment(finetuned_run, held[0]).labels
+    spleen = held[1].array == 1
+    soft_tissue = (held[0].array > 0) & (held[0].array < 150)
+    assert (pred[spleen] == 1).mean() < 0.1, (pred[spleen] == 1).mean()
+    assert soft_tissue[spleen].mean() > 0.8  # what the threshold would have called liver
+    meta = load_checkpoint(finetuned_run, kind="segmentation").meta
     assert meta["kind"] == "segmentation"
     assert meta["extra"]["labels"]["classes"][0] == {"id": 1, "name": "liver", "source_ids": [5]}
-    assert meta["extra"]["segmentation"]["roi"] is None  # = the pretraining superpatch
+    assert meta["extra"]["segmentation"]["roi"] == list(ROI)  # != the 32^3 superpatch
     assert meta["config"]["data"]["spacing"] == [3.0, 3.0, 3.0]
 
 
@@ -125,7 +131,7 @@ def test_segment_cli_writes_labels_on_the_input_grid(finetuned_run, abdomen, tmp
     pred = np.asarray(seg.dataobj)
     ref = labels.array == 5
     dice = 2 * ((pred == 1) & ref).sum() / ((pred == 1).sum() + ref.sum())
-    assert dice > 0.5, dice
+    assert dice > 0.6, dice
     # the liver lands on the patient's right (low x in RAS world mm), the spleen's side is left
     xs = nib.affines.apply_affine(seg.affine, np.argwhere(pred == 1))[:, 0]
     xs_ref = nib.affines.apply_affine(image.affine, np.argwhere(ref))[:, 0]
@@ -295,6 +301,7 @@ def bad_inputs(tmp_path_factory, shared_data):
         ("count", "found 2 images but 1 label maps"),
         ("n_labelled", "--n-labelled 3 but only 1 labelled volumes"),
         ("absent", "occurs in none of the 1 label maps"),
+        ("architecture", "has another encoder than this segmenter (patch [8, 8, 8] vs"),
         ("pretrain_to_segment", "is a pretrain (maesil) checkpoint, not a segmentation model"),
     ],
 )
@@ -309,6 +316,9 @@ def test_bad_input_exits_2_with_one_line(case, message, bad_inputs, pretrained_r
         "count": ft_args + ["--images", b["ct"], b["dicom"], "--labels", b["lab"]],
         "n_labelled": ft_args + ["--images", b["ct"], "--labels", b["lab"], "--n-labelled", 3],
         "absent": ft_args + ["--images", b["ct"], "--labels", b["lab"], "--classes", "brain"],
+        "architecture": ft_args
+        + ["--images", b["ct"], "--labels", b["lab"], "--pretrained", pretrained_run]
+        + ["--preset", "mim-med3d"],
         "pretrain_to_segment": ["segment", "--checkpoint", pretrained_run, "--input", b["ct"]],
     }[case]
     code, _, err = run_cli(capsys, *argv)

@@ -541,6 +541,14 @@ def finetune(
         cfg = config_from_pretrained(pre_ckpt)
     cfg = cfg.validate()
     seg.validate(cfg)
+    if pre_ckpt is not None:  # refuse another encoder before anything is written
+        problem = architecture_mismatch(pre_ckpt.config.model, cfg.model)
+        if problem:
+            raise CheckpointError(
+                f"{pre_ckpt.path} has another encoder than this segmenter ({problem}; "
+                "checkpoint vs segmenter): fine-tune with the pretrained run's preset/config, "
+                "or leave --preset out to take the architecture from the checkpoint."
+            )
 
     # ---- labelled data (checked before anything is written)
     pairs = resolve_labelled(images, labels)
