@@ -145,6 +145,9 @@ def pretrain(
         world_size=dist_info.world_size,
         cache_dir=cfg.data.cache_dir or str(run_dir / "cache"),
     )
+    from .train.loop import seed_everything
+
+    seed_everything(cfg.train.seed)  # the initial weights too, not only the batches
     model = build_model(cfg.model)
     sampler = getattr(loader, "sampler", None)
     batches = infinite(loader, sampler if hasattr(sampler, "set_epoch") else None)
