@@ -437,10 +437,10 @@ Setup: UNETR decoder (feature size {args.feature_size}) on the {args.preset} ViT
 from {pre}, (b) the same encoder randomly initialised. Both arms: {args.steps} steps, batch
 {args.batch_size}, AdamW lr {args.lr:g} (warm-up {args.warmup}, cosine), Dice + CE, crops of
 {"x".join(map(str, args.roi))} voxels at 3 mm, seeds {" ".join(map(str, args.seeds))}. Dice on the
-held-out volume (``abdomen_ct`` slices 10-19) after the last step; "steps to" = first
+held-out volume (`abdomen_ct` slices 10-19) after the last step; "steps to" = first
 evaluation (every {args.eval_every} steps) with liver Dice ≥ {args.threshold:g}, per seed.
-Training volumes: 1 = ``abdomen_ct`` slices 20-29, 2 = + ``dicom_ct`` (other patient, labels
-resampled in world coordinates), all = + ``abdomen_ct`` slices 0-9. Labels are
+Training volumes: 1 = `abdomen_ct` slices 20-29, 2 = + `dicom_ct` (other patient, labels
+resampled in world coordinates), all = + `abdomen_ct` slices 0-9. Labels are
 TotalSegmentator output (liver 5, spleen 1, stomach 6), not manual tracing.
 
 {table}

@@ -580,6 +580,9 @@ def finetune(
         prepare_run_dir(run_dir, resume=False, force=force)
     D.barrier()
 
+    from .train.loop import seed_everything
+
+    seed_everything(cfg.train.seed)  # same seed, same decoder initialisation in every arm
     model = build_segmenter(cfg, seg, len(labelset))
     if pre_ckpt is not None:
         load_pretrained_encoder(model, pre_ckpt)
