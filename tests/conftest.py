@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 #: real CT for tests: ``../shared/data`` beside the repository root (see its README.md)
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = (Path(__file__).resolve().parents[1].parent / "shared" / "data").resolve()
 
 
 @pytest.fixture(scope="session")
