@@ -48,7 +48,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import PretrainOutput
 from .maesil import MAESIL
-from .masking import make_mask, mask_to_keep_indices, mask_to_voxels, random_mask
+from .masking import make_mask, mask_to_keep_indices, mask_to_voxels, paste_visible, random_mask
 from .vit3d import pos_embed_3d_sincos
 
 
@@ -296,6 +296,4 @@ class GLMAE(MAESIL):
                 raw[j : j + 1, :, vs[0], vs[1], vs[2]] = _unpatchify(
                     pred.to(x.dtype), g, self.patch
                 )
-        vox = mask_to_voxels(mask, self.grid, self.patch).to(x.dtype)
-        recon = x * (1 - vox) + raw * vox
-        return (recon, vox, raw) if return_raw else (recon, vox)
+        return paste_visible(x, raw, mask, self.grid, self.patch, return_raw)

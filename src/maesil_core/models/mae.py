@@ -24,7 +24,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import PretrainOutput
 from .maesil import MAESIL
-from .masking import make_mask, mask_to_voxels
+from .masking import make_mask, mask_to_voxels, paste_visible
 from .vit3d import ViTEncoder3D, init_vit_weights
 
 
@@ -116,9 +116,7 @@ class SimMIM(nn.Module):
                 self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
             )
         raw = self._patches.unpatchify(self.head(self.forward_encoder(x, mask)).to(x.dtype))
-        vox = mask_to_voxels(mask, self.grid, self.patch).to(x.dtype)
-        recon = x * (1 - vox) + raw * vox
-        return (recon, vox, raw) if return_raw else (recon, vox)
+        return paste_visible(x, raw, mask, self.grid, self.patch, return_raw)
 
 
 class _PatchHelper:

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import PretrainOutput
-from .masking import make_mask, mask_to_keep_indices, mask_to_voxels, num_masked
+from .masking import make_mask, mask_to_keep_indices, mask_to_voxels, num_masked, paste_visible
 from .vit3d import Block, ViTEncoder3D, init_vit_weights, pos_embed_3d_sincos
 
 
@@ -196,6 +196,4 @@ class MAESIL(nn.Module):
             n_masked = num_masked(self.grid, self.cfg.mask_ratio if ratio is None else ratio)
         latent = self.forward_encoder(x, mask, n_masked)
         raw = self.to_voxels(x, self.forward_decoder(latent, mask).to(x.dtype))
-        vox_mask = mask_to_voxels(mask, self.grid, self.patch).to(x.dtype)
-        recon = x * (1 - vox_mask) + raw * vox_mask
-        return (recon, vox_mask, raw) if return_raw else (recon, vox_mask)
+        return paste_visible(x, raw, mask, self.grid, self.patch, return_raw)

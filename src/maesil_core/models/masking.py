@@ -184,3 +184,22 @@ def mask_to_voxels(mask: torch.Tensor, grid: Sequence[int], patch: Sequence[int]
     b = mask.shape[0]
     vox = mask.float().view(b, 1, gd, 1, gh, 1, gw, 1).expand(-1, -1, -1, pd, -1, ph, -1, pw)
     return vox.reshape(b, 1, gd * pd, gh * ph, gw * pw)
+
+
+def paste_visible(
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    mask: torch.Tensor,
+    grid: Sequence[int],
+    patch: Sequence[int],
+    return_raw: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The MAE "reconstruction + visible" picture shared by the masked models' ``reconstruct``.
+
+    x, raw (B, C, D, H, W); mask (B, L) True = masked. Returns ``(recon, voxel_mask)`` with
+    recon = x on visible patches and raw on masked ones, voxel_mask (B, 1, D, H, W) 1.0 where
+    masked; ``return_raw`` appends ``raw``.
+    """
+    vox = mask_to_voxels(mask, grid, patch).to(x.dtype)
+    recon = x * (1 - vox) + raw * vox
+    return (recon, vox, raw) if return_raw else (recon, vox)
