@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import gzip
 import http.server
-import importlib.util
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -234,9 +234,8 @@ def test_truncated_gzip_variants(tmp_path, shared_data):
         load_volume(tmp_path / "corrupt.nii.gz")
 
 
-def test_nrrd_without_pynrrd_says_how_to_fix(tmp_path):
-    if importlib.util.find_spec("nrrd") is not None:
-        pytest.skip("pynrrd is installed here")
+def test_nrrd_without_pynrrd_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nrrd", None)  # as if pynrrd were not installed
     p = tmp_path / "scan.nrrd"
     p.write_bytes(b"NRRD0004\n")
     with pytest.raises(DataError, match="pip install pynrrd"):
