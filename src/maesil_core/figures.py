@@ -45,9 +45,15 @@ def reconstruction_figure(
     if center is None:
         center = tuple(s // 2 for s in shape)
     aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
+    # rows as tall as their slices in millimetres (height / width), so a thin slab of slices
+    # does not leave most of the page blank
+    mm = np.asarray(shape, dtype=float) * spacing
+    ratios = [mm[1] / mm[0], mm[2] / mm[0], mm[2] / mm[1]]
+    ratios = [float(np.clip(r, 0.15, 3.0)) for r in ratios]
     names = list(ras)
-    fig = Figure(figsize=(3.0 * len(names), 9.0), dpi=100)
-    axes = fig.subplots(3, len(names), squeeze=False)
+    col_width = 3.0
+    fig = Figure(figsize=(col_width * len(names), col_width * sum(ratios) + 1.2), dpi=100)
+    axes = fig.subplots(3, len(names), squeeze=False, gridspec_kw={"height_ratios": ratios})
     for col, name in enumerate(names):
         vol = ras[name]
         is_error = "error" in name.lower()
