@@ -139,6 +139,24 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, trained_run):
         load_checkpoint(path, kind="segmentation")
 
 
+def test_threads_setting_reaches_torch(tmp_path, abdomen_ct):
+    from maesil_core import cli
+
+    args = cli.build_parser().parse_args(["pretrain", "--out", str(tmp_path), "--threads", "1"])
+    assert cli.run_config_from_args(args).train.threads == 1
+    with pytest.raises(ConfigError, match="threads"):
+        tiny_cfg(2, threads=-1).validate()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        api.pretrain([abdomen_ct], tmp_path / "run", tiny_cfg(2, threads=1))
+        assert torch.get_num_threads() == 1
+        saved = json.loads((tmp_path / "run" / "config.json").read_text())
+        assert saved["train"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_learning_rate_schedule_shape():
     cfg = preset("tiny").train
     lrs = [lr_at(s, cfg) for s in range(cfg.steps)]

@@ -120,6 +120,7 @@ def pretrain(
         if cfg is not None:
             saved.train.steps = max(saved.train.steps, cfg.train.steps)
             saved.train.device = cfg.train.device
+            saved.train.threads = cfg.train.threads
         cfg = saved
     cfg = (cfg or preset("tiny")).validate()
     device = D.select_device(cfg.train.device)

@@ -122,6 +122,12 @@ def add_run_options(p: argparse.ArgumentParser, default_steps_help: str = "") ->
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--workers", type=int, help="data loader worker processes")
     p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: one per core; 1 is often faster on a shared "
+        "or small CPU)",
+    )
+    p.add_argument(
         "--spacing",
         type=float,
         nargs="+",
@@ -185,6 +191,7 @@ def run_config_from_args(args: argparse.Namespace):
         precision=args.precision,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        threads=args.threads,
     )
     return cfg
 

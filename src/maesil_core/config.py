@@ -199,6 +199,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  #: newest periodic checkpoints kept on disk
     log_every: int = 10  #: steps between log lines / CSV rows
     compile: bool = False  #: torch.compile the model (GPU)
+    #: torch intra-op CPU threads while training (torch.set_num_threads); 0 keeps torch's
+    #: default (one per physical core). 1 can be far faster on a CPU shared with other jobs.
+    threads: int = 0
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -213,6 +216,8 @@ class TrainConfig:
             raise ConfigError("warmup_steps must be 0 or more.")
         if self.checkpoint_every < 1:
             raise ConfigError("checkpoint_every must be at least 1 step.")
+        if self.threads < 0:
+            raise ConfigError("threads must be 0 (torch's default) or more.")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}.")
         dev = self.device

@@ -245,6 +245,8 @@ def fit(
     with ``best_metric`` the best-scoring weights are kept as ``best.safetensors``.
     """
     tc = cfg.train
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
     run_dir = Path(run_dir)
     device = device or D.select_device(tc.device)
     dist_info = D.init_distributed(device)
