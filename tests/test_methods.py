@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from maesil_core import cli  # at import time: cli.Progress binds sys.stderr as a default
 from maesil_core.checkpoint import build_from_checkpoint, load_checkpoint
 from maesil_core.config import preset
 from maesil_core.models.registry import available_methods, build_model
@@ -163,6 +164,109 @@ def test_encoder_loads_into_segmentation_model(trained, method):
         torch.testing.assert_close(
             seg.encoder(torch.ones(1, 1, 32, 32, 32)), model.encoder(torch.ones(1, 1, 32, 32, 32))
         )
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_conv_checkpoint_loads_into_the_conv_segmenter(trained, pool, method):
+    """AE / VAE / VQ-VAE: the encoder and decoder load (changing the initial weights), the
+    output layer is new, and at step 0 the segmenter's decoder computes what was pretrained:
+    the zero-initialised skips add nothing, the latent is z (AE), mu (VAE), unquantised z (VQ)."""
+    from maesil_core import finetune as ft
+    from maesil_core.models.conv_segmenter import ConvAESegmenter
+
+    model, res, _, _ = trained[method]
+    ckpt = load_checkpoint(res.checkpoint)
+    cfg = ft.config_from_pretrained(ckpt)
+    assert cfg.model.method == method and cfg.model.extra == model.cfg.extra
+    torch.manual_seed(0)
+    scratch = ft.build_segmenter(cfg, ft.SegmentationConfig(feature_size=4), 2)
+    torch.manual_seed(0)
+    seg = ft.build_segmenter(cfg, ft.SegmentationConfig(feature_size=4), 2)
+    assert isinstance(seg, ConvAESegmenter)
+    ft.load_pretrained_encoder(seg, ckpt)
+    own = seg.state_dict()
+    loaded = [k for k in own if k.startswith(("enc.", "dec."))]
+    assert loaded and all(torch.equal(own[k], ckpt.state_dict[k]) for k in loaded)
+    assert any(k.startswith("dec.") for k in loaded)
+    assert not torch.equal(
+        own["enc.body.0.conv.weight"], scratch.state_dict()["enc.body.0.conv.weight"]
+    )
+    last = f"dec.body.{2 * seg.stages - 1}.conv.weight"  # the pretrained output layer
+    assert last in ckpt.state_dict and last not in own  # replaced by the class head
+    for k in ("out.conv.conv.weight", "up0.transp_conv.conv.weight"):
+        assert torch.equal(own[k], scratch.state_dict()[k])  # the head keeps its initialisation
+    assert not any(k.startswith("quantizer.") for k in own)  # VQ-VAE: codebook not used
+
+    x = pool[6:8]
+    model.eval()
+    seg.eval()
+    with torch.no_grad():
+        enc_out = model.enc(x)
+        z, feats = seg.latent(x)
+        torch.testing.assert_close(z, enc_out[:, : seg.latent_channels])  # VAE: mu
+        y = seg.dec.inp(z)
+        for k in range(seg.stages):  # the segmenter's decoder path, skips included
+            y = y + seg.skips[k](feats[seg.stages - 1 - k])
+            y = seg.dec.body[2 * k](y)
+            if k + 1 < seg.stages:
+                y = seg.dec.body[2 * k + 1](y)
+        pretrained = model.dec.body[:-1](model.dec.inp(enc_out[:, : seg.latent_channels]))
+        torch.testing.assert_close(y, pretrained)
+        logits = seg(torch.rand(1, 1, 48, 32, 16))
+    assert logits.shape == (1, 3, 48, 32, 16)
+
+
+def test_conv_and_vit_checkpoints_are_refused_by_the_other_segmenter(trained):
+    from maesil_core import finetune as ft
+    from maesil_core.errors import CheckpointError
+    from maesil_core.models.conv_segmenter import ConvAESegmenter
+    from maesil_core.models.segmenter import UNETRSegmenter
+
+    ae, vit = (
+        load_checkpoint(trained["ae"][1].checkpoint),
+        load_checkpoint(trained["mae"][1].checkpoint),
+    )
+    with pytest.raises(CheckpointError, match=r"encoder ViT \(mae\) vs conv \(ae\)"):
+        ft.load_pretrained_encoder(ConvAESegmenter(ae.config.model, 2), vit)
+    with pytest.raises(CheckpointError, match=r"encoder conv \(ae\) vs ViT \(mae\)"):
+        ft.load_pretrained_encoder(UNETRSegmenter(vit.config.model, 2), ae)
+    with pytest.raises(CheckpointError, match="holds no convolutional autoencoder weights"):
+        ConvAESegmenter(ae.config.model, 2).load_encoder(vit.state_dict, "mae")
+    with pytest.raises(CheckpointError, match=r"method vae vs ae"):
+        vae = load_checkpoint(trained["vae"][1].checkpoint)
+        ft.load_pretrained_encoder(ConvAESegmenter(ae.config.model, 2), vae)
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_cli_finetunes_a_conv_autoencoder_run_and_segments(trained, method, tmp_path, capsys):
+    """``maesil finetune --pretrained RUN_DIR`` of an AE / VAE / VQ-VAE run on the real abdomen CT
+    (liver, spleen): the Dice + CE loss falls within 60 steps, and the run segments a CT."""
+    import nibabel as nib
+
+    from maesil_core import finetune as ft
+
+    _, res, _, _ = trained[method]
+    run_dir = Path(res.checkpoint).parents[1]
+    assert load_checkpoint(run_dir).meta["method"] == method
+    labels = SHARED / "abdomen_ct" / "labels.nii.gz"
+    out = tmp_path / "seg"
+    argv = ["finetune", "--images", CT, "--labels", labels, "--pretrained", run_dir]
+    argv += ["--out", out, "--classes", "liver", "spleen", "--steps", 60, "--batch-size", 2]
+    argv += ["--lr", 3e-3, "--roi", 32, 32, 16, "--feature-size", 4, "--device", "cpu"]
+    code = cli.main([str(a) for a in argv])
+    assert code == 0, capsys.readouterr().err
+    rows = (out / "metrics.csv").read_text().splitlines()
+    head = rows[0].split(",")
+    losses = [float(r.split(",")[head.index("loss")]) for r in rows[1:]]
+    assert len(losses) >= 3 and losses[-1] < 0.85 * losses[0], losses
+    meta = load_checkpoint(out, kind="segmentation").meta
+    assert meta["method"] == method and meta["extra"]["pretrained"].endswith(".safetensors")
+    result = ft.segment(out, CT)
+    assert result.labels.shape == nib.load(str(CT)).shape and set(np.unique(result.labels)) <= {
+        0,
+        1,
+        2,
+    }
 
 
 def test_vqvae_uses_many_codes(trained):

@@ -48,7 +48,7 @@ from .data.labels import (
     read_mapping_file,
 )
 from .errors import Cancelled, CheckpointError, ConfigError, DataError
-from .models.segmenter import UNETRSegmenter, architecture_mismatch
+from .models.segmenter import UNETRSegmenter, architecture_mismatch, make_segmenter
 from .train import FitResult, fit
 from .train import distributed as D
 
@@ -120,8 +120,9 @@ def _cancel_fn(cancel: CancelFlag) -> Callable[[], bool]:
 # --------------------------------------------------------------------------- model
 
 
-def build_segmenter(cfg: RunConfig, seg: SegmentationConfig, num_classes: int) -> UNETRSegmenter:
-    model = UNETRSegmenter(
+def build_segmenter(cfg: RunConfig, seg: SegmentationConfig, num_classes: int) -> torch.nn.Module:
+    """UNETR on the ViT encoder, or the conv segmenter for ae / vae / vq-vae configs."""
+    model = make_segmenter(
         cfg.model,
         num_classes,
         feature_size=seg.feature_size,
@@ -179,7 +180,7 @@ def load_segmenter(
     cfg = ckpt.config
     seg = SegmentationConfig.from_dict(extra["segmentation"])
     labels = LabelSet.from_dict(extra["labels"])
-    model = UNETRSegmenter(
+    model = make_segmenter(
         cfg.model, len(labels), feature_size=seg.feature_size, layers=seg.layers, norm_name=seg.norm
     )
     load_weights(model, ckpt.state_dict, str(path))
@@ -511,9 +512,10 @@ def finetune(
     ``images`` / ``labels``: paths (files, folders, globs, .txt lists; or a dataset.json as
     ``images`` with ``labels=None``) or :class:`Volume` objects, paired in order.
     ``pretrained``: a pretraining checkpoint (run dir or file) whose ``encoder.*`` weights
-    start the encoder; None trains from scratch. Without ``cfg`` the architecture, spacing
-    and HU window come from ``pretrained`` (else the tiny preset); with ``cfg`` its encoder
-    must match the checkpoint's (CheckpointError naming what differs).
+    start the encoder (ae / vae / vq-vae: whose ``enc.*`` / ``dec.*`` weights start the conv
+    segmenter, see :mod:`.models.conv_segmenter`); None trains from scratch. Without ``cfg``
+    the architecture, spacing and HU window come from ``pretrained`` (else the tiny preset);
+    with ``cfg`` its encoder must match the checkpoint's (CheckpointError naming what differs).
     ``classes`` (names or ids) / ``labels_map`` (mapping file) choose the classes;
     ``label_names`` is the source ``label_names.json`` (default: beside the labels).
     ``n_labelled`` keeps the first N training pairs. ``val_images``/``val_labels`` are

@@ -188,13 +188,59 @@ class UNETRSegmenter(nn.Module):
         return len(enc)
 
 
+def is_conv(cfg: ModelConfig) -> bool:
+    """True for the convolutional autoencoder methods (AE, VAE, VQ-VAE)."""
+    from .conv_segmenter import CONV_METHODS
+
+    return cfg.method in CONV_METHODS
+
+
+def make_segmenter(
+    cfg: ModelConfig,
+    num_classes: int,
+    *,
+    feature_size: int = 16,
+    layers: Sequence[int] | None = None,
+    norm_name: str = "instance",
+) -> nn.Module:
+    """The segmenter for ``cfg``'s encoder: :class:`UNETRSegmenter` on the ViT of the masked
+    methods, :class:`~.conv_segmenter.ConvAESegmenter` for ae / vae / vq-vae."""
+    if not is_conv(cfg):
+        return UNETRSegmenter(
+            cfg, num_classes, feature_size=feature_size, layers=layers, norm_name=norm_name
+        )
+    from .conv_segmenter import ConvAESegmenter
+
+    if layers:
+        raise ConfigError(
+            f"encoder layers {list(layers)} apply to a ViT encoder; {cfg.method} has a conv encoder."
+        )
+    return ConvAESegmenter(cfg, num_classes, feature_size=feature_size, norm_name=norm_name)
+
+
 def architecture_mismatch(a: ModelConfig, b: ModelConfig) -> str:
     """'' if ``a`` and ``b`` describe the same encoder, else e.g. 'embed_dim 96 vs 384'."""
+    if is_conv(a) or is_conv(b):
+        return _conv_mismatch(a, b)
     diffs = []
     for name in ENCODER_FIELDS:
         va, vb = _norm(getattr(a, name)), _norm(getattr(b, name))
         if va != vb:
             diffs.append(f"{name} {_fmt(va)} vs {_fmt(vb)}")
+    return ", ".join(diffs)
+
+
+def _conv_mismatch(a: ModelConfig, b: ModelConfig) -> str:
+    if is_conv(a) != is_conv(b):
+        kind = {True: "conv", False: "ViT"}
+        return f"encoder {kind[is_conv(a)]} ({a.method}) vs {kind[is_conv(b)]} ({b.method})"
+    from .conv_segmenter import conv_architecture
+
+    diffs = [] if a.method == b.method else [f"method {a.method} vs {b.method}"]
+    ca, cb = conv_architecture(a), conv_architecture(b)
+    for name in ("in_channels", "channels", "latent_channels"):
+        if ca[name] != cb[name]:
+            diffs.append(f"{name} {_fmt(ca[name])} vs {_fmt(cb[name])}")
     return ", ".join(diffs)
 
 
