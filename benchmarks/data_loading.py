@@ -1,8 +1,9 @@
 """Data loading: superpatches/s the pretraining loader delivers from real CT vs what MAESIL eats.
 
-For each ``--cache`` x ``--workers`` setting the real loader of ``maesil pretrain``
-(``make_pretrain_loader`` + ``infinite``, the preset's spacing, crops and batch size) is
-built from scratch and measured:
+For each ``--cache`` x ``--workers`` (x ``--loader``) setting the real loader of ``maesil
+pretrain`` (``make_pretrain_loader(..., endless=True)`` + ``infinite``, the preset's spacing,
+crops and batch size) is built from scratch and measured (``--loader per-epoch`` also
+measures the loader re-iterated every epoch, as before ``endless`` existed):
 
 - **first batch**: seconds from building the loader to the first batch, so it includes
   filling the cache (``memory``: every volume is preprocessed up front; ``disk``: a fresh,
@@ -20,8 +21,8 @@ interleaved with the loader settings (one round before each setting, one at the 
 loader workers are alive) and the median round counts. ratio = delivered / consumed: above 1
 the loader can keep the model busy.
 
-    python benchmarks/data_loading.py --preset tiny --workers 0 1 2 \\
-        --cache memory none disk --batches 12 --out data_loading.json
+    OMP_NUM_THREADS=1 python benchmarks/data_loading.py --preset tiny --threads 1 \\
+        --workers 0 1 2 --cache memory none disk --batches 12 --out data_loading.json
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import statistics
 import sys
@@ -115,6 +117,7 @@ def measure_setting(
     fed_steps: int,
     trainer: Trainer | None,
     cache_root: Path,
+    mode: str = "endless",
 ) -> dict:
     data_cfg = dataclasses.replace(run.data, cache=cache, num_workers=workers)
     batch_size = run.train.batch_size
@@ -125,12 +128,14 @@ def measure_setting(
         run.model.superpatch,
         batch_size,
         seed=run.train.seed,
-        cache_dir=cache_root / f"{cache}-w{workers}",  # fresh per setting: a cold disk cache
+        cache_dir=cache_root / f"{cache}-w{workers}-{mode}",  # fresh per setting: cold disk cache
+        endless=mode == "endless",
     )
     batches = infinite(loader)
     first = next(batches)
     first_s = time.perf_counter() - t0
-    per_epoch = len(loader)
+    volumes_per_batch = max(1, math.ceil(batch_size / data_cfg.crops_per_volume))
+    per_epoch = max(1, len(files) // volumes_per_batch)
     for _ in range(per_epoch - 1):  # rest of the first epoch: disk cache now full
         next(batches)
 
@@ -153,6 +158,7 @@ def measure_setting(
     return {
         "cache": cache,
         "workers": workers,
+        "loader": mode,
         "first_batch_s": first_s,
         "first_batch_shape": list(first["image"].shape),
         "batches_per_epoch": per_epoch,
@@ -169,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
         "--cache", nargs="+", choices=["memory", "none", "disk"], default=["memory", "none", "disk"]
+    )
+    ap.add_argument(
+        "--loader",
+        nargs="+",
+        choices=["endless", "per-epoch"],
+        default=["endless"],
+        help="endless: one never-ending iterator, as maesil pretrain uses it; per-epoch: the "
+        "loader re-iterated every epoch (the earlier behaviour), for comparison",
     )
     ap.add_argument("--batches", type=int, default=12, help="steady-state batches per setting")
     ap.add_argument(
@@ -212,19 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     model_rounds: list[float] = []
     results = []
     with tempfile.TemporaryDirectory(prefix="maesil-bench-cache-") as tmp:
-        for cache in args.cache:
-            for workers in args.workers:
-                if with_model:
-                    model_rounds.append(trainer.steps_per_s(args.model_steps))
-                r = measure_setting(
-                    files, run, cache, workers, args.batches, fed_steps, trainer, Path(tmp)
-                )
-                print(
-                    f"  cache={cache} workers={workers}: first batch {r['first_batch_s']:.2f} s, "
-                    f"{r['delivered_per_s']:.1f} superpatches/s",
-                    flush=True,
-                )
-                results.append(r)
+        settings = [(c, w, m) for c in args.cache for w in args.workers for m in args.loader]
+        for cache, workers, mode in settings:
+            if with_model:
+                model_rounds.append(trainer.steps_per_s(args.model_steps))
+            r = measure_setting(
+                files, run, cache, workers, args.batches, fed_steps, trainer, Path(tmp), mode
+            )
+            print(
+                f"  cache={cache} workers={workers} loader={mode}: first batch "
+                f"{r['first_batch_s']:.2f} s, {r['delivered_per_s']:.1f} superpatches/s",
+                flush=True,
+            )
+            results.append(r)
     if with_model:
         model_rounds.append(trainer.steps_per_s(args.model_steps))
     steps_per_s = statistics.median(model_rounds) if model_rounds else None
@@ -239,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         return "" if x is None else format(x, fmt)
 
     lines = [
-        "| cache | workers | first batch (s) | delivered (superpatches/s) "
+        "| cache | workers | loader | first batch (s) | delivered (superpatches/s) "
         "| consumed (superpatches/s) | delivered / consumed | fed steps/s | fed / synthetic |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['cache']} | {r['workers']} | {r['first_batch_s']:.2f} "
+            f"| {r['cache']} | {r['workers']} | {r['loader']} | {r['first_batch_s']:.2f} "
             f"| {r['delivered_per_s']:.1f} | {num(consumed, '.1f')} | {num(r['ratio'], '.2f')} "
             f"| {num(r['fed_steps_per_s'], '.2f')} | {num(r['fed_over_synthetic'], '.2f')} |"
         )

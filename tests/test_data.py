@@ -515,6 +515,83 @@ def test_pretrain_loader_batches_across_volumes(tmp_path, shared_data):
     assert sampler.epoch == 1
 
 
+def test_memory_cache_is_cropped_in_place_never_copied_or_modified(shared_data):
+    """The cached volumes are not deep-copied per item, and many draws leave them intact."""
+    files = [
+        str(shared_data / "abdomen_ct" / "ct.nii.gz"),
+        str(shared_data / "head_ct" / "ct_not_hu.nii.gz"),
+    ]
+    cfg = DataConfig(spacing=(3.0, 3.0, 3.0), crops_per_volume=4, num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # head_ct is not in HU
+        loader = make_pretrain_loader(files, cfg, (32, 32, 32), 4, seed=3, endless=True)
+    dataset = loader.dataset
+    cached = [item["image"] for item in dataset._cache]
+    before = [
+        (x.clone(), x.affine.clone(), len(x.applied_operations), x.untyped_storage().data_ptr())
+        for x in cached
+    ]
+    # an item's crops are views into the cached volume: no copy of the whole volume
+    for i, x in enumerate(cached):
+        crops = dataset[i]
+        assert len(crops) == 4
+        base = x.untyped_storage().data_ptr()
+        assert all(c["image"].untyped_storage().data_ptr() == base for c in crops)
+    # many draws, each batch then scribbled on in place: the cache stays as it was
+    seen = set()
+    for batch, _ in zip(infinite(loader), range(40)):
+        x = batch["image"]
+        assert x.shape == (4, 1, 32, 32, 32) and float(x.std()) > 0.05
+        seen.add(x.sum().item())
+        x.mul_(-1.0).add_(7.0)
+    assert len(seen) > 30  # fresh random crops every time
+    for x, (data, affine, n_ops, ptr) in zip(dataset._cache, before):
+        img = x["image"]
+        assert torch.equal(img.as_tensor(), data.as_tensor())
+        assert torch.equal(img.affine, affine) and len(img.applied_operations) == n_ops
+        assert img.untyped_storage().data_ptr() == ptr
+
+
+def test_endless_loader_shards_every_pass_like_distributed_sampler(shared_data):
+    """endless=True: one never-ending iterator; every pass is the DistributedSampler's epoch."""
+    files = [
+        str(shared_data / "abdomen_ct" / "ct.nii.gz"),
+        str(shared_data / "chest_ct" / "ct.nii.gz"),
+        str(shared_data / "dicom_ct"),
+    ]
+    cfg = DataConfig(spacing=(3.0, 3.0, 3.0), cache="none", num_workers=0)
+    loaders = [
+        make_pretrain_loader(
+            files, cfg, (32, 32, 32), 4, seed=5, rank=r, world_size=2, endless=True
+        )
+        for r in (0, 1)
+    ]
+    per_pass = 2  # 3 volumes padded to 4, two per rank
+    draws = [list(zip(range(5 * per_pass), iter(lo.sampler))) for lo in loaders]
+    for epoch in range(5):
+        shard = []
+        for rank, drawn in enumerate(draws):
+            got = [i for _, i in drawn[epoch * per_pass : (epoch + 1) * per_pass]]
+            ref = torch.utils.data.DistributedSampler(
+                range(3), num_replicas=2, rank=rank, shuffle=True, seed=5
+            )
+            ref.set_epoch(epoch)
+            assert got == list(ref), (epoch, rank)
+            shard += got
+        assert set(shard) == {0, 1, 2}  # each pass covers every volume across the ranks
+    assert loaders[0].sampler.base.epoch == 4
+
+    # single process, in a loader worker: passes roll on inside one iterator
+    cfg = DataConfig(spacing=(3.0, 3.0, 3.0), cache="memory", num_workers=1)
+    loader = make_pretrain_loader(files[:1], cfg, (32, 32, 32), 4, seed=1, endless=True)
+    batches = infinite(loader)
+    got = [next(batches)["image"] for _ in range(4)]  # one volume: a pass per batch
+    assert all(b.shape == (4, 1, 32, 32, 32) for b in got)
+    assert not torch.equal(got[0], got[1])
+    assert loader.sampler.epoch >= 3
+    batches.close()
+
+
 # --------------------------------------------------------------------------- phantom
 
 

@@ -145,13 +145,13 @@ def pretrain(
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         cache_dir=cfg.data.cache_dir or str(run_dir / "cache"),
+        endless=True,  # one iterator for the whole run: workers never wait at epoch ends
     )
     from .train.loop import seed_everything
 
     seed_everything(cfg.train.seed)  # the initial weights too, not only the batches
     model = build_model(cfg.model)
-    sampler = getattr(loader, "sampler", None)
-    batches = infinite(loader, sampler if hasattr(sampler, "set_epoch") else None)
+    batches = infinite(loader)
     return fit(
         model,
         batches,

@@ -1,6 +1,7 @@
 """CT data: readers/writers, MONAI transforms, datasets and loaders, phantom, downloads."""
 
 from .datasets import (
+    EndlessSampler,
     check_inputs,
     infinite,
     make_pretrain_loader,
@@ -36,6 +37,7 @@ __all__ = [
     "make_phantom",
     "write_phantom",
     "CheckFinited",
+    "EndlessSampler",
     "IntensityToUnitd",
     "LoadVolumed",
     "Volume",

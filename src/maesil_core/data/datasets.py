@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from monai.data import DataLoader as MonaiDataLoader
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
 from ..config import DataConfig
 from ..errors import DataError
@@ -306,6 +306,35 @@ class _UnwrapDataErrors:
             raise err from None
 
 
+class EndlessSampler(Sampler[int]):
+    """Indices forever: pass after pass over ``base``, calling ``base.set_epoch(pass)``
+    before each pass when ``base`` has it (a ``DistributedSampler`` then shards every pass
+    exactly as it shards an epoch: disjoint across ranks, reshuffled per pass).
+
+    A DataLoader on it is iterated once and never ends, so its workers and prefetch
+    queue run across passes: no drained queue and no worker re-synchronisation at every
+    epoch boundary (with a handful of volumes an epoch is only a few batches). A batch may
+    straddle two passes, so with fewer volumes than a batch needs a volume can appear twice
+    in one batch (with different random crops).
+    """
+
+    def __init__(self, base: Sampler[int]):
+        self.base = base
+        self.epoch = 0  #: the pass now being drawn
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            if hasattr(self.base, "set_epoch"):
+                self.base.set_epoch(self.epoch)
+            got = False
+            for index in self.base:
+                got = True
+                yield index
+            if not got:
+                raise DataError("the data loader is empty; give at least one volume.")
+            self.epoch += 1
+
+
 class _Dataset(_UnwrapDataErrors, Dataset):
     pass
 
@@ -328,6 +357,7 @@ def make_pretrain_loader(
     rank: int = 0,
     world_size: int = 1,
     cache_dir: str | Path | None = None,
+    endless: bool = False,
 ) -> DataLoader:
     """A DataLoader of superpatch batches ``{"image": (B, 1, D, H, W)}`` float32 in [0, 1].
 
@@ -338,8 +368,14 @@ def make_pretrain_loader(
     ``data_cfg.cache``: ``"memory"`` caches the deterministic part (load, RAS, spacing,
     intensity, foreground crop, pad) in RAM (CacheDataset), ``"disk"`` in ``cache_dir``
     (PersistentDataset, one subfolder per preprocessing setting), ``"none"`` recomputes.
+    The memory cache is not copied per item: the crops are views into the cached volume
+    (nothing between cropping and collating writes in place) and collating copies them.
     With ``world_size > 1`` a DistributedSampler shards the volumes; loop with
     :func:`infinite`, which calls ``set_epoch``.
+    ``endless=True`` (what training uses): the loader never ends (an
+    :class:`EndlessSampler` over the same random or distributed sampler), so workers and
+    prefetching run on across epochs; batches are then always full, and ``len(loader)``
+    is undefined (``loader.sampler.base`` has the per-pass length).
     """
     files = [str(f) for f in files]
     if not files:
@@ -350,7 +386,11 @@ def make_pretrain_loader(
     transform.set_random_state(seed=(seed + 1000 * rank) % (2**32))
     data = [{IMAGE_KEY: f} for f in files]
     if data_cfg.cache == "memory":
-        dataset = _CacheDataset(data, transform, num_workers=None, progress=False, copy_cache=True)
+        # copy_cache=False: only RandSpatialCropSamplesd and EnsureTyped run on the cached
+        # item; they return views and new dicts and write nothing in place, and the collate
+        # function's stack copies the crops. (copy_cache=True deep-copied the whole volume
+        # for every item.) tests/test_data.py checks the cache is left intact.
+        dataset = _CacheDataset(data, transform, num_workers=None, progress=False, copy_cache=False)
     elif data_cfg.cache == "disk":
         root = cache_dir or data_cfg.cache_dir
         if root is None:
@@ -365,12 +405,17 @@ def make_pretrain_loader(
     volumes_per_batch = max(1, math.ceil(batch_size / crops))
     per_rank = math.ceil(len(files) / world_size)
     drop_last = per_rank >= volumes_per_batch
-    sampler = None
+    sampler: Sampler[int] | None = None
     generator = torch.Generator().manual_seed(seed + 1000 * rank)
     if world_size > 1:
         sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
+    if endless:
+        if sampler is None:
+            order = torch.Generator().manual_seed(seed + 1000 * rank + 1)
+            sampler = RandomSampler(dataset, generator=order)
+        sampler = EndlessSampler(sampler)
     workers = int(data_cfg.num_workers)
     return MonaiDataLoader(
         dataset,
@@ -389,10 +434,15 @@ def make_pretrain_loader(
 def infinite(loader: DataLoader, sampler: Any = None) -> Iterator[Any]:
     """Loop over ``loader`` forever, calling ``sampler.set_epoch(epoch)`` each epoch.
 
-    ``sampler`` defaults to the loader's own sampler when it has ``set_epoch``.
+    ``sampler`` defaults to the loader's own sampler when it has ``set_epoch``. A loader
+    built with ``endless=True`` is iterated once (its :class:`EndlessSampler` moves the
+    epochs on).
     """
     if sampler is None:
         sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, EndlessSampler):
+        yield from loader
+        return
     epoch = 0
     while True:
         if sampler is not None and hasattr(sampler, "set_epoch"):
