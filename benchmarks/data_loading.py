@@ -3,7 +3,8 @@
 For each ``--cache`` x ``--workers`` (x ``--loader``) setting the real loader of ``maesil
 pretrain`` (``make_pretrain_loader(..., endless=True)`` + ``infinite``, the preset's spacing,
 crops and batch size) is built from scratch and measured (``--loader per-epoch`` also
-measures the loader re-iterated every epoch, as before ``endless`` existed):
+measures the loader re-iterated every epoch, as before ``endless`` existed; ``--copy-cache
+yes`` the memory cache deep-copying the cached volume for every item, as it did before):
 
 - **first batch**: seconds from building the loader to the first batch, so it includes
   filling the cache (``memory``: every volume is preprocessed up front; ``disk``: a fresh,
@@ -19,7 +20,9 @@ The model's **consumption** rate is the training steps/s x batch size of the pre
 a fixed batch already on the device. It is measured in rounds of ``--model-steps`` steps
 interleaved with the loader settings (one round before each setting, one at the end, while no
 loader workers are alive) and the median round counts. ratio = delivered / consumed: above 1
-the loader can keep the model busy.
+the loader can keep the model busy. With ``--rounds R`` the list of settings is run R times
+in turn and each figure is the median over the rounds (the machine's load drifts less
+between settings than within a long run of one setting).
 
     OMP_NUM_THREADS=1 python benchmarks/data_loading.py --preset tiny --threads 1 \\
         --workers 0 1 2 --cache memory none disk --batches 12 --out data_loading.json
@@ -118,6 +121,7 @@ def measure_setting(
     trainer: Trainer | None,
     cache_root: Path,
     mode: str = "endless",
+    copy_cache: bool = False,
 ) -> dict:
     data_cfg = dataclasses.replace(run.data, cache=cache, num_workers=workers)
     batch_size = run.train.batch_size
@@ -128,9 +132,11 @@ def measure_setting(
         run.model.superpatch,
         batch_size,
         seed=run.train.seed,
-        cache_dir=cache_root / f"{cache}-w{workers}-{mode}",  # fresh per setting: cold disk cache
+        cache_dir=cache_root,  # a fresh folder per setting and round: a cold disk cache
         endless=mode == "endless",
     )
+    if copy_cache:  # the earlier behaviour, set before any worker forks
+        loader.dataset.copy_cache = True
     batches = infinite(loader)
     first = next(batches)
     first_s = time.perf_counter() - t0
@@ -159,6 +165,7 @@ def measure_setting(
         "cache": cache,
         "workers": workers,
         "loader": mode,
+        "copy_cache": copy_cache,
         "first_batch_s": first_s,
         "first_batch_shape": list(first["image"].shape),
         "batches_per_epoch": per_epoch,
@@ -183,6 +190,17 @@ def main(argv: list[str] | None = None) -> int:
         default=["endless"],
         help="endless: one never-ending iterator, as maesil pretrain uses it; per-epoch: the "
         "loader re-iterated every epoch (the earlier behaviour), for comparison",
+    )
+    ap.add_argument(
+        "--copy-cache",
+        nargs="+",
+        choices=["no", "yes"],
+        default=["no"],
+        help="memory cache only; yes: deep-copy the cached volume for every item (MONAI's "
+        "copy_cache=True, the earlier behaviour), for comparison",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run the settings this many times in turn; medians"
     )
     ap.add_argument("--batches", type=int, default=12, help="steady-state batches per setting")
     ap.add_argument(
@@ -224,21 +242,38 @@ def main(argv: list[str] | None = None) -> int:
         trainer.step()
     fed_steps = args.fed_steps if with_model else 0
     model_rounds: list[float] = []
-    results = []
+    settings = [
+        (c, w, m, cp == "yes")
+        for c in args.cache
+        for cp in (args.copy_cache if c == "memory" else ["no"])
+        for w in args.workers
+        for m in args.loader
+    ]
+    runs: dict[tuple, list[dict]] = {s: [] for s in settings}
     with tempfile.TemporaryDirectory(prefix="maesil-bench-cache-") as tmp:
-        settings = [(c, w, m) for c in args.cache for w in args.workers for m in args.loader]
-        for cache, workers, mode in settings:
-            if with_model:
-                model_rounds.append(trainer.steps_per_s(args.model_steps))
-            r = measure_setting(
-                files, run, cache, workers, args.batches, fed_steps, trainer, Path(tmp), mode
-            )
-            print(
-                f"  cache={cache} workers={workers} loader={mode}: first batch "
-                f"{r['first_batch_s']:.2f} s, {r['delivered_per_s']:.1f} superpatches/s",
-                flush=True,
-            )
-            results.append(r)
+        for round_ in range(args.rounds):
+            for n, (cache, workers, mode, copy) in enumerate(settings):
+                if with_model:
+                    model_rounds.append(trainer.steps_per_s(args.model_steps))
+                folder = Path(tmp) / f"r{round_}-s{n}"
+                r = measure_setting(
+                    files, run, cache, workers, args.batches, fed_steps, trainer, folder, mode, copy
+                )
+                print(
+                    f"  round {round_ + 1}: cache={cache}{'+copy' if copy else ''} "
+                    f"workers={workers} loader={mode}: first batch {r['first_batch_s']:.2f} s, "
+                    f"{r['delivered_per_s']:.1f} superpatches/s",
+                    flush=True,
+                )
+                runs[(cache, workers, mode, copy)].append(r)
+    results = []
+    for per_round in runs.values():
+        r = dict(per_round[0])
+        for key in ("first_batch_s", "delivered_per_s", "fed_steps_per_s"):
+            values = [x[key] for x in per_round]
+            r[f"{key}_rounds"] = values
+            r[key] = None if values[0] is None else statistics.median(values)
+        results.append(r)
     if with_model:
         model_rounds.append(trainer.steps_per_s(args.model_steps))
     steps_per_s = statistics.median(model_rounds) if model_rounds else None
@@ -259,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in results:
         lines.append(
-            f"| {r['cache']} | {r['workers']} | {r['loader']} | {r['first_batch_s']:.2f} "
+            f"| {r['cache']}{' + copy' if r['copy_cache'] else ''} | {r['workers']} "
+            f"| {r['loader']} | {r['first_batch_s']:.2f} "
             f"| {r['delivered_per_s']:.1f} | {num(consumed, '.1f')} | {num(r['ratio'], '.2f')} "
             f"| {num(r['fed_steps_per_s'], '.2f')} | {num(r['fed_over_synthetic'], '.2f')} |"
         )
@@ -292,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             "batches": args.batches,
             "model_steps": args.model_steps,
             "fed_steps": args.fed_steps,
+            "rounds": args.rounds,
             "model_steps_per_s": steps_per_s,
             "model_rounds_steps_per_s": model_rounds,
             "torch": torch.__version__,
