@@ -33,11 +33,21 @@ label_names.json beside the labels, or ids):
     "segment": """examples:
   maesil segment --checkpoint runs/seg --input ../shared/data/abdomen_ct/ct.nii.gz --out seg.nii.gz
   maesil segment --checkpoint runs/seg/best.safetensors --input dicom_folder/ --out seg.nii.gz --overlap 0.5 --device cuda
+  maesil segment --checkpoint runs/seg --input ct.nii.gz --out seg.nii.gz --largest-component  # no stray voxels
 writes seg.nii.gz (labels on the input's voxel grid, with its affine) and seg.json ({id: name}).""",
     "evaluate": """examples:
   maesil evaluate --checkpoint runs/seg --images ../shared/data/abdomen_ct/ct.nii.gz --labels ../shared/data/abdomen_ct/labels.nii.gz
-  maesil evaluate --checkpoint runs/seg --images ../shared/data/dicom_ct --labels ../shared/data/dicom_ct_labels/labels.nii.gz --resample-labels --csv eval.csv""",
+  maesil evaluate --checkpoint runs/seg --images ../shared/data/dicom_ct --labels ../shared/data/dicom_ct_labels/labels.nii.gz --resample-labels --csv eval.csv
+  maesil evaluate --checkpoint runs/seg --images test_ct/ --labels test_labels/ --largest-component  # HD95 without stray voxels""",
 }
+
+
+LARGEST_COMPONENT_HELP = (
+    "keep only the largest connected component of each class, removing stray voxels away "
+    "from the organ (MONAI KeepLargestConnectedComponent). Default: the checkpoint's setting, "
+    "off unless fine-tuned with --largest-component, because a class can have several parts "
+    "(e.g. 'kidneys' = left + right would lose one kidney)"
+)
 
 
 def _paths(values: list[str] | None) -> list[str] | None:
@@ -76,6 +86,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         layer_decay=args.layer_decay,
         eval_every=args.eval_every,
         overlap=args.overlap,
+        largest_component=args.largest_component,
     )
     if args.roi and len(args.roi) not in (1, 3):
         raise ConfigError("--roi takes one number or three (D H W voxels).")
@@ -150,6 +161,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         blend=args.blend,
         sw_batch_size=args.sw_batch_size,
+        largest_component=args.largest_component,
         device=args.device or "auto",
         progress=cli.Progress(),
     )
@@ -174,6 +186,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         label_names=args.label_names,
         resample_labels=args.resample_labels,
         overlap=args.overlap,
+        largest_component=args.largest_component,
         device=args.device or "auto",
         progress=cli.Progress(),
     )
@@ -262,6 +275,13 @@ def register(sub, command) -> None:
         help="sliding-window overlap for validation and later inference",
     )
     p.add_argument(
+        "--largest-component",
+        action="store_true",
+        help="store in the checkpoint that segment / evaluate (and validation) keep only the "
+        "largest connected component of each class (default off: a class can have several "
+        "parts, e.g. 'kidneys')",
+    )
+    p.add_argument(
         "--resample-labels",
         action="store_true",
         help="resample label maps onto their image by world coordinates",
@@ -285,6 +305,12 @@ def register(sub, command) -> None:
     )
     p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default 4)")
     p.add_argument(
+        "--largest-component",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=LARGEST_COMPONENT_HELP,
+    )
+    p.add_argument(
         "--device", help="auto (default), cpu, cuda or cuda:N (the volume stays on the CPU)"
     )
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -307,6 +333,12 @@ def register(sub, command) -> None:
         help="resample label maps onto their image by world coordinates",
     )
     p.add_argument("--overlap", type=float, help="sliding-window overlap")
+    p.add_argument(
+        "--largest-component",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=LARGEST_COMPONENT_HELP,
+    )
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
         "--csv", metavar="FILE", help="where to save the table (default: evaluation.csv in the run)"

@@ -74,6 +74,10 @@ class SegmentationConfig:
     overlap: float = 0.25  #: sliding-window overlap at inference and validation
     blend: str = "gaussian"  #: "gaussian" or "constant" window blending
     sw_batch_size: int = 4  #: windows per forward pass at inference
+    #: keep only each class's largest connected component at inference and validation
+    #: (MONAI KeepLargestConnectedComponent): removes stray voxels, but also the second part of
+    #: a class that has two (e.g. "kidneys" = left + right), hence off by default
+    largest_component: bool = False
 
     def __post_init__(self) -> None:
         if self.roi is not None:
@@ -443,6 +447,24 @@ def sliding_window_logits(
     return torch.as_tensor(out).as_subclass(torch.Tensor)[0]
 
 
+def keep_largest_component(index: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
+    """An index map (D, H, W) of classes 0..K with each class 1..K reduced to its largest
+    connected component (full 26-connectivity), the rest set to background.
+
+    MONAI's ``KeepLargestConnectedComponent`` (``independent=True``: each class on its own).
+    """
+    from monai.transforms import KeepLargestConnectedComponent
+
+    arr = np.asarray(index)
+    if num_classes < 1 or not arr.any():
+        return arr
+    keep = KeepLargestConnectedComponent(
+        applied_labels=list(range(1, num_classes + 1)), is_onehot=False, independent=True
+    )
+    out = keep(torch.as_tensor(arr)[None])  # channel-first (1, D, H, W)
+    return np.asarray(torch.as_tensor(out).as_subclass(torch.Tensor)[0]).astype(arr.dtype)
+
+
 def dice_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-class Dice (K,) of index maps (D, H, W) via MONAI ``compute_dice``; NaN where the
     class is absent from the reference (MONAI's ``ignore_empty``)."""
@@ -474,7 +496,10 @@ def _make_validator(
                 sw_batch_size=seg.sw_batch_size,
                 device=device,
             )
-            scores.append(dice_scores(logits.argmax(0), case.target[0], len(labelset)))
+            pred = logits.argmax(0)
+            if seg.largest_component:
+                pred = torch.as_tensor(keep_largest_component(pred, len(labelset)))
+            scores.append(dice_scores(pred, case.target[0], len(labelset)))
         per_class = torch.stack(scores).nanmean(0)  # (K,)
         out = {"val_dice": float(per_class.nanmean())}
         for name, v in zip(labelset.names, per_class.tolist()):
@@ -712,6 +737,7 @@ def segment(
     overlap: float | None = None,
     blend: str | None = None,
     sw_batch_size: int | None = None,
+    largest_component: bool | None = None,
     device: str = "auto",
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
@@ -721,6 +747,10 @@ def segment(
 
     Windows run on ``device`` (``sw_batch_size`` at a time), the volume stays on the CPU;
     the argmax is mapped back to the input's grid (nearest) and to the checkpoint's class ids.
+    ``largest_component`` keeps only each class's largest connected component on the input's
+    grid (:func:`keep_largest_component`); None: the checkpoint's
+    ``SegmentationConfig.largest_component`` (default off: a class may have two parts).
+    Other None arguments also take the checkpoint's settings.
     """
     from .data.transforms import inference_transforms, invert_to_input
 
@@ -729,6 +759,7 @@ def segment(
     if not 0 <= overlap < 1:
         raise ConfigError(f"overlap must be in [0, 1), got {overlap}.")
     blend = blend or seg.blend
+    largest_component = seg.largest_component if largest_component is None else largest_component
     if blend not in ("gaussian", "constant"):
         raise ConfigError(f"blend must be gaussian or constant, got {blend!r}.")
     vol = image if isinstance(image, Volume) else load_volume(image)
@@ -759,12 +790,19 @@ def segment(
     index_in = np.rint(np.asarray(back)[0]).astype(np.int64)
     if index_in.shape != vol.array.shape:
         raise RuntimeError(f"inverse geometry gave {index_in.shape}, input is {vol.array.shape}")
+    if largest_component:  # on the output grid, so the saved map has one piece per class
+        index_in = keep_largest_component(index_in, len(labelset))
     return Segmentation(
         labels=labelset.index_to_ids(index_in),
         affine=np.asarray(vol.affine),
         classes=labelset.id_to_name(),
         source=vol.path,
-        extra={"checkpoint": str(ckpt.path), "overlap": overlap, "blend": blend},
+        extra={
+            "checkpoint": str(ckpt.path),
+            "overlap": overlap,
+            "blend": blend,
+            "largest_component": bool(largest_component),
+        },
     )
 
 
@@ -839,6 +877,7 @@ def evaluate(
     label_names: str | Path | None = None,
     resample_labels: bool = False,
     overlap: float | None = None,
+    largest_component: bool | None = None,
     device: str = "auto",
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
@@ -846,7 +885,8 @@ def evaluate(
     """Segment each image and score it against its label map (Dice, HD95 via MONAI).
 
     Reference labels are mapped through the checkpoint's label set (its source ids), or
-    through ``labels_map`` when the reference uses another labelling.
+    through ``labels_map`` when the reference uses another labelling. ``overlap`` and
+    ``largest_component`` are passed to :func:`segment` (None: the checkpoint's settings).
     """
     from monai.metrics import compute_hausdorff_distance
     from monai.networks.utils import one_hot
@@ -870,7 +910,14 @@ def evaluate(
     for n, (img, lab) in enumerate(loaded):
         if is_cancelled():
             raise Cancelled()
-        result = segment(checkpoint, img, overlap=overlap, device=device, _model=loaded_model)
+        result = segment(
+            checkpoint,
+            img,
+            overlap=overlap,
+            largest_component=largest_component,
+            device=device,
+            _model=loaded_model,
+        )
         pred_idx = _ids_to_index(result.labels, labelset)
         ref_idx = ref_set.to_index(lab.array)
         k = len(labelset)
@@ -915,6 +962,7 @@ __all__ = [
     "config_from_pretrained",
     "evaluate",
     "finetune",
+    "keep_largest_component",
     "load_segmenter",
     "segment",
     "sliding_window_logits",
