@@ -238,3 +238,30 @@ def test_two_process_ddp_on_cpu_writes_one_checkpoint(tmp_path):
     steps = [line.split(",")[0] for line in rows[1:]]
     assert len(steps) == len(set(steps)), rows  # one writer, no duplicated rows
     assert result.stdout.count("finished at step 6") == 1  # rank 0 alone reports
+
+
+def test_pretrain_resume_keeps_the_runs_own_step_count(tmp_path, capsys):
+    """``pretrain --resume`` without --steps finishes the run as planned (the preset's step
+    count must not stretch it); ``--steps N`` extends it."""
+    from maesil_core import api
+    from maesil_core.checkpoint import load_checkpoint, resolve_checkpoint
+    from maesil_core.config import preset
+
+    ct, run = SHARED / "abdomen_ct" / "ct.nii.gz", tmp_path / "run"
+    cfg = preset("tiny").override("train", steps=4, log_every=2, batch_size=2)
+    cfg = cfg.override("data", num_workers=0)
+    assert preset("tiny").train.steps != 4
+    flag = {"stop": False}
+
+    def stop_after_2(info):
+        flag["stop"] = flag["stop"] or info.get("step", 0) >= 2
+
+    first = api.pretrain([ct], run, cfg, progress=stop_after_2, cancel=lambda: flag["stop"])
+    assert first.cancelled and first.step == 2
+    code, err = in_process(capsys, "pretrain", "--data", ct, "--out", run, "--resume")
+    assert code == 0, err
+    assert load_checkpoint(resolve_checkpoint(run)).step == 4
+    code, err = in_process(capsys, "pretrain", "--data", ct, "--out", run, "--resume", "--steps", 6)
+    assert code == 0, err
+    last = load_checkpoint(resolve_checkpoint(run))
+    assert last.step == 6 and last.config.train.steps == 6

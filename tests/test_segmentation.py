@@ -328,6 +328,115 @@ def test_bad_input_exits_2_with_one_line(case, message, bad_inputs, pretrained_r
     assert not (b["out"] / "checkpoints").exists()
 
 
+# --------------------------------------------------------------------------- resume
+
+
+def test_cli_resume_continues_a_finetuning_run(pretrained_run, abdomen, tmp_path, capsys):
+    """Stopped at step 4 of 8, ``maesil finetune --resume`` (no --steps) finishes the same run:
+    the same step count, one unbroken lr schedule, its best checkpoint kept unless beaten."""
+    import csv
+
+    from maesil_core.checkpoint import list_checkpoints
+    from maesil_core.train import lr_at
+
+    folder, _, _ = abdomen
+    ct, lab = folder / "ct.nii.gz", folder / "labels.nii.gz"
+    run, stop_at, steps = tmp_path / "resumed", 4, 8
+    cfg = ft.config_from_pretrained(load_checkpoint(pretrained_run))
+    cfg = cfg.override(
+        "train", steps=steps, batch_size=1, warmup_steps=3, log_every=2, checkpoint_every=1000
+    )
+    flag = {"stop": False}
+
+    def stop_after(info):
+        flag["stop"] = flag["stop"] or info.get("step", 0) >= stop_at
+
+    first = ft.finetune(
+        [ct],
+        [lab],
+        run,
+        cfg,
+        pretrained=pretrained_run,
+        seg=ft.SegmentationConfig(feature_size=4, eval_every=2),
+        classes=["liver", "spleen"],
+        val_images=[ct],
+        val_labels=[lab],
+        progress=stop_after,
+        cancel=lambda: flag["stop"],
+    )
+    assert first.cancelled and first.step == stop_at
+    assert [p.name for p in list_checkpoints(run)] == [f"step_{stop_at:06d}.safetensors"]
+    pretrained = load_checkpoint(run, kind=ft.KIND).meta["extra"]["pretrained"]
+    assert pretrained.endswith(".safetensors")
+    # the best so far must survive the resume unless beaten: give the first half's best a
+    # Dice no 8-step run reaches, so the resumed validations cannot replace it
+    from safetensors.torch import save_file
+
+    best_ckpt = load_checkpoint(run / "best.safetensors", kind=ft.KIND)
+    meta = {**best_ckpt.meta, "metrics": {**best_ckpt.meta["metrics"], "val_dice": 1.0}}
+    header = {"maesil": json.dumps(meta)}
+    save_file(best_ckpt.state_dict, str(run / "best.safetensors"), metadata=header)
+    (run / "best.json").write_text(json.dumps(meta))
+    assert meta["step"] <= stop_at
+
+    args = ["finetune", "--images", ct, "--labels", lab, "--val-images", ct, "--val-labels", lab]
+    code, stdout, err = run_cli(capsys, *args, "--out", run, "--resume")
+    assert code == 0, err
+    assert f"finished at step {steps}" in stdout
+    assert [p.name for p in list_checkpoints(run)][-1] == f"step_{steps:06d}.safetensors"
+    last = load_checkpoint(run / "checkpoints" / f"step_{steps:06d}.safetensors", kind=ft.KIND)
+    assert last.config.train.steps == steps
+    assert last.meta["extra"]["labels"]["classes"][0]["name"] == "liver"
+    assert last.meta["extra"]["pretrained"] == pretrained  # provenance survives the resume
+
+    with (run / "metrics.csv").open() as f:
+        rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
+    for r in rows:  # one uninterrupted warm-up + cosine schedule
+        assert r["lr"] == pytest.approx(lr_at(int(r["step"]) - 1, cfg.train), rel=1e-4)
+    assert all(0 <= r["val_dice"] < 1 for r in rows)  # validated in both halves
+    best = json.loads((run / "best.json").read_text())
+    assert (best["step"], best["metrics"]["val_dice"]) == (meta["step"], 1.0)
+
+
+# --------------------------------------------------------------------------- --preset vs --pretrained
+
+
+def test_finetune_takes_the_architecture_and_geometry_from_pretrained(
+    pretrained_run, abdomen, tmp_path, capsys
+):
+    """With --pretrained, --preset sets training settings only; the checkpoint's encoder,
+    spacing and HU window win unless --spacing / --window say otherwise."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["finetune", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "With --pretrained the architecture always comes from the checkpoint" in help_text
+
+    # the same tiny encoder, pretrained at 4 mm with the wide window (tiny's own: 3 mm, abdomen)
+    ckpt = load_checkpoint(pretrained_run)
+    cfg4 = ckpt.config.override("data", spacing=(4.0, 4.0, 4.0), hu_window="wide")
+    pre4 = save_checkpoint(tmp_path / "pre4", build_model(cfg4.model), cfg4, 1)
+    folder, _, _ = abdomen
+    base = ["finetune", "--images", folder / "ct.nii.gz", "--labels", folder / "labels.nii.gz"]
+    base += ["--pretrained", pre4, "--classes", "liver", "--steps", 1, "--batch-size", 1]
+    base += ["--feature-size", 4]
+    cases = [
+        ([], [4.0] * 3, preset("tiny").train.lr),
+        (["--preset", "tiny", "--lr", 2e-3], [4.0] * 3, 2e-3),
+        (["--preset", "tiny", "--spacing", 3], [3.0] * 3, preset("tiny").train.lr),
+    ]
+    for n, (extra, spacing, lr) in enumerate(cases):
+        out = tmp_path / f"run{n}"
+        code, _, err = run_cli(capsys, *base, "--out", out, *extra)
+        assert code == 0, err
+        config = load_checkpoint(out, kind=ft.KIND).meta["config"]
+        assert config["data"]["spacing"] == spacing, extra
+        assert config["data"]["hu_window"] == "wide", extra
+        assert config["model"] == json.loads(json.dumps(cfg4.to_dict()))["model"], extra
+        assert config["train"]["lr"] == pytest.approx(lr), extra
+
+
 # --------------------------------------------------------------------------- post-processing
 
 

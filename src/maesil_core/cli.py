@@ -92,17 +92,18 @@ def _install_cancel() -> threading.Event:
 # --------------------------------------------------------------------------- config from flags
 
 
-def add_run_options(p: argparse.ArgumentParser, default_steps_help: str = "") -> None:
+def add_run_options(
+    p: argparse.ArgumentParser,
+    default_steps_help: str = "",
+    *,
+    preset_default: str | None = "tiny",
+    preset_help: str = "named configuration (default: tiny, a CPU-sized model)",
+) -> None:
     """Flags shared by ``pretrain`` and ``finetune``."""
     from .config import PRESETS
 
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
-    p.add_argument(
-        "--preset",
-        default="tiny",
-        choices=sorted(PRESETS),
-        help="named configuration (default: tiny, a CPU-sized model)",
-    )
+    p.add_argument("--preset", default=preset_default, choices=sorted(PRESETS), help=preset_help)
     p.add_argument(
         "--config",
         type=Path,
@@ -147,7 +148,10 @@ def add_run_options(p: argparse.ArgumentParser, default_steps_help: str = "") ->
         "for scans not in HU)",
     )
     p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint with the run's own settings "
+        "(--steps N extends it to N steps, --device moves it; other settings are ignored)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
 
@@ -196,19 +200,36 @@ def run_config_from_args(args: argparse.Namespace):
     return cfg
 
 
+def resume_config(args: argparse.Namespace):
+    """``--resume``: the run's own saved config with only ``--steps`` (to extend the run) and
+    ``--device`` taken from the command line; the preset's step count must not stretch the
+    schedule. None when ``--out`` has no checkpoint (the API then says so)."""
+    from .checkpoint import list_checkpoints, read_meta
+    from .config import RunConfig
+
+    found = list_checkpoints(args.out)
+    if not found:
+        return None
+    cfg = RunConfig.from_dict(read_meta(found[-1])["config"])
+    return cfg.override("train", steps=args.steps, device=args.device or "auto")
+
+
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from . import api
 
-    cfg = run_config_from_args(args)
-    if getattr(args, "method", None):
-        cfg = cfg.override("model", method=args.method)
-    for key in ("mask_mode", "mask_ratio"):
-        if getattr(args, key, None) is not None:
-            cfg = cfg.override("model", **{key: getattr(args, key)})
-    cfg.validate()
+    if args.resume:
+        cfg = resume_config(args)
+    else:
+        cfg = run_config_from_args(args)
+        if getattr(args, "method", None):
+            cfg = cfg.override("model", method=args.method)
+        for key in ("mask_mode", "mask_ratio"):
+            if getattr(args, key, None) is not None:
+                cfg = cfg.override("model", **{key: getattr(args, key)})
+        cfg.validate()
     cancel = _install_cancel()
     result = api.pretrain(
         args.data,

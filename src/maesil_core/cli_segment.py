@@ -27,6 +27,9 @@ EXAMPLES = {
   maesil finetune --images dataset.json --out runs/seg --pretrained runs/ct --freeze-encoder
   maesil finetune --images ct/ --labels labels/ --out runs/seg --resume --steps 600   # continue a run
 
+--resume continues with the run's saved settings (architecture, classes, ROI, schedule):
+give --images / --labels (and --val-images / --val-labels) again; --steps N extends the run.
+
 organs.json chooses, renames and merges classes of the source labels (names from the
 label_names.json beside the labels, or ids):
   {"liver": "liver", "spleen": 1, "kidneys": ["kidney_left", "kidney_right"]}""",
@@ -63,22 +66,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "--images is required (CT files, folders, a .txt list or a dataset.json), also "
             "with --resume."
         )
-    pre_ckpt = load_checkpoint(args.pretrained) if args.pretrained else None
-    explicit_arch = args.preset is not None or args.config is not None
-    if args.preset is None:
-        args.preset = _preset_of(pre_ckpt)
-    cfg = cli.run_config_from_args(args)
-    if pre_ckpt is not None and not explicit_arch:
-        base = ft.config_from_pretrained(pre_ckpt, base=cfg)
-        cfg.model = base.model
-        # the encoder was pretrained at this spacing / window: keep them unless asked otherwise
-        if not args.spacing:
-            cfg.data.spacing = base.data.spacing
-        if not args.window:
-            cfg.data.hu_window = base.data.hu_window
-        if not args.intensity:
-            cfg.data.intensity = base.data.intensity
-    cfg.validate()
+    if args.resume:  # the run's own settings; only --steps / --device from the command line
+        cfg = cli.resume_config(args)
+    else:
+        cfg = finetune_config(args, load_checkpoint(args.pretrained) if args.pretrained else None)
     seg = ft.SegmentationConfig(
         roi=tuple(args.roi) if args.roi else None,
         feature_size=args.feature_size,
@@ -126,12 +117,46 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preset_of(ckpt) -> str:
-    from .config import PRESETS
+def finetune_config(args: argparse.Namespace, pre_ckpt):
+    """The fine-tuning RunConfig from the flags and the ``--pretrained`` checkpoint.
 
-    if ckpt is not None and ckpt.config.preset in PRESETS:
-        return ckpt.config.preset
-    return "tiny"
+    Without ``--pretrained``: ``--preset`` (default tiny) / ``--config`` / flags, as for
+    ``pretrain``. With it, the encoder architecture, spacing, HU window and intensity handling
+    always come from the checkpoint (``--spacing`` / ``--window`` / ``--intensity`` override
+    the last three); ``--preset`` / ``--config`` then only give the training settings (steps,
+    batch, lr, ...; default: the checkpoint's own preset), and one that describes another
+    encoder is refused (CheckpointError, exit 2) rather than silently replaced.
+    """
+    from . import finetune as ft
+    from .config import PRESETS
+    from .errors import CheckpointError
+    from .models.segmenter import architecture_mismatch
+
+    explicit = args.preset is not None or args.config is not None
+    if args.preset is None:
+        known = pre_ckpt is not None and pre_ckpt.config.preset in PRESETS
+        args.preset = pre_ckpt.config.preset if known else "tiny"
+    cfg = cli.run_config_from_args(args)
+    if pre_ckpt is not None:
+        problem = architecture_mismatch(pre_ckpt.config.model, cfg.model)
+        if explicit and problem:
+            given = f"--preset {args.preset}" if args.config is None else f"--config {args.config}"
+            raise CheckpointError(
+                f"{pre_ckpt.path} has another encoder than this segmenter ({problem}; checkpoint "
+                f"vs {given}): the architecture comes from --pretrained; leave --preset out "
+                "(training settings from the checkpoint's preset) or give one of the same "
+                "architecture."
+            )
+        base = ft.config_from_pretrained(pre_ckpt, base=cfg)
+        cfg.model = base.model
+        # the encoder was pretrained at this spacing / window: keep them unless asked otherwise
+        if not args.spacing:
+            cfg.data.spacing = base.data.spacing
+        if not args.window:
+            cfg.data.hu_window = base.data.hu_window
+        if not args.intensity:
+            cfg.data.intensity = base.data.intensity
+    return cfg.validate()
 
 
 def _default_out(input_path: str) -> Path:
@@ -221,7 +246,8 @@ def register(sub, command) -> None:
     p.add_argument(
         "--pretrained",
         metavar="CKPT",
-        help="pretraining run dir or .safetensors (default: from scratch)",
+        help="pretraining run dir or .safetensors whose encoder starts the segmenter; it also "
+        "sets the architecture and the default spacing / HU window (default: from scratch)",
     )
     p.add_argument(
         "--classes",
@@ -286,8 +312,16 @@ def register(sub, command) -> None:
         action="store_true",
         help="resample label maps onto their image by world coordinates",
     )
-    cli.add_run_options(p)
-    p.set_defaults(preset=None)  # None: the pretrained checkpoint's architecture (or tiny)
+    cli.add_run_options(
+        p,
+        preset_default=None,  # None: the --pretrained checkpoint's preset (else tiny)
+        preset_help="named configuration. Without --pretrained: the architecture and training "
+        "settings (default: tiny). With --pretrained the architecture always comes from the "
+        "checkpoint (so do spacing, HU window and intensity unless --spacing / --window / "
+        "--intensity are given); --preset then only sets the training settings (default: the "
+        "checkpoint's own preset) and must be of the same architecture, else the run is "
+        "refused (exit 2)",
+    )
 
     p = command("segment", "segment a whole CT with a fine-tuned checkpoint", cmd_segment)
     p.add_argument(

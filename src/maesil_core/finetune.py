@@ -550,6 +550,7 @@ def finetune(
 
     run_dir = Path(run_dir)
     seg = seg or SegmentationConfig()
+    pretrained_from = None
     if resume:
         prepare_run_dir(run_dir, resume=True, force=False)
         from .checkpoint import list_checkpoints
@@ -562,8 +563,11 @@ def finetune(
         cfg = saved
         seg = SegmentationConfig.from_dict(last.meta["extra"]["segmentation"])
         pretrained = None  # the run's own weights are loaded by fit(resume=True)
+        pretrained_from = last.meta["extra"].get("pretrained")  # kept as the run's provenance
         labels_map = last.meta["extra"]["labels"]
     pre_ckpt = load_checkpoint(pretrained) if pretrained is not None else None
+    if pre_ckpt is not None:
+        pretrained_from = str(pre_ckpt.path)
     if cfg is None:
         cfg = config_from_pretrained(pre_ckpt)
     cfg = cfg.validate()
@@ -645,7 +649,7 @@ def finetune(
     extra = {
         "segmentation": seg.to_dict(),
         "labels": labelset.to_dict(),
-        "pretrained": str(pre_ckpt.path) if pre_ckpt is not None else None,
+        "pretrained": pretrained_from,
         "n_train": len(cases),
         "n_val": len(val_cases),
         "train_images": [_describe(i) for i, _ in pairs],

@@ -317,6 +317,8 @@ def fit(
     last_ckpt: Path | None = list_checkpoints(run_dir)[-1] if resume else None
     best_value: float | None = None
     best_path: Path | None = None
+    if resume and best_metric:  # a resumed run keeps its best so far unless it beats it
+        best_value, best_path = _read_best(run_dir, best_metric)
     volumes_per_step = tc.batch_size * tc.accum_steps * dist_info.world_size
     t_start = time.perf_counter()
     t_last_ckpt = t_start
@@ -432,6 +434,17 @@ def fit(
     )
     history = list(log.rows) if log is not None else []
     return FitResult(run_dir, last_ckpt, step, cancelled, history, best_path)
+
+
+def _read_best(run_dir: Path, metric: str) -> tuple[float | None, Path | None]:
+    """The score and path of ``RUN_DIR/best.safetensors`` left by the run before a resume."""
+    from ..checkpoint import read_meta
+
+    best = run_dir / "best.safetensors"
+    if not (best.is_file() and best.with_suffix(".json").is_file()):
+        return None, None
+    value = read_meta(best).get("metrics", {}).get(metric)
+    return (float(value), best) if value is not None else (None, None)
 
 
 def _save_best(run_dir, model, cfg, step, kind, extra, metrics) -> Path:
