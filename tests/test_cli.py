@@ -46,9 +46,10 @@ def in_process(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_help_has_examples():
-    for command in ("pretrain", "reconstruct", "info"):
+    # ``python -m maesil_core.cli`` (what torchrun runs) knows the segmentation commands too
+    for command in ("pretrain", "reconstruct", "info", "finetune", "segment", "evaluate"):
         out = run_cli(command, "--help")
-        assert out.returncode == 0
+        assert out.returncode == 0, out.stderr
         assert "examples:" in out.stdout and f"maesil {command}" in out.stdout
 
 

@@ -399,6 +399,83 @@ def test_cli_resume_continues_a_finetuning_run(pretrained_run, abdomen, tmp_path
     assert (best["step"], best["metrics"]["val_dice"]) == (meta["step"], 1.0)
 
 
+# --------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_finetuning_on_cpu_writes_one_checkpoint_set(
+    pretrained_run, abdomen, tmp_path
+):
+    """``torchrun --nproc-per-node 2`` (gloo, CPU): both ranks train, rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    from maesil_core.checkpoint import list_checkpoints
+
+    folder, image, labels = abdomen
+    ct, lab = folder / "ct.nii.gz", folder / "labels.nii.gz"
+    run = tmp_path / "ddp"
+    argv = ["-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    argv += ["--master-port", _free_port(), "-m", "maesil_core.cli", "finetune"]
+    argv += ["--images", ct, "--labels", lab, "--pretrained", pretrained_run, "--out", run]
+    argv += ["--classes", "liver", "spleen", "--val-images", ct, "--val-labels", lab]
+    argv += ["--steps", 4, "--batch-size", 1, "--checkpoint-every", 2, "--eval-every", 2]
+    argv += ["--feature-size", 4, "--largest-component", "--device", "cpu", "--workers", 0]
+    result = subprocess.run(
+        [sys.executable, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("finished at step 4") == 1  # rank 0 alone reports
+    assert result.stdout.count("best validation Dice") == 1
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [
+        f"step_00000{s}{ext}" for s in (2, 4) for ext in (".json", ".safetensors", ".state.pt")
+    ]
+    assert [p.name for p in list_checkpoints(run)] == [
+        "step_000002.safetensors",
+        "step_000004.safetensors",
+    ]
+    assert (run / "best.safetensors").is_file() and not (run / ".best").exists()
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    header, steps = rows[0].split(","), [line.split(",")[0] for line in rows[1:]]
+    assert steps == ["2", "4"] and "val_dice" in header  # one writer, no duplicated rows
+    ckpt = load_checkpoint(run, kind=ft.KIND)
+    assert ckpt.step == 4 and ckpt.meta["extra"]["segmentation"]["largest_component"] is True
+
+    # the stored setting drives inference: one piece per class unless asked otherwise
+    held = ft.crop_volume(image, HELD_OUT_SLAB)
+    seg = ft.segment(run, held)
+    assert seg.extra["largest_component"] is True
+    assert all(_parts(seg.labels, cid) <= 1 for cid in seg.classes)
+    assert ft.segment(run, held, largest_component=False).extra["largest_component"] is False
+
+
+def test_select_device_gives_each_torchrun_process_its_own_gpu(monkeypatch):
+    from maesil_core.train import distributed as D
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert D.select_device("auto") == torch.device("cuda", 1)
+    assert D.select_device("cuda") == torch.device("cuda", 1)
+    assert D.select_device("cuda:0") == torch.device("cuda", 0)  # explicit wins
+    assert D.select_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert D.select_device("auto") == torch.device("cuda", 0)
+
+
 # --------------------------------------------------------------------------- --preset vs --pretrained
 
 

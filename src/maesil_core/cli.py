@@ -436,4 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m maesil_core.cli`` (and ``torchrun -m maesil_core.cli``) runs this file as
+    # ``__main__``, a second copy of the module: the extensions (finetune / segment /
+    # evaluate) register into ``maesil_core.cli``, so run that module's main.
+    from maesil_core.cli import main as _main
+
+    sys.exit(_main())

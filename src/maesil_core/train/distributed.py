@@ -34,8 +34,14 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def select_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local GPU when there is one, else the CPU."""
+def select_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` -> the local GPU when there is one, else the CPU.
+
+    ``auto`` / ``cuda`` under torchrun give each process its own GPU (``LOCAL_RANK``, unless
+    ``local_rank`` is given), so ``--nproc-per-node 4`` uses four GPUs, not GPU 0 four times.
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
