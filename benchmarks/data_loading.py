@@ -20,7 +20,11 @@ The model's **consumption** rate is the training steps/s x batch size of the pre
 a fixed batch already on the device. It is measured in rounds of ``--model-steps`` steps
 interleaved with the loader settings (one round before each setting, one at the end, while no
 loader workers are alive) and the median round counts. ratio = delivered / consumed: above 1
-the loader can keep the model busy. With ``--rounds R`` the list of settings is run R times
+the loader can keep the model busy. On a CPU shared with other jobs these wall-clock rates
+swing by several times between runs, so the loader's **CPU time per superpatch** (main
+process + its workers, from ``/proc``) is measured too, and, on CPU, the model's CPU time
+per superpatch it consumes; their ratio (model / loader CPU) hardly depends on the load.
+With ``--rounds R`` the list of settings is run R times
 in turn and each figure is the median over the rounds (the machine's load drifts less
 between settings than within a long run of one setting).
 
@@ -34,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -60,6 +65,22 @@ DEFAULT_DATA = [
 ]
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(loader) -> float | None:
+    """CPU seconds used so far by this process and the loader's worker processes (Linux)."""
+    total = time.process_time()
+    it = getattr(loader, "_iterator", None)
+    for worker in getattr(it, "_workers", []) or []:
+        try:
+            fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+    return total
+
+
 class Trainer:
     """The preset's model with the training step of ``train.loop.fit``."""
 
@@ -71,6 +92,7 @@ class Trainer:
         self.amp = autocast_dtype(run.train, device)
         shape = (run.train.batch_size, run.model.in_channels, *run.model.superpatch)
         self.fixed = {"image": torch.rand(shape, device=device)}
+        self.cpu_s_per_step: list[float] = []  #: process CPU seconds per step, per round
 
     def step(self, batch: dict | None = None) -> None:
         batch = self.fixed if batch is None else batch
@@ -95,10 +117,12 @@ class Trainer:
     def steps_per_s(self, steps: int, batches=None) -> float:
         """Steps/s over ``steps`` steps (on the fixed batch, or on ``next(batches)``)."""
         self.sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self.step(None if batches is None else next(batches))
         self.sync()
+        if batches is None:
+            self.cpu_s_per_step.append((time.process_time() - c) / steps)
         return steps / (time.perf_counter() - t)
 
 
@@ -148,6 +172,7 @@ def measure_setting(
     chunk = max(1, min(per_epoch, n_batches))
     rates = []
     done = 0
+    cpu0, total = cpu_seconds(loader), 0
     while done < n_batches:
         n = min(chunk, n_batches - done)
         items = 0
@@ -156,6 +181,9 @@ def measure_setting(
             items += int(next(batches)["image"].shape[0])
         rates.append(items / (time.perf_counter() - t))
         done += n
+        total += items
+    cpu1 = cpu_seconds(loader)
+    cpu_ms = None if cpu0 is None or cpu1 is None else 1000 * (cpu1 - cpu0) / total
     fed = None
     if fed_steps > 0:
         trainer.step(next(batches))
@@ -171,6 +199,7 @@ def measure_setting(
         "batches_per_epoch": per_epoch,
         "delivered_per_s": statistics.median(rates),
         "delivered_chunks_per_s": rates,
+        "loader_cpu_ms_per_superpatch": cpu_ms,
         "fed_steps_per_s": fed,
     }
 
@@ -269,7 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for per_round in runs.values():
         r = dict(per_round[0])
-        for key in ("first_batch_s", "delivered_per_s", "fed_steps_per_s"):
+        for key in (
+            "first_batch_s",
+            "delivered_per_s",
+            "fed_steps_per_s",
+            "loader_cpu_ms_per_superpatch",
+        ):
             values = [x[key] for x in per_round]
             r[f"{key}_rounds"] = values
             r[key] = None if values[0] is None else statistics.median(values)
@@ -278,26 +312,34 @@ def main(argv: list[str] | None = None) -> int:
         model_rounds.append(trainer.steps_per_s(args.model_steps))
     steps_per_s = statistics.median(model_rounds) if model_rounds else None
     consumed = None if steps_per_s is None else steps_per_s * batch
+    model_cpu_ms = None
+    if trainer is not None and dev.type == "cpu" and trainer.cpu_s_per_step:
+        model_cpu_ms = 1000 * statistics.median(trainer.cpu_s_per_step) / batch
     for r in results:
         r["consumed_per_s"] = consumed
         r["ratio"] = None if consumed is None else r["delivered_per_s"] / consumed
         fed = r["fed_steps_per_s"]
         r["fed_over_synthetic"] = None if fed is None else fed / steps_per_s
+        r["model_cpu_ms_per_superpatch"] = model_cpu_ms
+        lc = r["loader_cpu_ms_per_superpatch"]
+        r["cpu_ratio"] = None if model_cpu_ms is None or not lc else model_cpu_ms / lc
 
     def num(x: float | None, fmt: str) -> str:
         return "" if x is None else format(x, fmt)
 
     lines = [
         "| cache | workers | loader | first batch (s) | delivered (superpatches/s) "
-        "| consumed (superpatches/s) | delivered / consumed | fed steps/s | fed / synthetic |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| consumed (superpatches/s) | delivered / consumed | fed steps/s | fed / synthetic "
+        "| loader CPU (ms/superpatch) | model CPU / loader CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['cache']}{' + copy' if r['copy_cache'] else ''} | {r['workers']} "
             f"| {r['loader']} | {r['first_batch_s']:.2f} "
             f"| {r['delivered_per_s']:.1f} | {num(consumed, '.1f')} | {num(r['ratio'], '.2f')} "
-            f"| {num(r['fed_steps_per_s'], '.2f')} | {num(r['fed_over_synthetic'], '.2f')} |"
+            f"| {num(r['fed_steps_per_s'], '.2f')} | {num(r['fed_over_synthetic'], '.2f')} "
+            f"| {num(r['loader_cpu_ms_per_superpatch'], '.2f')} | {num(r['cpu_ratio'], '.2g')} |"
         )
     lines.append("")
     if with_model:
@@ -307,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{s:.2f}" for s in model_rounds)
             + ")"
         )
+        if model_cpu_ms is not None:
+            lines.append(
+                f"model CPU time: {model_cpu_ms:.2f} ms per superpatch consumed (median round)"
+            )
     else:
         lines.append("model not run (--model-steps 0): loader figures only")
     print("\n".join(lines))
@@ -331,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "model_steps_per_s": steps_per_s,
             "model_rounds_steps_per_s": model_rounds,
+            "model_cpu_ms_per_superpatch": model_cpu_ms,
             "torch": torch.__version__,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
