@@ -23,10 +23,9 @@ loader workers are alive) and the median round counts. ratio = delivered / consu
 the loader can keep the model busy. On a CPU shared with other jobs these wall-clock rates
 swing by several times between runs, so the loader's **CPU time per superpatch** (main
 process + its workers, from ``/proc``) is measured too, and, on CPU, the model's CPU time
-per superpatch it consumes; their ratio (model / loader CPU) hardly depends on the load.
-With ``--rounds R`` the list of settings is run R times
-in turn and each figure is the median over the rounds (the machine's load drifts less
-between settings than within a long run of one setting).
+per superpatch it consumes; their ratio (model / loader CPU) moves far less with the load.
+With ``--rounds R`` the list of settings is run R times in turn and each figure is the
+median over the rounds.
 
     OMP_NUM_THREADS=1 python benchmarks/data_loading.py --preset tiny --threads 1 \\
         --workers 0 1 2 --cache memory none disk --batches 12 --out data_loading.json
