@@ -502,6 +502,20 @@ def test_finetune_then_segment_and_save(viewer, qtbot, shared_data, pretrained, 
     assert set(np.unique(seg.data)) <= {0, 1, 2}
     assert sw.progress_bar.value == sw.progress_bar.max > 0
 
+    # "largest piece": each organ becomes one connected component, voxels only removed
+    from scipy import ndimage
+
+    raw = seg.data.copy()
+    sw.largest.value = True
+    click(qtbot, sw.start_button)
+    wait_done(qtbot, sw)
+    seg = sw.result_layer
+    kept = seg.data
+    assert np.all((kept == raw) | (kept == 0)) and (kept > 0).sum() > 0
+    touching = np.ones((3, 3, 3))  # MONAI's default: voxels touching by a face, edge or corner
+    for organ in np.unique(kept[kept > 0]):
+        assert ndimage.label(kept == organ, touching)[1] == 1
+
     sw.save_path.value = str(tmp_path / "ct_seg.nii.gz")
     click(qtbot, sw.save_button)
     saved = nib.load(str(tmp_path / "ct_seg.nii.gz"))

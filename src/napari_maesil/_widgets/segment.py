@@ -8,7 +8,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, PushButton
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, PushButton
 
 from .._geometry import META_KEY
 from .._reader import label_features
@@ -16,12 +16,18 @@ from ._base import LAST, JobWidget, device_choices, layers_of, notify_error, not
 from .layers_io import layer_volume
 
 
-def _segment_job(checkpoint, volume, overlap, device, *, progress, cancel):
+def _segment_job(checkpoint, volume, overlap, largest, device, *, progress, cancel):
     from maesil_core.finetune import segment
 
     progress({"phase": "prepare", "message": "loading the segmenter"})
     return segment(
-        checkpoint, volume, overlap=overlap, device=device, progress=progress, cancel=cancel
+        checkpoint,
+        volume,
+        overlap=overlap,
+        largest_component=largest,
+        device=device,
+        progress=progress,
+        cancel=cancel,
     )
 
 
@@ -39,14 +45,19 @@ class SegmentWidget(JobWidget):
         )
         self.checkpoint.tooltip = "a fine-tuned run folder (its best checkpoint) or .safetensors"
         self.overlap = FloatSpinBox(min=0.0, max=0.9, step=0.05, value=0.25, label="Overlap")
+        self.largest = CheckBox(value=False, text="Keep each organ's largest piece")
+        self.largest.tooltip = (
+            "drop stray islands: one connected component per organ (leave off for a class "
+            "with two parts, such as both kidneys in one label)"
+        )
         self.device = ComboBox(choices=device_choices(), label="Device")
         self.save_path = FileEdit(mode="w", filter="*.nii.gz", value="", label="Save as")
         self.save_button = PushButton(text="Save segmentation (NIfTI, CT affine)")
         self.extend(
             [
-                self.image, self.checkpoint, self.overlap, self.device, self.start_button,
-                self.cancel_button, self.progress_bar, self.status, self.save_path,
-                self.save_button,
+                self.image, self.checkpoint, self.overlap, self.largest, self.device,
+                self.start_button, self.cancel_button, self.progress_bar, self.status,
+                self.save_path, self.save_button,
             ]
         )  # fmt: skip
         self._lock_while_running += [self.save_button]
@@ -77,6 +88,7 @@ class SegmentWidget(JobWidget):
             ckpt,
             volume,
             float(self.overlap.value),
+            bool(self.largest.value),
             self.device.value,
             on_progress=self._on_progress,
             on_done=self._on_done,
