@@ -2,6 +2,8 @@
 
     python benchmarks/reconstruction.py                      # full CPU run (~15 min idle 2-core CPU)
     python benchmarks/reconstruction.py --quick --out /tmp/r # end-to-end smoke run (seconds)
+    python benchmarks/reconstruction.py --ablation size      # superpatch 64/96/128 x patch 8/16
+                                                             # at 1.5 mm (~40 min, 1 free core)
 
 What it does, in one process:
 
@@ -22,6 +24,17 @@ What it does, in one process:
    every voxel (their "masked" score is their output on the voxels the common mask would hide).
 4. **Output.** ``<out>/reconstruction.md`` (table), ``<out>/reconstruction.json`` (all numbers)
    and ``<out>/reconstruction.png`` (the same slices reconstructed by every method).
+
+``--ablation size`` runs, instead of the methods, MAESIL (dual masking, the same tiny widths)
+at superpatch 64^3 / 96^3 / 128^3 x patch 8^3 / 16^3, by default at 1.5 mm voxels
+(``--spacing``; at 3 mm a 128^3 superpatch is 384 mm, larger than every shared volume). The
+coarse mask block is held at 32^3 voxels (4^3 patches of 8^3, 2^3 patches of 16^3), as the
+``base`` preset does at 128^3/8^3. Every row has the same steps, batch and seed, except the
+128^3/8^3 row (4096 tokens): it trains at a quarter of the batch (same steps), a control row
+128^3/16^3 at that batch isolates the batch effect, and the s/step at the full batch is timed
+(a few steps) and reported. Superpatches larger than a volume are zero-padded (in training,
+by the loader; in scoring, the held-out tiles): the table reports the share of body voxels
+in each training pool and the share of each held-out tile that is real volume.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from maesil_core.config import RunConfig, preset  # noqa: E402
 from maesil_core.data import inference_transforms, make_pretrain_loader  # noqa: E402
+from maesil_core.data.transforms import FOREGROUND_THRESHOLD  # noqa: E402
 from maesil_core.inference import reconstruct_volume  # noqa: E402
 from maesil_core.metrics import reconstruction_scores  # noqa: E402
 from maesil_core.models import build_model  # noqa: E402
@@ -60,8 +74,29 @@ class Entry:
     superpatch: int
     patch: int
     mask_mode: str = "dual"
-    group: str = "methods"  #: "methods" or "ablation"
+    group: str = "methods"  #: "methods", "ablation" or "size"
     extra: dict = dataclasses.field(default_factory=dict)
+    block: int | None = None  #: coarse mask block in patches (None: 2 if the grid is even, else 1)
+    batch_div: int = 1  #: this row trains at batch // batch_div (same steps)
+    id: str = ""  #: short name for --only (e.g. "sp128-p8")
+
+
+def size_entries() -> list[Entry]:
+    """The superpatch x patch grid (MAESIL, dual masking, 32^3-voxel coarse blocks)."""
+    rows = []
+    for sp in (64, 96, 128):
+        for p in (8, 16):
+            div = 4 if (sp, p) == (128, 8) else 1  # 4096 tokens: ~6 s/step at batch 4 on 1 core
+            rows.append(
+                Entry(f"superpatch {sp}, patch {p}", "maesil", sp, p, "dual", "size", block=32 // p,
+                      batch_div=div, id=f"sp{sp}-p{p}")
+            )  # fmt: skip
+    # control: the 128/16 row at the reduced batch of the 128/8 row
+    rows.append(
+        Entry("superpatch 128, patch 16, reduced batch", "maesil", 128, 16, "dual", "size",
+              block=2, batch_div=4, id="sp128-p16-small-batch")
+    )  # fmt: skip
+    return rows
 
 
 def entries(quick: bool) -> list[Entry]:
@@ -83,22 +118,34 @@ def entries(quick: bool) -> list[Entry]:
     return rows
 
 
-def run_config(e: Entry, steps: int, batch: int, seed: int) -> RunConfig:
+def row_batch(e: Entry, batch: int) -> int:
+    return max(1, batch // e.batch_div)
+
+
+def run_config(
+    e: Entry, steps: int, batch: int, seed: int, spacing: float | None = None
+) -> RunConfig:
     cfg = preset("tiny")
     cfg.data.num_workers = 0
+    if spacing is not None:
+        cfg.data.spacing = (float(spacing),) * 3
+    if e.block is not None:
+        block = (e.block,) * 3
+    else:
+        block = (2, 2, 2) if (e.superpatch // e.patch) % 2 == 0 else (1, 1, 1)
     model = dataclasses.replace(
         cfg.model,
         method=e.method,
         superpatch=(e.superpatch,) * 3,
         patch=(e.patch,) * 3,
         mask_mode=e.mask_mode,
-        block=(2, 2, 2) if (e.superpatch // e.patch) % 2 == 0 else (1, 1, 1),
+        block=block,
         extra=dict(e.extra),
     )
     train = dataclasses.replace(
         cfg.train,
         steps=steps,
-        batch_size=batch,
+        batch_size=row_batch(e, batch),
         seed=seed,
         device="cpu",
         precision="fp32",
@@ -132,6 +179,26 @@ def batches(pool: torch.Tensor, batch: int, seed: int):
             yield {"image": pool[order[i : i + batch]]}
 
 
+def time_steps(cfg: RunConfig, pool: torch.Tensor, batch: int, n: int, seed: int) -> float:
+    """Seconds per optimiser step of a fresh model at ``batch`` (after one warm-up step)."""
+    from maesil_core.train.loop import make_optimizer
+
+    torch.manual_seed(seed)
+    model = build_model(cfg.model).train()
+    opt = make_optimizer(model, cfg.train, torch.device("cpu"))
+    it = batches(pool, batch, seed)
+    t = 0.0
+    for i in range(n + 1):
+        x = next(it)["image"]
+        t0 = time.perf_counter()
+        model(x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            t += time.perf_counter() - t0
+    return t / max(1, n)
+
+
 def score(
     model, volume: torch.Tensor, mode, ratio, seed: int
 ) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -146,6 +213,11 @@ def score(
             {f"masked_{k}": v for k, v in reconstruction_scores(recon, target, mask).items()}
         )
     out["masked_fraction"] = float(mask.mean())
+    # mean signed error of the prediction on masked body voxels: a model trained on mostly
+    # zero-padded crops predicts too dark (its loss was dominated by padding)
+    body = mask & (target > FOREGROUND_THRESHOLD)
+    if body.any():
+        out["masked_body_bias"] = float((tiled.pred[0].numpy()[body] - target[body]).mean())
     return out, recon, mask
 
 
@@ -240,10 +312,53 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def size_table(rows: list[dict]) -> str:
+    head = (
+        "| superpatch | patch | tokens | params | batch | voxels/step | body share of crops | "
+        "real share of held-out tiles | train s | s/step | final loss | whole PSNR | whole SSIM | "
+        "masked PSNR | masked SSIM | masked-body bias | common-mask PSNR | common-mask SSIM |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        sps = f"{r['s_per_step']:.2f}"
+        if r.get("full_batch_s_per_step") is not None:
+            sps += f" ({r['full_batch_s_per_step']:.2f} at batch {r['full_batch']})"
+        lines.append(
+            f"| {r['superpatch']}³ | {r['patch']}³ | {r['tokens']} | {r['params'] / 1e6:.2f}M | "
+            f"{r['batch']} | {r['voxels_per_step'] / 1e6:.1f}M | {r['pool_body_share']:.2f} | "
+            f"{r['heldout_real_share']:.2f} | {r['train_s']:.0f} | {sps} | "
+            f"{fmt(r['final_loss'], 4)} | {fmt(r.get('whole_psnr'))} | "
+            f"{fmt(r.get('whole_ssim'), 3)} | {fmt(r.get('masked_psnr'))} | "
+            f"{fmt(r.get('masked_ssim'), 3)} | {fmt(r.get('masked_body_bias'), 3)} | "
+            f"{fmt(r.get('common_masked_psnr'))} | {fmt(r.get('common_masked_ssim'), 3)} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench-recon"), help="output folder")
+    ap.add_argument(
+        "--ablation",
+        choices=("methods", "size"),
+        default="methods",
+        help="methods: every method + masking ablations (3 mm); size: MAESIL at superpatch "
+        "64/96/128 x patch 8/16 (1.5 mm)",
+    )
+    ap.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        help="isotropic voxel spacing in mm (default: 3 for methods, 1.5 for size)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/bench-recon, runs/bench-recon-size for --ablation size)",
+    )
     ap.add_argument(
         "--results", type=Path, default=None, help="table file (default OUT/reconstruction.md)"
     )
@@ -260,14 +375,23 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (default 1: on a shared CPU, spinning OpenMP threads made "
         "the run 20x slower; 0 keeps torch's default)",
     )
-    ap.add_argument("--only", nargs="*", default=None, help="method ids or row names to run")
+    ap.add_argument(
+        "--time-full-batch",
+        type=int,
+        default=3,
+        help="for a row trained at a reduced batch: time this many steps at the full batch",
+    )
+    ap.add_argument("--only", nargs="*", default=None, help="method ids, row ids or row names")
     ap.add_argument("--quick", action="store_true", help="2 steps, tiny pool: a smoke test")
     args = ap.parse_args(argv)
+    size = args.ablation == "size"
+    if args.spacing is None:
+        args.spacing = 1.5 if size else 3.0
     if args.quick:
-        args.steps, args.pool = 2, 8
+        args.steps, args.pool, args.time_full_batch = 2, 8, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    out: Path = args.out
+    out: Path = args.out or Path("runs/bench-recon-size" if size else "runs/bench-recon")
     out.mkdir(parents=True, exist_ok=True)
     results_path = args.results or out / "reconstruction.md"
 
@@ -282,45 +406,53 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(f).exists():
             raise SystemExit(f"missing {f}: pass --data pointing to the shared data folder")
 
-    rows_cfg = entries(args.quick)
+    rows_cfg = size_entries() if size else entries(args.quick)
     if args.only:
-        rows_cfg = [e for e in rows_cfg if e.method in args.only or e.name in args.only]
-    base = run_config(rows_cfg[0], args.steps, args.batch, args.seed)
+        rows_cfg = [
+            e for e in rows_cfg if e.method in args.only or e.name in args.only or e.id in args.only
+        ]
+        if not rows_cfg:
+            raise SystemExit(f"--only {args.only} matches no row")
+    base = run_config(rows_cfg[0], args.steps, args.batch, args.seed, args.spacing)
     volume = torch.as_tensor(
         np.asarray(inference_transforms(base.data)({"image": str(held_out)})["image"])
     )
-    volume = volume.float()  # (1, D, H, W) on the 3 mm grid, [0, 1]
+    volume = volume.float()  # (1, D, H, W) on the model grid, [0, 1]
     t0 = time.perf_counter()
     pools: dict[int, torch.Tensor] = {}
     results, shown = [], []
     for e in rows_cfg:
-        cfg = run_config(e, args.steps, args.batch, args.seed)
+        cfg = run_config(e, args.steps, args.batch, args.seed, args.spacing)
+        batch = cfg.train.batch_size
         if e.superpatch not in pools:
+            pools.clear()  # one pool in memory at a time (192 crops of 128^3 are 1.6 GB)
             pools[e.superpatch] = crop_pool(train_files, cfg, args.pool, args.seed)
+        pool = pools[e.superpatch]
         torch.manual_seed(args.seed)
         model = build_model(cfg.model)
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         run_dir = out / "runs" / e.name.replace(" ", "_").replace(",", "").replace("^", "")
         t = time.perf_counter()
-        res = fit(
-            model,
-            batches(pools[e.superpatch], args.batch, args.seed),
-            cfg,
-            run_dir,
-            device=torch.device("cpu"),
-        )
+        res = fit(model, batches(pool, batch, args.seed), cfg, run_dir, device=torch.device("cpu"))
         train_s = time.perf_counter() - t
         model.eval()
         hist = [h for h in res.history if "loss" in h]
         row = {
             "name": e.name,
+            "id": e.id,
             "method": e.method,
             "group": e.group,
             "superpatch": e.superpatch,
             "patch": e.patch,
+            "tokens": cfg.model.num_patches,
+            "block": list(cfg.model.block),
             "mask_mode": e.mask_mode if e.method not in ("ae", "vae", "vq-vae") else "none",
             "params": params,
+            "batch": batch,
+            "steps": args.steps,
+            "voxels_per_step": batch * e.superpatch**3,
             "train_s": train_s,
+            "s_per_step": train_s / args.steps,
             "first_loss": hist[0]["loss"] if hist else float("nan"),
             "final_loss": hist[-1]["loss"] if hist else float("nan"),
             "sees_all": e.method in ("ae", "vae", "vq-vae"),
@@ -330,22 +462,36 @@ def main(argv: list[str] | None = None) -> int:
                 if k not in ("step", "lr", "elapsed_s", "volumes_per_s")
             },
         }
+        if size:
+            padded = [math.ceil(n / e.superpatch) * e.superpatch for n in volume.shape[1:]]
+            row["pool_body_share"] = float((pool > FOREGROUND_THRESHOLD).float().mean())
+            row["heldout_real_share"] = float(volume[0].numel() / math.prod(padded))
+        if batch != args.batch and args.time_full_batch > 0:
+            row["full_batch"] = args.batch
+            row["full_batch_s_per_step"] = time_steps(
+                cfg, pool, args.batch, args.time_full_batch, args.seed
+            )
+        t = time.perf_counter()
         s, recon, mask = score(model, volume, None, None, args.seed)
         row.update(s)
         row.update(common_mask_scores(model, volume, args.seed))
+        row["score_s"] = time.perf_counter() - t
         results.append(row)
-        if e.group == "methods":
+        if e.group in ("methods", "size"):
             shown.append((e.name, recon, mask))
         print(
             f"{e.name:40s} {train_s:6.0f}s loss {row['first_loss']:.4f}->{row['final_loss']:.4f} "
             f"whole PSNR {fmt(row.get('whole_psnr'))} masked PSNR {fmt(row.get('masked_psnr'))}",
             flush=True,
         )
+    pools.clear()
 
     total = time.perf_counter() - t0
     figure(out / "reconstruction.png", volume[0].numpy(), shown)
     meta = {
-        "command": "python benchmarks/reconstruction.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/reconstruction.py", *argv]),
+        "ablation": args.ablation,
+        "spacing_mm": args.spacing,
         "steps": args.steps,
         "batch": args.batch,
         "pool": args.pool,
@@ -361,20 +507,37 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         f"Command: `{meta['command']}` ({args.steps} steps x batch {args.batch} per model, seed {args.seed}, "
         f"CPU fp32, {total / 60:.1f} min in all on {meta['machine']}).",
-        f"Held-out volume: abdomen_ct, {tuple(volume.shape[1:])} voxels at 3 mm.",
+        f"Held-out volume: abdomen_ct, {tuple(volume.shape[1:])} voxels at {args.spacing:g} mm.",
         "",
-        table([r for r in results if r["group"] == "methods"]),
     ]
-    abl = [r for r in results if r["group"] == "ablation"]
-    if abl:
+    if size:
+        md += [size_table(results)]
+        reduced = [r for r in results if r["batch"] != args.batch]
+        if reduced:
+            md += [
+                f"Rows at batch {reduced[0]['batch']} train the same {args.steps} steps on fewer "
+                "crops; s/step in brackets: timed at the full batch."
+            ]
         md += [
-            "Ablations (MAESIL):",
-            "",
-            table([r for r in results if r["name"] == "MAESIL (dual)"] + abl),
+            "Body share: voxels above the foreground threshold in the training crops (zero "
+            "padding and air both count as not body). Real share: the part of the held-out "
+            "tiles (zero-padded up to a multiple of the superpatch) that is volume; only those "
+            "voxels are scored. Masked-body bias: mean (prediction - target) on the masked "
+            "voxels inside the body ([0, 1] scale; negative = too dark)."
         ]
-    md += [
-        "† the model saw these voxels (a conv autoencoder has no mask): not comparable with a masked model's score."
-    ]
+    else:
+        md += [table([r for r in results if r["group"] == "methods"])]
+        abl = [r for r in results if r["group"] == "ablation"]
+        if abl:
+            md += [
+                "Ablations (MAESIL):",
+                "",
+                table([r for r in results if r["name"] == "MAESIL (dual)"] + abl),
+            ]
+        md += [
+            "† the model saw these voxels (a conv autoencoder has no mask): not comparable with "
+            "a masked model's score."
+        ]
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text("\n".join(md) + "\n")
     print(f"wrote {results_path}, {out / 'reconstruction.png'} in {total:.0f}s")

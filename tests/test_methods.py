@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
@@ -343,7 +345,7 @@ def test_cli_pretrain_method(tmp_path):
     assert meta["method"] == "vae" and meta["step"] == 3
 
 
-def test_benchmark_quick_writes_table(tmp_path):
+def _bench_module():
     spec = importlib.util.spec_from_file_location(
         "bench_recon", ROOT / "benchmarks" / "reconstruction.py"
     )
@@ -353,6 +355,11 @@ def test_benchmark_quick_writes_table(tmp_path):
         spec.loader.exec_module(bench)
     finally:
         sys.modules.pop(spec.name, None)
+    return bench
+
+
+def test_benchmark_quick_writes_table(tmp_path):
+    bench = _bench_module()
     out = tmp_path / "bench"
     results = tmp_path / "table.md"
     assert (
@@ -374,6 +381,34 @@ def test_benchmark_quick_writes_table(tmp_path):
     assert "| MAESIL (dual) |" in text and "| VQ-VAE |" in text and "masked PSNR" in text
     assert (out / "reconstruction.png").stat().st_size > 0
     assert (out / "reconstruction.json").is_file()
+
+
+def test_benchmark_size_ablation_quick(tmp_path):
+    """--ablation size end to end at a coarse spacing: a full-batch row, and a reduced-batch
+    row whose full-batch s/step is timed; token counts, padding shares and the table."""
+    bench = _bench_module()
+    out = tmp_path / "size"
+    argv = ["--ablation", "size", "--quick", "--spacing", "6", "--out", str(out)]
+    assert bench.main([*argv, "--only", "sp64-p16", "sp128-p16-small-batch"]) == 0
+    rows = {r["id"]: r for r in json.loads((out / "reconstruction.json").read_text())["rows"]}
+    assert set(rows) == {"sp64-p16", "sp128-p16-small-batch"}
+    small, full = rows["sp128-p16-small-batch"], rows["sp64-p16"]
+    assert (full["tokens"], full["batch"], full["block"]) == (64, 4, [2, 2, 2])
+    assert (small["tokens"], small["batch"], small["full_batch"]) == (512, 1, 4)
+    assert small["full_batch_s_per_step"] > 0 and "full_batch" not in full
+    # a 6 mm held-out volume is far smaller than a 128^3 tile: mostly padding, not scored
+    assert 0 < small["heldout_real_share"] < full["heldout_real_share"] < 1
+    assert 0 < small["pool_body_share"] < 1
+    assert all(math.isfinite(r["masked_psnr"]) for r in rows.values())
+    assert all(-1 < r["masked_body_bias"] < 1 for r in rows.values())
+    text = (out / "reconstruction.md").read_text()
+    assert "| 128³ | 16³ | 512 |" in text and "at batch 4)" in text and "at 6 mm" in text
+    assert "--ablation size" in text and "masked-body bias" in text
+    # the coarse mask block is 32^3 voxels in every row: 4^3 patches of 8^3
+    (e,) = [e for e in bench.size_entries() if e.id == "sp128-p8"]
+    cfg = bench.run_config(e, 2, 4, 0, 1.5)
+    assert cfg.model.block == (4, 4, 4) and cfg.train.batch_size == 1
+    assert cfg.data.spacing == (1.5, 1.5, 1.5)
 
 
 def test_classifier_finetunes_from_pretrained_encoder(trained, tmp_path):
