@@ -153,6 +153,12 @@ def test_threads_setting_reaches_torch(tmp_path, abdomen_ct):
         assert torch.get_num_threads() == 1
         saved = json.loads((tmp_path / "run" / "config.json").read_text())
         assert saved["train"]["threads"] == 1
+        # --resume keeps the run's config but takes --threads from the command line
+        args = cli.build_parser().parse_args(
+            ["pretrain", "--out", str(tmp_path / "run"), "--resume", "--threads", "2"]
+        )
+        resumed = cli.resume_config(args)
+        assert resumed.train.threads == 2 and resumed.train.steps == 2
     finally:
         torch.set_num_threads(before)
 

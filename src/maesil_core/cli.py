@@ -201,9 +201,9 @@ def run_config_from_args(args: argparse.Namespace):
 
 
 def resume_config(args: argparse.Namespace):
-    """``--resume``: the run's own saved config with only ``--steps`` (to extend the run) and
-    ``--device`` taken from the command line; the preset's step count must not stretch the
-    schedule. None when ``--out`` has no checkpoint (the API then says so)."""
+    """``--resume``: the run's own saved config with only ``--steps`` (to extend the run),
+    ``--device`` and ``--threads`` taken from the command line; the preset's step count must
+    not stretch the schedule. None when ``--out`` has no checkpoint (the API then says so)."""
     from .checkpoint import list_checkpoints, read_meta
     from .config import RunConfig
 
@@ -211,7 +211,12 @@ def resume_config(args: argparse.Namespace):
     if not found:
         return None
     cfg = RunConfig.from_dict(read_meta(found[-1])["config"])
-    return cfg.override("train", steps=args.steps, device=args.device or "auto")
+    return cfg.override(
+        "train",
+        steps=args.steps,
+        device=args.device or "auto",
+        threads=getattr(args, "threads", None),
+    )
 
 
 # --------------------------------------------------------------------------- commands
