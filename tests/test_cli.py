@@ -71,6 +71,8 @@ def test_reconstruct_writes_aligned_volumes_and_figure(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     assert 10 < scores["psnr"] < 60 and 0 < scores["ssim"] <= 1
+    # the no-learning reference is printed beside the model's score
+    assert 10 < scores["interpolation_psnr"] < 60 and "to beat" in result.stdout
     src = nib.load(ct)
     for name in ("masked", "reconstruction", "mask", "error"):
         img = nib.load(out / f"{name}.nii.gz")

@@ -303,6 +303,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         f"masked region: PSNR {rec.scores['psnr']:.2f} dB  SSIM {rec.scores['ssim']:.4f}  "
         f"MSE {rec.scores['mse']:.5f} (intensities scaled to [0, 1])"
     )
+    if "interpolation_psnr" in rec.scores:
+        print(
+            f"  to beat, interpolating the visible voxels: PSNR "
+            f"{rec.scores['interpolation_psnr']:.2f} dB  SSIM {rec.scores['interpolation_ssim']:.4f}"
+        )
     if args.json:
         print(json.dumps(rec.scores))
     return 0
