@@ -31,7 +31,8 @@ EXIT_USAGE = 2
 class Progress:
     """A one-line progress bar on stderr (redrawn on a terminal, periodic lines otherwise)."""
 
-    def __init__(self, stream=sys.stderr, every_s: float = 5.0):
+    def __init__(self, stream=None, every_s: float = 5.0):
+        stream = sys.stderr if stream is None else stream  # the stderr of now, not of import
         self.stream = stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.every_s = every_s
