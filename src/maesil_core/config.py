@@ -305,6 +305,28 @@ def _tiny() -> RunConfig:
     )
 
 
+def _cpu() -> RunConfig:
+    """An hour or two on a laptop CPU: the README's reconstruction figure (RESULTS.md)."""
+    return RunConfig(
+        preset="cpu",
+        data=DataConfig(spacing=(2.0, 2.0, 2.0), crops_per_volume=4, num_workers=0),
+        model=ModelConfig(
+            superpatch=(64, 64, 64),
+            patch=(8, 8, 8),
+            embed_dim=192,
+            depth=6,
+            num_heads=6,
+            decoder_embed_dim=128,
+            decoder_depth=2,
+            decoder_num_heads=4,
+            block=(2, 2, 2),
+        ),
+        train=TrainConfig(
+            steps=8000, batch_size=4, lr=5e-4, warmup_steps=20, checkpoint_every=500, threads=1
+        ),
+    )
+
+
 def _small() -> RunConfig:
     return RunConfig(
         preset="small",
@@ -369,11 +391,17 @@ def _mim_med3d() -> RunConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "mim-med3d": _mim_med3d}
+PRESETS = {
+    "tiny": _tiny,
+    "cpu": _cpu,
+    "small": _small,
+    "base": _base,
+    "mim-med3d": _mim_med3d,
+}
 
 
 def preset(name: str) -> RunConfig:
-    """A fresh copy of a named preset (``tiny``, ``small``, ``base``, ``mim-med3d``)."""
+    """A fresh copy of a named preset (``tiny``, ``cpu``, ``small``, ``base``, ``mim-med3d``)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
     return PRESETS[name]()
