@@ -163,6 +163,18 @@ def test_threads_setting_reaches_torch(tmp_path, abdomen_ct):
         torch.set_num_threads(before)
 
 
+def test_resumed_config_takes_only_steps_device_and_threads():
+    """What pretrain and finetune --resume keep of the run and take from the caller."""
+    saved = tiny_cfg(100, threads=0)
+    given = tiny_cfg(50, threads=2).override("train", device="cpu", lr=1.0)
+    merged = api.resumed_config(saved, given)
+    assert merged.train.steps == 100  # never fewer steps than the run planned
+    assert (merged.train.device, merged.train.threads) == ("cpu", 2)
+    assert merged.train.lr == tiny_cfg(100).train.lr  # the rest stays the run's own
+    assert api.resumed_config(saved, tiny_cfg(300)).train.steps == 300
+    assert api.resumed_config(saved, None) is saved
+
+
 def test_learning_rate_schedule_shape():
     cfg = preset("tiny").train
     lrs = [lr_at(s, cfg) for s in range(cfg.steps)]

@@ -81,6 +81,17 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool, force: bool) -> Path:
     return run_dir
 
 
+def resumed_config(saved: RunConfig, cfg: RunConfig | None) -> RunConfig:
+    """The config a resumed run continues with: the run's own ``saved`` one, with from ``cfg``
+    only the step count (never fewer than planned: a preset must not cut the schedule short),
+    the device and the CPU threads (the machine may differ from the run's first one)."""
+    if cfg is not None:
+        saved.train.steps = max(saved.train.steps, cfg.train.steps)
+        saved.train.device = cfg.train.device
+        saved.train.threads = cfg.train.threads
+    return saved
+
+
 def phantom_dataset(folder: str | Path, count: int = 4, seed: int = 0) -> list[str]:
     """Write ``count`` procedural CT phantoms into ``folder`` (once) and return their paths."""
     from .data import write_phantom
@@ -107,8 +118,9 @@ def pretrain(
 ) -> FitResult:
     """Pretrain ``cfg.model.method`` on CT files/folders/globs/lists (None: the phantom).
 
-    With ``resume`` the run continues from its newest checkpoint (same step count and
-    schedule); the config saved in the run is used and ``cfg`` is ignored.
+    With ``resume`` the run continues from its newest checkpoint with the config saved in the
+    run; of ``cfg`` only the steps (to extend the run), device and threads are taken
+    (:func:`resumed_config`).
     """
     from .data import check_inputs, infinite, make_pretrain_loader, resolve_inputs
     from .models import build_model
@@ -116,12 +128,7 @@ def pretrain(
     run_dir = Path(run_dir)
     if resume:
         prepare_run_dir(run_dir, resume=True, force=False)
-        saved = load_checkpoint(list_checkpoints(run_dir)[-1]).config
-        if cfg is not None:
-            saved.train.steps = max(saved.train.steps, cfg.train.steps)
-            saved.train.device = cfg.train.device
-            saved.train.threads = cfg.train.threads
-        cfg = saved
+        cfg = resumed_config(load_checkpoint(list_checkpoints(run_dir)[-1]).config, cfg)
     cfg = (cfg or preset("tiny")).validate()
     device = D.select_device(cfg.train.device)
     dist_info = D.init_distributed(device)

@@ -546,7 +546,7 @@ def finetune(
     ``n_labelled`` keeps the first N training pairs. ``val_images``/``val_labels`` are
     scored every ``seg.eval_every`` steps (per-class Dice); the best is kept as best.safetensors.
     """
-    from .api import prepare_run_dir
+    from .api import prepare_run_dir, resumed_config
 
     run_dir = Path(run_dir)
     seg = seg or SegmentationConfig()
@@ -556,11 +556,7 @@ def finetune(
         from .checkpoint import list_checkpoints
 
         last = load_checkpoint(list_checkpoints(run_dir)[-1], kind=KIND)
-        saved = last.config
-        if cfg is not None:
-            saved.train.steps = max(saved.train.steps, cfg.train.steps)
-            saved.train.device = cfg.train.device
-        cfg = saved
+        cfg = resumed_config(last.config, cfg)  # steps, device and threads from ``cfg``
         seg = SegmentationConfig.from_dict(last.meta["extra"]["segmentation"])
         pretrained = None  # the run's own weights are loaded by fit(resume=True)
         pretrained_from = last.meta["extra"].get("pretrained")  # kept as the run's provenance
