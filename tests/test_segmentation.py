@@ -514,6 +514,25 @@ def test_finetune_takes_the_architecture_and_geometry_from_pretrained(
         assert config["train"]["lr"] == pytest.approx(lr), extra
 
 
+@pytest.mark.parametrize("method", ["ae", "vae", "vq-vae", "mae"])
+def test_preset_beside_pretrained_is_compared_with_the_checkpoints_method(method, tmp_path):
+    """--preset tiny beside a tiny run of any method (pretrain --method, not the preset, chose
+    it) only sets the training settings; a preset of another size is refused."""
+    from maesil_core import cli_segment
+
+    cfg = preset("tiny").override("model", method=method)
+    pre = load_checkpoint(save_checkpoint(tmp_path / "pre", build_model(cfg.model), cfg, 1))
+
+    def config(*flags):
+        argv = ["finetune", "--images", "x.nii.gz", "--out", str(tmp_path / "seg"), *flags]
+        return cli_segment.finetune_config(cli.build_parser().parse_args(argv), pre)
+
+    got = config("--preset", "tiny", "--lr", "2e-3")
+    assert got.model.method == method and got.train.lr == pytest.approx(2e-3)
+    with pytest.raises(CheckpointError, match="--preset small"):
+        config("--preset", "small")
+
+
 # --------------------------------------------------------------------------- post-processing
 
 

@@ -138,7 +138,10 @@ def finetune_config(args: argparse.Namespace, pre_ckpt):
         args.preset = pre_ckpt.config.preset if known else "tiny"
     cfg = cli.run_config_from_args(args)
     if pre_ckpt is not None:
-        problem = architecture_mismatch(pre_ckpt.config.model, cfg.model)
+        # a preset has no method of its own (pretrain --method sets it): compare the encoder the
+        # preset gives to the checkpoint's method, so `--preset tiny` fits a tiny ae / vae run
+        own = cfg.override("model", method=pre_ckpt.config.model.method).model
+        problem = architecture_mismatch(pre_ckpt.config.model, own)
         if explicit and problem:
             given = f"--preset {args.preset}" if args.config is None else f"--config {args.config}"
             raise CheckpointError(
