@@ -152,7 +152,8 @@ def add_run_options(
         "--resume",
         action="store_true",
         help="continue the run in --out from its last checkpoint with the run's own settings "
-        "(--steps N extends it to N steps, --device moves it; other settings are ignored)",
+        "(--steps N extends it to N steps, --device / --threads move it; other settings are "
+        "ignored)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
 

@@ -66,7 +66,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "--images is required (CT files, folders, a .txt list or a dataset.json), also "
             "with --resume."
         )
-    if args.resume:  # the run's own settings; only --steps / --device from the command line
+    if args.resume:  # the run's own settings; only --steps / --device / --threads from the flags
         cfg = cli.resume_config(args)
     else:
         cfg = finetune_config(args, load_checkpoint(args.pretrained) if args.pretrained else None)
