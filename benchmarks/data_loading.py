@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from maesil_core.config import RunConfig, preset  # noqa: E402
+from maesil_core.config import PRESETS, RunConfig, preset  # noqa: E402
 from maesil_core.data import check_inputs, infinite, make_pretrain_loader, resolve_inputs  # noqa: E402
 from maesil_core.models import build_model  # noqa: E402
 from maesil_core.train.loop import autocast_dtype, make_optimizer, pretrain_loss  # noqa: E402
@@ -205,7 +205,7 @@ def measure_setting(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=["tiny", "small", "base", "mim-med3d"], default="tiny")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--data", nargs="+", default=[str(p) for p in DEFAULT_DATA])
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
