@@ -57,7 +57,7 @@ from maesil_core.config import RunConfig, preset  # noqa: E402
 from maesil_core.data import inference_transforms, make_pretrain_loader  # noqa: E402
 from maesil_core.data.transforms import FOREGROUND_THRESHOLD  # noqa: E402
 from maesil_core.inference import reconstruct_volume  # noqa: E402
-from maesil_core.metrics import fill_from_visible, reconstruction_scores  # noqa: E402
+from maesil_core.metrics import interpolation_scores, reconstruction_scores  # noqa: E402
 from maesil_core.models import build_model  # noqa: E402
 from maesil_core.train import fit  # noqa: E402
 
@@ -213,9 +213,8 @@ def score(
             {f"masked_{k}": v for k, v in reconstruction_scores(recon, target, mask).items()}
         )
         # the no-learning reference on the same mask: hidden voxels interpolated from visible
-        sigma = [p / 2 for p in model.cfg.patch]
-        fill = fill_from_visible(target, mask, sigma)
-        out.update({f"interp_{k}": v for k, v in reconstruction_scores(fill, target, mask).items()})
+        fill = interpolation_scores(target, mask, model.cfg.patch)
+        out.update({f"interp_{k}": v for k, v in fill.items()})
     out["masked_fraction"] = float(mask.mean())
     # mean signed error of the prediction on masked body voxels: a model trained on mostly
     # zero-padded crops predicts too dark (its loss was dominated by padding)

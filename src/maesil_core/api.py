@@ -184,7 +184,7 @@ class Reconstruction:
     the input is a HU scan (else in the model's [0, 1] scale); ``mask`` is 1 where the model
     saw nothing. ``scores`` are PSNR / SSIM / MSE on the model's grid over masked voxels, and
     ``interpolation_*`` the same for the hidden voxels interpolated from the visible ones
-    (:func:`~maesil_core.metrics.fill_from_visible`), the score to beat.
+    (:func:`~maesil_core.metrics.interpolation_scores`), the score to beat.
     """
 
     image: np.ndarray
@@ -233,7 +233,7 @@ def reconstruct(
     """Mask and reconstruct a whole CT with a pretrained model, tile by tile."""
     from .data import inference_transforms, invert_to_input, load_volume
     from .inference import reconstruct_volume
-    from .metrics import fill_from_visible, reconstruction_scores
+    from .metrics import interpolation_scores, reconstruction_scores
 
     model, ckpt = build_from_checkpoint(checkpoint)
     cfg = ckpt.config
@@ -269,8 +269,7 @@ def reconstruct(
         tiled.pred[0].numpy(), target, grid_mask if grid_mask.any() else None
     )
     if grid_mask.any():  # the no-learning reference: hidden voxels interpolated from visible
-        sigma = [p / 2 for p in cfg.model.patch]
-        fill = reconstruction_scores(fill_from_visible(target, grid_mask, sigma), target, grid_mask)
+        fill = interpolation_scores(target, grid_mask, cfg.model.patch)
         scores.update({f"interpolation_{k}": v for k, v in fill.items()})
 
     # back onto the input's own voxel grid (orientation, spacing, shape)

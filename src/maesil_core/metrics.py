@@ -93,6 +93,15 @@ def fill_from_visible(
     return np.where(seen, target, fill)
 
 
+def interpolation_scores(
+    target: np.ndarray, mask: np.ndarray, patch: tuple[int, ...] | list[int]
+) -> dict[str, float]:
+    """:func:`reconstruction_scores` of :func:`fill_from_visible` (sigma half a ``patch``) on the
+    hidden voxels: the score a masked autoencoder has to beat."""
+    sigma = [float(p) / 2 for p in patch]
+    return reconstruction_scores(fill_from_visible(target, mask, sigma), target, mask)
+
+
 def dice_per_class(
     pred: np.ndarray, target: np.ndarray, labels: list[int] | None = None
 ) -> dict[int, float]:

@@ -116,7 +116,7 @@ def _superpatch_job(grid: ModelGrid, corner, mode, ratio, seed, *, progress, can
     """Mask + reconstruct one superpatch. Returns arrays on the tile and scores."""
     import torch
 
-    from maesil_core.metrics import fill_from_visible, reconstruction_scores
+    from maesil_core.metrics import interpolation_scores, reconstruction_scores
 
     x = torch.from_numpy(grid.crop(corner))[None, None]
     gen = torch.Generator().manual_seed(int(seed))
@@ -131,8 +131,7 @@ def _superpatch_job(grid: ModelGrid, corner, mode, ratio, seed, *, progress, can
     scores = reconstruction_scores(pred, target, m)
     # baselines: the hidden voxels interpolated from the visible ones (the score to beat;
     # a barely trained model does not), or filled with the mean of the whole CT
-    sigma = [p / 2 for p in grid.model.cfg.patch]
-    base_scores = reconstruction_scores(fill_from_visible(target, m, sigma), target, m)
+    base_scores = interpolation_scores(target, m, grid.model.cfg.patch)
     volume_fill = np.full_like(target, float(grid.unit.mean()))
     base_scores["volume_mean_mse"] = reconstruction_scores(volume_fill, target, m)["mse"]
     return {
