@@ -149,8 +149,15 @@ def test_threads_setting_reaches_torch(tmp_path, abdomen_ct):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        api.pretrain([abdomen_ct], tmp_path / "run", tiny_cfg(2, threads=1))
-        assert torch.get_num_threads() == 1
+        seen = []
+        api.pretrain(
+            [abdomen_ct],
+            tmp_path / "run",
+            tiny_cfg(2, threads=1),
+            progress=lambda info: seen.append(torch.get_num_threads()),
+        )
+        assert seen and set(seen) == {1}  # the run trained on 1 thread ...
+        assert torch.get_num_threads() == 2  # ... and gave the caller its 2 back
         saved = json.loads((tmp_path / "run" / "config.json").read_text())
         assert saved["train"]["threads"] == 1
         # --resume keeps the run's config but takes --threads from the command line

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import math
 import random
@@ -220,6 +221,25 @@ def plot_loss(rows: list[dict[str, float]], path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+def _with_torch_threads(fn):
+    """Run ``fn(model, batches, cfg, ...)`` with ``cfg.train.threads`` torch threads (0: as
+    they are), then restore them: an in-process caller (napari) keeps its own setting."""
+
+    @functools.wraps(fn)
+    def wrapper(model, batches, cfg, *args, **kwargs):
+        threads, before = cfg.train.threads, torch.get_num_threads()
+        if threads > 0:
+            torch.set_num_threads(threads)
+        try:
+            return fn(model, batches, cfg, *args, **kwargs)
+        finally:
+            if threads > 0:
+                torch.set_num_threads(before)
+
+    return wrapper
+
+
+@_with_torch_threads
 def fit(
     model: nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
@@ -245,8 +265,6 @@ def fit(
     with ``best_metric`` the best-scoring weights are kept as ``best.safetensors``.
     """
     tc = cfg.train
-    if tc.threads > 0:
-        torch.set_num_threads(tc.threads)
     run_dir = Path(run_dir)
     device = device or D.select_device(tc.device)
     dist_info = D.init_distributed(device)
