@@ -506,6 +506,7 @@ def test_finetune_then_segment_and_save(viewer, qtbot, shared_data, pretrained, 
     from scipy import ndimage
 
     raw = seg.data.copy()
+    assert sw.largest.value is False  # the model's own setting (fine-tuned without it)
     sw.largest.value = True
     click(qtbot, sw.start_button)
     wait_done(qtbot, sw)

@@ -62,10 +62,28 @@ class SegmentWidget(JobWidget):
         )  # fmt: skip
         self._lock_while_running += [self.save_button]
         self.start_button.changed.connect(self.start)
+        self.checkpoint.changed.connect(self._follow_checkpoint)
+        self._follow_checkpoint()
         self.save_button.changed.connect(self.save)
         v.layers.events.inserted.connect(lambda *_: self.image.reset_choices())
         v.layers.events.removed.connect(lambda *_: self.image.reset_choices())
         self.result_layer: Any = None
+
+    def _follow_checkpoint(self, *_: Any) -> None:
+        """Start the largest-piece box from the chosen model's own setting (as the CLI does)."""
+        from maesil_core.checkpoint import read_meta
+        from maesil_core.errors import MaesilError
+        from maesil_core.finetune import resolve_segmentation_checkpoint
+
+        ckpt = str(self.checkpoint.value or "").strip()
+        if not ckpt or ckpt == ".":
+            return
+        try:
+            meta = read_meta(resolve_segmentation_checkpoint(ckpt))
+        except (MaesilError, OSError, ValueError):
+            return  # not (yet) a segmentation model: Segment will say so
+        seg = meta.get("extra", {}).get("segmentation", {})
+        self.largest.value = bool(seg.get("largest_component", False))
 
     def start(self, *_: Any) -> None:
         from maesil_core.errors import MaesilError
