@@ -276,6 +276,13 @@ def test_cli_finetune_then_evaluate(pretrained_run, abdomen, tmp_path, capsys):
     assert "hd95" in stdout and "spleen" in stdout
     rows = (tmp_path / "e.csv").read_text().splitlines()
     assert rows[0] == "case,class,id,dice,hd95_mm" and len(rows) == 1 + 2 + 2
+    # an existing table is not overwritten unless asked, and the refusal comes first
+    eval_args = ["evaluate", "--checkpoint", out, "--images", ct, "--labels", lab]
+    code, _, err = run_cli(capsys, *eval_args, "--csv", tmp_path / "e.csv")
+    assert code == 2 and "e.csv exists; pass --force" in err
+    for name in ("evaluation.csv", "evaluation-2.csv"):  # the run's default: never clobbered
+        code, stdout, err = run_cli(capsys, *eval_args)
+        assert code == 0 and (out / name).is_file() and f"saved: {out / name}" in stdout, err
 
 
 @pytest.fixture(scope="module")

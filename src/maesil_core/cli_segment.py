@@ -206,6 +206,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import finetune as ft
 
+    csv_path = _evaluation_csv(args)  # refuse an existing --csv before the work, not after
     report = ft.evaluate(
         args.checkpoint,
         _paths(args.images),
@@ -219,15 +220,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=cli.Progress(),
     )
     print(report.table())
-    csv_path = Path(args.csv) if args.csv else _default_csv(args.checkpoint)
     report.save_csv(csv_path)
     print(f"saved: {csv_path}")
     return 0
 
 
-def _default_csv(checkpoint: str) -> Path:
-    p = Path(checkpoint)
-    return (p if p.is_dir() else p.parent) / "evaluation.csv"
+def _evaluation_csv(args: argparse.Namespace) -> Path:
+    """``--csv`` (refused when it exists, unless ``--force``), else the first free
+    ``evaluation.csv``, ``evaluation-2.csv``, ... in the run: earlier evaluations are kept."""
+    if args.csv:
+        path = Path(args.csv)
+        if path.exists() and not args.force:
+            raise ConfigError(
+                f"{path} exists; pass --force to overwrite it or choose another --csv."
+            )
+        return path
+    p = Path(args.checkpoint)
+    run = p if p.is_dir() else p.parent
+    path, n = run / "evaluation.csv", 2
+    while path.exists():
+        path, n = run / f"evaluation-{n}.csv", n + 1
+    return path
 
 
 def register(sub, command) -> None:
@@ -378,8 +391,12 @@ def register(sub, command) -> None:
     )
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
-        "--csv", metavar="FILE", help="where to save the table (default: evaluation.csv in the run)"
+        "--csv",
+        metavar="FILE",
+        help="where to save the table (default: evaluation.csv in the run, or evaluation-2.csv, "
+        "... when it exists)",
     )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --csv")
 
 
 cli._EXTENSIONS.append(register)
