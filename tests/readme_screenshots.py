@@ -111,8 +111,4 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
     sw.checkpoint.value = str(tmp_path / "seg")
     click(qtbot, sw.start_button)
     wait_done(qtbot, sw, timeout=600_000)
-    for layer in viewer.layers:
-        layer.visible = layer in (ct, sw.result_layer)
-    qtbot.wait(300)
     save_small(grab(sw), "segment_widget.png", width=420)
-    save_small(viewer.screenshot(canvas_only=False, flash=False), "segment_viewer.png")

@@ -202,7 +202,7 @@ class ExplorerWidget(JobWidget):
         self.ratio = FloatSlider(min=0.05, max=0.95, step=0.05, value=0.75, label="Mask ratio")
         self.seed = SpinBox(min=0, max=2**31 - 1, value=0, label="Seed")
         self.whole_button = PushButton(text="Whole volume (all superpatches)")
-        self.scores = Label(value="", label="Masked region")
+        self.scores = Label(value="", label="Scores")
         self.extend(
             [
                 self.checkpoint, self.image, self.load_button, self.tile,
