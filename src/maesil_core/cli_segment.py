@@ -14,6 +14,8 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
+
 from . import cli
 from .errors import ConfigError
 
@@ -196,7 +198,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg_path, names_path = result.save(out, overwrite=args.force)
     print(f"labels: {seg_path}")
     print(f"names:  {names_path}")
-    voxel_ml = abs(float(__import__("numpy").linalg.det(result.affine[:3, :3]))) / 1000.0
+    voxel_ml = abs(float(np.linalg.det(result.affine[:3, :3]))) / 1000.0
     for cid, name in result.classes.items():
         n = int((result.labels == cid).sum())
         print(f"  {cid:>3} {name:<20} {n:>9} voxels  {n * voxel_ml:9.1f} ml")
