@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights, resolve_checkpoint
-from .config import Int3, RunConfig, as_int3, preset
+from .config import Int3, ModelConfig, RunConfig, as_int3, preset
 from .data.io import Volume, load_labels, load_volume, save_volume, strip_suffix
 from .data.labels import (
     LabelSet,
@@ -145,15 +145,20 @@ def load_pretrained_encoder(
 ) -> Checkpoint:
     """Copy a pretraining checkpoint's encoder into ``model``; CheckpointError if it differs."""
     ckpt = pretrained if isinstance(pretrained, Checkpoint) else load_checkpoint(pretrained)
-    problem = architecture_mismatch(ckpt.config.model, model.cfg)
+    check_same_encoder(ckpt, model.cfg)
+    model.load_encoder(ckpt.state_dict, str(ckpt.path))
+    return ckpt
+
+
+def check_same_encoder(ckpt: Checkpoint, cfg: ModelConfig) -> None:
+    """CheckpointError naming what differs when ``ckpt``'s encoder is not the one ``cfg`` builds."""
+    problem = architecture_mismatch(ckpt.config.model, cfg)
     if problem:
         raise CheckpointError(
             f"{ckpt.path} has another encoder than this segmenter ({problem}; checkpoint vs "
             "segmenter): fine-tune with the pretrained run's preset/config, or leave "
             "--preset out to take the architecture from the checkpoint."
         )
-    model.load_encoder(ckpt.state_dict, str(ckpt.path))
-    return ckpt
 
 
 def resolve_segmentation_checkpoint(path: str | Path) -> Path:
@@ -569,13 +574,7 @@ def finetune(
     cfg = cfg.validate()
     seg.validate(cfg)
     if pre_ckpt is not None:  # refuse another encoder before anything is written
-        problem = architecture_mismatch(pre_ckpt.config.model, cfg.model)
-        if problem:
-            raise CheckpointError(
-                f"{pre_ckpt.path} has another encoder than this segmenter ({problem}; "
-                "checkpoint vs segmenter): fine-tune with the pretrained run's preset/config, "
-                "or leave --preset out to take the architecture from the checkpoint."
-            )
+        check_same_encoder(pre_ckpt, cfg.model)
 
     # ---- labelled data (checked before anything is written)
     pairs = resolve_labelled(images, labels)
