@@ -107,6 +107,35 @@ def test_loss_only_on_masked_patches(model):
     torch.testing.assert_close(loss, expected)
 
 
+def test_loss_leaves_out_padding(model):
+    """Voxels marked as padding (valid == 0) carry no loss and no gradient."""
+    x = torch.rand(2, 1, 32, 32, 32)
+    valid = torch.ones(2, 1, 32, 32, 32)
+    valid[..., 20:] = 0.0  # a thin scan padded along W: 12 of 32 voxels (cuts through patches)
+    valid[1, ..., 9:] = 0.0
+    mask = make_mask(model.cfg, 2, generator=torch.Generator().manual_seed(1))
+    pred = torch.randn(2, 64, 8**3, requires_grad=True)
+    loss = model.forward_loss(x, pred, mask, valid)
+    (grad,) = torch.autograd.grad(loss, pred)
+    v = model.patchify(valid) > 0  # (B, L, P)
+    assert torch.all(grad[~v] == 0) and torch.all(grad[~mask] == 0)
+    assert torch.all(grad[mask.unsqueeze(-1) & v] != 0)
+    # the MSE over the voxels that are both masked and scan
+    keep = mask.unsqueeze(-1) & v
+    expected = ((pred - model.patchify(x)) ** 2)[keep].mean()
+    torch.testing.assert_close(loss, expected)
+    # all-ones valid is the plain loss; all padding gives zero, not NaN
+    torch.testing.assert_close(
+        model.forward_loss(x, pred, mask, torch.ones_like(valid)), model.forward_loss(x, pred, mask)
+    )
+    assert float(model.forward_loss(x, pred, mask, torch.zeros_like(valid))) == 0.0
+    # and through forward(), where the batch's "valid" arrives
+    out = model(x, mask, valid=valid)
+    m = mask_to_voxels(mask, model.grid, model.patch) * valid
+    expected = ((out.pred - x) ** 2 * m).sum() / m.sum()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_norm_pix_loss_and_display_denormalisation():
     torch.manual_seed(0)
     m = MAESIL(tiny(norm_pix_loss=True))

@@ -132,6 +132,33 @@ def test_pretraining_lowers_own_loss(trained, method):
 
 
 @pytest.mark.parametrize("method", VIT_METHODS + CONV_METHODS)
+def test_every_method_leaves_padding_out_of_its_loss(trained, pool, method):
+    """The loop passes batch["valid"]: all-ones is the plain loss, zeros change it, and for the
+    autoencoders the loss is exactly the MSE over the scan's voxels."""
+    model = trained[method][0]
+    x = pool[:2]
+    valid = torch.ones_like(x)
+    valid[..., 12:] = 0.0  # the last 20 of 32 voxels along W are padding
+
+    def loss(**kw):
+        was_training = model.training
+        model.eval()  # no VQ codebook update between the calls
+        try:
+            with torch.no_grad():
+                return model(x, generator=torch.Generator().manual_seed(7), **kw)
+        finally:
+            model.train(was_training)
+
+    plain = loss()
+    torch.testing.assert_close(loss(valid=torch.ones_like(x)).loss, plain.loss)
+    part = loss(valid=valid)
+    assert torch.isfinite(part.loss) and not torch.allclose(part.loss, plain.loss)
+    if method == "ae":
+        expected = ((part.pred - x) ** 2 * valid).sum() / valid.sum()
+        torch.testing.assert_close(part.loss, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", VIT_METHODS + CONV_METHODS)
 def test_checkpoint_reloads_to_identical_outputs(trained, pool, method):
     model, res, _, _ = trained[method]
     reloaded, ckpt = build_from_checkpoint(res.checkpoint)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.layers.vector_quantizer import EMAQuantizer
 from torch import nn
@@ -38,6 +37,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import PretrainOutput
+from .losses import valid_mse
 
 
 def _stages(cfg: ModelConfig) -> int:
@@ -145,7 +145,9 @@ class _ConvAutoencoderBase(nn.Module):
                 f"superpatch {list(self.cfg.superpatch)}, got {tuple(x.shape)}."
             )
 
-    def forward(self, x, mask=None, *, generator=None) -> PretrainOutput:  # pragma: no cover
+    def forward(
+        self, x, mask=None, *, generator=None, valid=None
+    ) -> PretrainOutput:  # pragma: no cover
         raise NotImplementedError
 
     @torch.no_grad()
@@ -179,10 +181,10 @@ class _ConvAutoencoderBase(nn.Module):
 class AE(_ConvAutoencoderBase):
     """Plain 3D convolutional autoencoder, MSE loss."""
 
-    def forward(self, x: torch.Tensor, mask=None, *, generator=None) -> PretrainOutput:
+    def forward(self, x: torch.Tensor, mask=None, *, generator=None, valid=None) -> PretrainOutput:
         self._check_input(x)
         pred = self.dec(self.enc(x))
-        loss = F.mse_loss(pred.float(), x.float())
+        loss = valid_mse(pred, x, valid)
         return PretrainOutput(
             loss=loss, pred=pred.detach(), mask=torch.zeros_like(x[:, :1]), logs={}
         )
@@ -197,7 +199,7 @@ class VAE(_ConvAutoencoderBase):
         super().__init__(cfg)
         self.kl_weight = float(cfg.extra.get("kl_weight", 1e-3))
 
-    def forward(self, x: torch.Tensor, mask=None, *, generator=None) -> PretrainOutput:
+    def forward(self, x: torch.Tensor, mask=None, *, generator=None, valid=None) -> PretrainOutput:
         self._check_input(x)
         mu, logvar = self.enc(x).float().chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
@@ -207,7 +209,7 @@ class VAE(_ConvAutoencoderBase):
         else:
             z = mu
         pred = self.dec(z.to(x.dtype))
-        rec = F.mse_loss(pred.float(), x.float())
+        rec = valid_mse(pred, x, valid)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         loss = rec + self.kl_weight * kl
         return PretrainOutput(
@@ -252,14 +254,14 @@ class VQVAE(_ConvAutoencoderBase):
         q.ema_cluster_size.data[dead] = 1.0
         return n_dead
 
-    def forward(self, x: torch.Tensor, mask=None, *, generator=None) -> PretrainOutput:
+    def forward(self, x: torch.Tensor, mask=None, *, generator=None, valid=None) -> PretrainOutput:
         self._check_input(x)
         z = self.enc(x).float()  # (B, c_lat, *grid)
         restarted = self._restart_dead_codes(z, generator) if self.training else 0
         with torch.autocast(x.device.type, enabled=False):
             zq, commit, idx = self.quantizer(z)
         pred = self.dec(zq.to(x.dtype))
-        rec = F.mse_loss(pred.float(), x.float())
+        rec = valid_mse(pred, x, valid)
         loss = rec + commit
         with torch.no_grad():
             counts = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()

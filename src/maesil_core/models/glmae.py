@@ -47,6 +47,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import PretrainOutput
+from .losses import masked_patch_loss
 from .maesil import MAESIL
 from .masking import make_mask, mask_to_keep_indices, mask_to_voxels, paste_visible, random_mask
 from .vit3d import pos_embed_3d_sincos
@@ -172,10 +173,12 @@ class GLMAE(MAESIL):
         ids_keep, _ = mask_to_keep_indices(mask)
         return self.encoder(v, ids_keep)
 
-    def _masked_mse(self, v: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        per_patch = (pred.float() - _patchify(v, self.patch).float()).pow(2).mean(-1)
-        m = mask.to(per_patch.dtype)
-        return (per_patch * m).sum() / m.sum().clamp(min=1)
+    def _masked_mse(
+        self, v: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """MSE on the masked patches of view v (B, C, *V), weighted by valid (B, 1, *V)."""
+        w = None if valid is None else _patchify(valid.expand_as(v), self.patch)
+        return masked_patch_loss(pred, _patchify(v, self.patch), mask, w)
 
     def _embed_pred(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.predictor(self.projector(tokens.mean(dim=1)))
@@ -195,15 +198,23 @@ class GLMAE(MAESIL):
         return torch.stack(picks, dim=-1) * step  # (n_local, B, 3)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, generator=None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        generator=None,
+        valid: torch.Tensor | None = None,
     ) -> PretrainOutput:
-        """``mask`` (B, L) on the view grid, if given, is used for the global view."""
+        """``mask`` (B, L) on the view grid, if given, is used for the global view; ``valid``
+        (B, 1, *S) 0.0 on padding, left out of both reconstruction terms (None: all counts)."""
         self._check_input(x)
         b = x.shape[0]
         if self.training and torch.is_grad_enabled():
             self.ema_update()
         ratio = self.cfg.mask_ratio
         gview = F.avg_pool3d(x, self.scale) if self.scale > 1 else x  # (B, C, *V)
+        # share of scan (not padding) in each global-view voxel
+        gvalid = valid if valid is None or self.scale == 1 else F.avg_pool3d(valid, self.scale)
 
         # global view: masked reconstruction + student embedding
         gmask = (
@@ -213,7 +224,7 @@ class GLMAE(MAESIL):
         )
         g_lat = self.encode_visible(gview, gmask)
         g_pred = self.decode(g_lat, gmask, self.view_grid)
-        rec_global = self._masked_mse(gview, g_pred, gmask)
+        rec_global = self._masked_mse(gview, g_pred, gmask, gvalid)
         s_global = self._embed_pred(g_lat)
 
         # teacher anchor: complete global view
@@ -227,11 +238,13 @@ class GLMAE(MAESIL):
         sub = [g // self.scale for g in self.view_grid]  # teacher tokens per local view
         rec_local, g2l = x.new_zeros(()), x.new_zeros(())
         for i in range(self.n_local):
-            crops, anchors = [], []
+            crops, valids, anchors = [], [], []
             for j in range(b):
                 c = corners[i, j].tolist()
-                crops.append(x[j, :, c[0] : c[0] + self.view[0], c[1] : c[1] + self.view[1],
-                               c[2] : c[2] + self.view[2]])  # fmt: skip
+                box = tuple(slice(c[k], c[k] + self.view[k]) for k in range(3))
+                crops.append(x[(j, slice(None), *box)])
+                if valid is not None:
+                    valids.append(valid[(j, slice(None), *box)])
                 t0 = [cc // (self.scale * p) for cc, p in zip(c, self.patch)]
                 region = t_grid[j, :, t0[0] : t0[0] + sub[0], t0[1] : t0[1] + sub[1],
                                 t0[2] : t0[2] + sub[2]]  # fmt: skip
@@ -240,7 +253,10 @@ class GLMAE(MAESIL):
             lmask = random_mask(b, self.view_grid, ratio, device=x.device, generator=generator)
             l_lat = self.encode_visible(lv, lmask)
             rec_local = rec_local + self._masked_mse(
-                lv, self.decode(l_lat, lmask, self.view_grid), lmask
+                lv,
+                self.decode(l_lat, lmask, self.view_grid),
+                lmask,
+                torch.stack(valids) if valids else None,
             )
             with torch.no_grad():
                 t_local = self.teacher_projector(torch.stack(anchors))

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import PretrainOutput
+from .losses import masked_patch_loss
 from .maesil import MAESIL
 from .masking import make_mask, mask_to_voxels, paste_visible
 from .vit3d import ViTEncoder3D, init_vit_weights
@@ -77,21 +78,31 @@ class SimMIM(nn.Module):
             tokens = blk(tokens)
         return enc.norm(tokens)
 
-    def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        target = self._patches.patchify(x).float()
-        diff = pred.float() - target
-        per_patch = diff.abs().mean(-1) if self.loss_kind == "l1" else diff.pow(2).mean(-1)
-        m = mask.to(per_patch.dtype)
-        return (per_patch * m).sum() / m.sum().clamp(min=1)
+    def forward_loss(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        mask: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """L1 or L2 over the masked patches' voxels, padding (valid == 0) left out."""
+        patchify = self._patches.patchify
+        v = None if valid is None else patchify(valid.expand_as(x))
+        return masked_patch_loss(pred, patchify(x), mask, v, kind=self.loss_kind)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, generator=None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        generator=None,
+        valid: torch.Tensor | None = None,
     ) -> PretrainOutput:
         self._check_input(x)
         if mask is None:
             mask = make_mask(self.cfg, x.shape[0], device=x.device, generator=generator)
         pred = self.head(self.forward_encoder(x, mask))  # (B, L, P)
-        loss = self.forward_loss(x, pred, mask)
+        loss = self.forward_loss(x, pred, mask, valid)
         with torch.no_grad():
             recon = self._patches.unpatchify(pred.detach().to(x.dtype))
             vox = mask_to_voxels(mask, self.grid, self.patch).to(x.dtype)

@@ -5,7 +5,7 @@ A superpatch (B, C, D, H, W) of ``cfg.superpatch`` voxels is cut into patches of
 them (dual masking by default, see :mod:`.masking`); the encoder (:class:`ViTEncoder3D`)
 sees only the visible tokens; a light decoder gets the encoded visible tokens back in place
 with a learnable mask token everywhere else and predicts the voxels of every patch; the
-loss is the MSE on the masked patches only.
+loss is the MSE on the masked patches only (leaving out voxels that are padding).
 
 Shapes: P = prod(patch) * C values per patch, E = encoder width, E' = decoder width.
 """
@@ -20,6 +20,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import PretrainOutput
+from .losses import masked_patch_loss
 from .masking import make_mask, mask_to_keep_indices, mask_to_voxels, num_masked, paste_visible
 from .vit3d import Block, ViTEncoder3D, init_vit_weights, pos_embed_3d_sincos
 
@@ -125,12 +126,21 @@ class MAESIL(nn.Module):
         std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
         return (target - mean) / std, mean, std
 
-    def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the masked patches only. x (B,C,D,H,W), pred (B,L,P), mask (B,L)."""
+    def forward_loss(
+        self,
+        x: torch.Tensor,
+        pred: torch.Tensor,
+        mask: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean squared error over the masked patches only.
+
+        x (B, C, D, H, W), pred (B, L, P), mask (B, L); valid (B, 1, D, H, W) 0.0 on
+        padding, which is left out (None: every voxel counts).
+        """
         target, _, _ = self._target(x)
-        per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, L)
-        m = mask.to(per_patch.dtype)
-        return (per_patch * m).sum() / m.sum()
+        v = None if valid is None else self.patchify(valid.expand_as(x))  # (B, L, P)
+        return masked_patch_loss(pred, target, mask, v)
 
     def to_voxels(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """pred (B, L, P) -> (B, C, D, H, W) in image intensities.
@@ -148,9 +158,15 @@ class MAESIL(nn.Module):
     # ---------------------------------------------------------------- public API
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, generator=None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        generator=None,
+        valid: torch.Tensor | None = None,
     ) -> PretrainOutput:
-        """x (B, C, *superpatch) in [0, 1]; mask (B, L) bool or None (drawn on x.device).
+        """x (B, C, *superpatch) in [0, 1]; mask (B, L) bool or None (drawn on x.device);
+        valid (B, 1, *superpatch) 0.0 on padding the loss leaves out, or None.
 
         Returns loss, pred (B, C, D, H, W) reconstruction in voxel space (detached, for
         display) and mask (B, 1, D, H, W) float, 1.0 on masked voxels.
@@ -163,7 +179,7 @@ class MAESIL(nn.Module):
         ids_keep, ids_masked = mask_to_keep_indices(mask, n_masked)
         latent = self.encoder(x, ids_keep)  # (B, L_keep, E): visible tokens only
         pred = self.forward_decoder(latent, mask, torch.cat([ids_keep, ids_masked], 1))  # (B, L, P)
-        loss = self.forward_loss(x, pred, mask)
+        loss = self.forward_loss(x, pred, mask, valid)
         with torch.no_grad():
             recon = self.to_voxels(x, pred.detach().to(x.dtype))
             vox_mask = mask_to_voxels(mask, self.grid, self.patch).to(x.dtype)

@@ -56,8 +56,10 @@ class FitResult:
 
 
 def pretrain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Loss of a pretraining model on ``batch["image"]`` (B, C, D, H, W)."""
-    out = model(batch["image"])
+    """Loss of a pretraining model on ``batch["image"]`` (B, C, D, H, W), leaving out the
+    padding marked by ``batch["valid"]`` (B, 1, D, H, W) when the batch has it."""
+    valid = batch.get("valid")
+    out = model(batch["image"]) if valid is None else model(batch["image"], valid=valid)
     return out.loss, dict(out.logs)
 
 
