@@ -268,3 +268,17 @@ def test_pretrain_resume_keeps_the_runs_own_step_count(tmp_path, capsys):
     assert code == 0, err
     last = load_checkpoint(resolve_checkpoint(run))
     assert last.step == 6 and last.config.train.steps == 6
+
+
+def test_pretrain_augments_unless_told_not_to(tmp_path, capsys):
+    """Augmentation is on by default and recorded in the checkpoint; --no-augment turns it off."""
+    from maesil_core.checkpoint import load_checkpoint, resolve_checkpoint
+
+    ct = SHARED / "abdomen_ct" / "ct.nii.gz"
+    for flags, expected in (([], True), (["--no-augment"], False)):
+        run = tmp_path / f"run{len(flags)}"
+        code, err = in_process(
+            capsys, "pretrain", "--data", ct, "--out", run, "--steps", 2, "--batch-size", 2, *flags
+        )
+        assert code == 0, err
+        assert load_checkpoint(resolve_checkpoint(run)).config.data.augment is expected

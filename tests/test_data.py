@@ -43,6 +43,7 @@ from maesil_core.data import (
 )
 from maesil_core.data import download as download_mod
 from maesil_core.data.phantom import ORGAN_HU
+from maesil_core.data.transforms import DataCompose, augment_transforms
 from maesil_core.errors import DataError
 
 # --------------------------------------------------------------------------- fixtures
@@ -492,6 +493,51 @@ def test_pretrain_loader_abdomen(cache, shared_data, tmp_path):
         assert any((tmp_path / "cache").rglob("*.pt"))
 
 
+def test_pretrain_crops_mark_padding_of_a_thin_scan(shared_data):
+    """The DICOM series is 20 slices x 2 mm: at 2 mm a 32^3 superpatch needs 12+ slices of
+    padding. ``valid`` marks exactly those, and the image holds 0 (air) there."""
+    cfg = DataConfig(spacing=(2.0, 2.0, 2.0), crops_per_volume=4, num_workers=0)
+    loader = make_pretrain_loader([shared_data / "dicom_ct"], cfg, (32, 32, 32), 4, seed=2)
+    batch = next(infinite(loader))
+    x, valid = batch["image"], batch["valid"]
+    assert valid.shape == x.shape == (4, 1, 32, 32, 32)
+    assert set(torch.unique(valid).tolist()) == {0.0, 1.0}
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert torch.all(x[valid == 0] == 0)
+    # padding is whole axial planes (W is the S axis in RAS): the scan's 20 slices are kept
+    per_plane = valid.mean(dim=(1, 2, 3))  # (B, W)
+    assert set(torch.unique(per_plane).tolist()) == {0.0, 1.0}
+    assert torch.all(per_plane.sum(-1) == 20)
+    assert float(x[valid == 1].std()) > 0.05  # the scan's anatomy
+
+    # a volume larger than the superpatch has no padding anywhere
+    cfg3 = DataConfig(spacing=(3.0, 3.0, 3.0), crops_per_volume=4, num_workers=0)
+    files = [shared_data / "abdomen_ct" / "ct.nii.gz"]
+    big = next(infinite(make_pretrain_loader(files, cfg3, (16, 16, 16), 4)))
+    assert torch.all(big["valid"] == 1)
+
+
+def test_augmentation_moves_image_and_padding_together():
+    """Flips and axial turns act on image and valid alike; the gamma jitter keeps the
+    crop's range (air 0, the brightest voxel 1)."""
+    image = torch.linspace(0.0, 1.0, 16**3).reshape(1, 16, 16, 16)  # a unique brightest voxel
+    valid = torch.ones_like(image)
+    valid[:, :3, :5, :] = 0.0  # an asymmetric padded corner
+    image = image * valid
+    chain = DataCompose(augment_transforms((16, 16, 16)))
+    chain.set_random_state(seed=0)
+    where_brightest, jittered = set(), 0
+    for _ in range(60):
+        out = chain({"image": image.clone(), "valid": valid.clone()})
+        x, v = torch.as_tensor(out["image"]), torch.as_tensor(out["valid"])
+        assert torch.equal(v == 0, x == 0)  # padding (and only padding) went where the image went
+        assert float(x.min()) == 0.0 and abs(float(x.max()) - 1.0) < 1e-5
+        where_brightest.add(int(x.argmax()))
+        jittered += not torch.allclose(x.flatten().sort().values, image.flatten().sort().values)
+    assert len(where_brightest) >= 6  # 8 flip combinations x 4 turns reach many corners
+    assert 10 < jittered < 50  # contrast changed in about half of the draws
+
+
 def test_pretrain_loader_batches_across_volumes(tmp_path, shared_data):
     """batch_size 6 with 4 crops per volume: 2 volumes per step, trimmed to 6."""
     ct, _ = write_phantom(tmp_path / "phantom", shape=(64, 64, 48), spacing=(3.0, 3.0, 3.0))
@@ -516,15 +562,19 @@ def test_pretrain_loader_batches_across_volumes(tmp_path, shared_data):
 
 
 def test_memory_cache_is_cropped_in_place_never_copied_or_modified(shared_data):
-    """The cached volumes are not deep-copied per item, and many draws leave them intact."""
+    """The cached volumes are not deep-copied per item, and many draws leave them intact.
+
+    24^3 crops of volumes larger than that: no padding, so every crop is a view (a crop
+    with padding is a crop-sized copy, see test_pretrain_crops_mark_padding_of_a_thin_scan)."""
     files = [
         str(shared_data / "abdomen_ct" / "ct.nii.gz"),
         str(shared_data / "head_ct" / "ct_not_hu.nii.gz"),
     ]
-    cfg = DataConfig(spacing=(3.0, 3.0, 3.0), crops_per_volume=4, num_workers=0)
+    # no augmentation either: a flipped crop is a (crop-sized) copy
+    cfg = DataConfig(spacing=(3.0, 3.0, 3.0), crops_per_volume=4, num_workers=0, augment=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # head_ct is not in HU
-        loader = make_pretrain_loader(files, cfg, (32, 32, 32), 4, seed=3, endless=True)
+        loader = make_pretrain_loader(files, cfg, (24, 24, 24), 4, seed=3, endless=True)
     dataset = loader.dataset
     cached = [item["image"] for item in dataset._cache]
     before = [
@@ -541,7 +591,7 @@ def test_memory_cache_is_cropped_in_place_never_copied_or_modified(shared_data):
     seen = set()
     for batch, _ in zip(infinite(loader), range(40)):
         x = batch["image"]
-        assert x.shape == (4, 1, 32, 32, 32) and float(x.std()) > 0.05
+        assert x.shape == (4, 1, 24, 24, 24) and float(x.std()) > 0.05
         seen.add(x.sum().item())
         x.mul_(-1.0).add_(7.0)
     assert len(seen) > 30  # fresh random crops every time

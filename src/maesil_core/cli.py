@@ -187,6 +187,7 @@ def run_config_from_args(args: argparse.Namespace):
         hu_window=window,
         intensity=args.intensity,
         num_workers=args.workers,
+        augment=getattr(args, "augment", None),
     )
     cfg = cfg.override(
         "train",
@@ -392,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mask-ratio", type=float, help="share of masked patches (default 0.75)")
     add_run_options(p)
+    p.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        default=None,
+        help="no random flips, axial turns or contrast jitter of the training crops (on by "
+        "default: with few scans a model otherwise learns the scans by heart)",
+    )
 
     p = command(
         "reconstruct", "mask and reconstruct a whole CT with a pretrained model", cmd_reconstruct

@@ -270,6 +270,7 @@ def _cache_key(data_cfg: DataConfig, superpatch: Sequence[int]) -> str:
             data_cfg.intensity,
             data_cfg.foreground_crop,
             list(superpatch),
+            "pad-sentinel",  # padding is stored as PAD_SENTINEL; older caches padded with 0
         ],
         default=list,
     )
@@ -359,7 +360,9 @@ def make_pretrain_loader(
     cache_dir: str | Path | None = None,
     endless: bool = False,
 ) -> DataLoader:
-    """A DataLoader of superpatch batches ``{"image": (B, 1, D, H, W)}`` float32 in [0, 1].
+    """A DataLoader of superpatch batches ``{"image": (B, 1, D, H, W), "valid": (B, 1, D, H,
+    W)}`` float32: the image in [0, 1], ``valid`` 0.0 on padding (volumes smaller than the
+    superpatch), which pretraining losses leave out.
 
     ``batch_size`` counts superpatches: each step loads ``ceil(batch_size /
     crops_per_volume)`` volumes, draws ``crops_per_volume`` crops from each and keeps the

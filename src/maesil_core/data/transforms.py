@@ -3,7 +3,8 @@
 Chain (see :func:`load_transforms` / :func:`pretrain_transforms`)::
 
     path -> LoadVolumed -> Orientationd(RAS) -> Spacingd -> IntensityToUnitd
-         [-> CropForegroundd -> SpatialPadd -> RandSpatialCropSamplesd -> EnsureTyped]
+         [-> CropForegroundd -> SpatialPadd -> RandSpatialCropSamplesd -> SplitPaddingd
+          -> RandFlipd x 3 -> RandRotate90d -> RandAdjustContrastd -> EnsureTyped]
 
 After loading, ``image`` is a MONAI ``MetaTensor`` ``(1, X, Y, Z)`` whose ``affine`` is RAS mm;
 after ``Orientationd("RAS")`` the spatial axes are the ``(D, H, W)`` of ``config.py``.
@@ -29,6 +30,9 @@ from monai.transforms import (
     Invertd,
     MapTransform,
     Orientationd,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandRotate90d,
     RandSpatialCropSamplesd,
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
@@ -42,6 +46,12 @@ from .io import HU_MIN_THRESHOLD, Volume, load_labels, load_volume
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"
+#: (1, D, H, W) 1.0 on voxels of the scan, 0.0 on padding added to reach the superpatch size
+VALID_KEY = "valid"
+
+#: what pretraining pads with before cropping: outside [0, 1], so padding stays recognisable
+#: after the random crop (:class:`SplitPaddingd` turns it into ``VALID_KEY`` and zeros)
+PAD_SENTINEL = -1.0
 
 #: voxels above this (after mapping to [0, 1]) count as foreground for CropForegroundd
 FOREGROUND_THRESHOLD = 0.02
@@ -189,6 +199,32 @@ class IntensityToUnitd(MapTransform):
         return d
 
 
+class SplitPaddingd(MapTransform):
+    """Split an image padded with :data:`PAD_SENTINEL` into the image (padding set to 0,
+    the value of air) and ``data["valid"]`` (1, D, H, W) float32, 0.0 on padding.
+
+    Pretraining losses skip the padded voxels: a volume smaller than the superpatch would
+    otherwise fill most of the loss with constant padding (a model learns to predict it
+    too dark). Never writes in place: the crops it receives are views into a cache.
+    """
+
+    def __init__(self, key: str = IMAGE_KEY, valid_key: str = VALID_KEY) -> None:
+        super().__init__(key)
+        self.valid_key = valid_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            padded = image < 0.5 * PAD_SENTINEL
+            if not bool(padded.any()):  # the common case: keep the crop a view, no copy
+                d[self.valid_key] = torch.ones((), dtype=torch.float32).expand(image.shape)
+                continue
+            d[self.valid_key] = (~padded).to(torch.float32).as_subclass(torch.Tensor)
+            d[key] = torch.where(padded, torch.zeros_like(image), image)
+        return d
+
+
 def unwrap_data_error(exc: BaseException) -> BaseException:
     """The DataError behind MONAI's ``RuntimeError("applying transform ...")`` wrappers, else
     ``exc`` itself."""
@@ -245,10 +281,12 @@ def _foreground(x: Any) -> Any:
 
 
 def pretrain_transforms(data_cfg: DataConfig, superpatch: Sequence[int]) -> Compose:
-    """Load, crop the body, pad to ``superpatch`` and draw ``crops_per_volume`` random crops.
+    """Load, crop the body, pad to ``superpatch``, draw ``crops_per_volume`` random crops and
+    (``data_cfg.augment``) flip, turn and contrast-jitter each.
 
-    Each call returns a list of ``crops_per_volume`` dicts ``{"image": (1, D, H, W)}``
-    (float32 torch tensors in [0, 1], metadata dropped) with ``(D, H, W) == superpatch``.
+    Each call returns a list of ``crops_per_volume`` dicts ``{"image": (1, D, H, W),
+    "valid": (1, D, H, W)}`` (float32 torch tensors, metadata dropped) with ``(D, H, W) ==
+    superpatch``: ``image`` in [0, 1] with padding at 0, ``valid`` 0.0 where padded.
     """
     roi = tuple(int(s) for s in superpatch)
     chain = list(load_transforms(data_cfg))
@@ -264,13 +302,30 @@ def pretrain_transforms(data_cfg: DataConfig, superpatch: Sequence[int]) -> Comp
             )
         )
     chain += [
-        SpatialPadd(IMAGE_KEY, spatial_size=roi, mode="constant", value=0.0),
+        SpatialPadd(IMAGE_KEY, spatial_size=roi, mode="constant", value=PAD_SENTINEL),
         RandSpatialCropSamplesd(
             IMAGE_KEY, roi_size=roi, num_samples=int(data_cfg.crops_per_volume), random_size=False
         ),
-        EnsureTyped(IMAGE_KEY, dtype=torch.float32, track_meta=False),
+        SplitPaddingd(IMAGE_KEY),
     ]
+    if data_cfg.augment:
+        chain += augment_transforms(roi)
+    chain.append(EnsureTyped((IMAGE_KEY, VALID_KEY), dtype=torch.float32, track_meta=False))
     return DataCompose(chain)
+
+
+def augment_transforms(roi: Sequence[int]) -> list:
+    """Random flips along each axis, 90-degree turns in the axial plane (when the crop is
+    square there) and a gamma contrast jitter (0.8..1.25; the crop's darkest and brightest
+    values, air and bone, stay where they are), each with probability 1/2,
+    as in the MONAI pretraining recipes (e.g. MIM-Med3D, Swin UNETR). Flips and turns move
+    ``image`` and ``valid`` together."""
+    keys = (IMAGE_KEY, VALID_KEY)
+    chain: list = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
+    if roi[0] == roi[1]:  # R-L x A-P plane; a turn of a non-square crop changes its shape
+        chain.append(RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(0, 1)))
+    chain.append(RandAdjustContrastd(IMAGE_KEY, prob=0.5, gamma=(0.8, 1.25)))
+    return chain
 
 
 def inference_transforms(data_cfg: DataConfig) -> Compose:
