@@ -64,7 +64,19 @@ def _token_mask(model, x, seed):
     return make_mask(model.cfg, x.shape[0], generator=torch.Generator().manual_seed(seed))
 
 
-def test_resume_continues_the_same_schedule(tmp_path, abdomen_ct):
+def test_resume_continues_the_same_schedule(tmp_path, abdomen_ct, monkeypatch):
+    """Same step count and lr schedule; the crops after the resume are new ones, not a
+    replay of the crops the run started with."""
+    from maesil_core import data
+
+    made = []  # the arguments of every loader the runs build
+
+    def spy(*args, **kwargs):
+        made.append((args, kwargs))
+        return make_loader(*args, **kwargs)
+
+    make_loader = data.make_pretrain_loader
+    monkeypatch.setattr(data, "make_pretrain_loader", spy)
     run = tmp_path / "run"
     stop_at = 15
 
@@ -90,6 +102,9 @@ def test_resume_continues_the_same_schedule(tmp_path, abdomen_ct):
     assert steps == sorted(set(steps)) and steps[-1] == 30 and stop_at in steps
     for r in rows:  # the learning rate follows one uninterrupted schedule
         assert r["lr"] == pytest.approx(lr_at(int(r["step"]) - 1, cfg.train), rel=1e-4)
+    assert len(made) == 2
+    first_batches = [next(data.infinite(make_loader(*a, **k)))["image"] for a, k in made]
+    assert not torch.equal(*first_batches)
 
 
 def test_force_overwrites_and_fresh_runs_are_refused(tmp_path, abdomen_ct):

@@ -124,11 +124,14 @@ def pretrain(
     """
     from .data import check_inputs, infinite, make_pretrain_loader, resolve_inputs
     from .models import build_model
+    from .train.loop import data_seed, seed_everything
 
     run_dir = Path(run_dir)
+    start_step = 0
     if resume:
         prepare_run_dir(run_dir, resume=True, force=False)
-        cfg = resumed_config(load_checkpoint(list_checkpoints(run_dir)[-1]).config, cfg)
+        last = load_checkpoint(list_checkpoints(run_dir)[-1])
+        cfg, start_step = resumed_config(last.config, cfg), last.step
     cfg = (cfg or preset("tiny")).validate()
     device = D.select_device(cfg.train.device)
     dist_info = D.init_distributed(device)
@@ -148,14 +151,12 @@ def pretrain(
         cfg.data,
         cfg.model.superpatch,
         cfg.train.batch_size,
-        seed=cfg.train.seed,
+        seed=data_seed(cfg.train.seed, start_step),
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         cache_dir=cfg.data.cache_dir or str(run_dir / "cache"),
         endless=True,  # one iterator for the whole run: workers never wait at epoch ends
     )
-    from .train.loop import seed_everything
-
     seed_everything(cfg.train.seed)  # the initial weights too, not only the batches
     model = build_model(cfg.model)
     batches = infinite(loader)

@@ -556,6 +556,7 @@ def finetune(
     run_dir = Path(run_dir)
     seg = seg or SegmentationConfig()
     pretrained_from = None
+    start_step = 0
     if resume:
         prepare_run_dir(run_dir, resume=True, force=False)
         from .checkpoint import list_checkpoints
@@ -566,6 +567,7 @@ def finetune(
         pretrained = None  # the run's own weights are loaded by fit(resume=True)
         pretrained_from = last.meta["extra"].get("pretrained")  # kept as the run's provenance
         labels_map = last.meta["extra"]["labels"]
+        start_step = last.step
     pre_ckpt = load_checkpoint(pretrained) if pretrained is not None else None
     if pre_ckpt is not None:
         pretrained_from = str(pre_ckpt.path)
@@ -606,7 +608,7 @@ def finetune(
         prepare_run_dir(run_dir, resume=False, force=force)
     D.barrier()
 
-    from .train.loop import seed_everything
+    from .train.loop import data_seed, seed_everything
 
     seed_everything(cfg.train.seed)  # same seed, same decoder initialisation in every arm
     model = build_segmenter(cfg, seg, len(labelset))
@@ -621,7 +623,7 @@ def finetune(
         cfg.train.batch_size,
         cfg.data.crops_per_volume,
         seg,
-        seed=cfg.train.seed + 1000 * dist_info.rank,
+        seed=data_seed(cfg.train.seed, start_step) + 1000 * dist_info.rank,
     )
 
     from monai.losses import DiceCELoss

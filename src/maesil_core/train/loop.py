@@ -143,6 +143,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def data_seed(seed: int, start_step: int = 0) -> int:
+    """Seed of the batch stream of a run that starts at ``start_step``: ``seed`` for a new
+    run; a resumed run gets a fresh stream instead of replaying the crops of steps 0, 1, ...
+    (the data loader's state is not saved: with worker processes it cannot be, exactly)."""
+    return seed if start_step == 0 else (seed + 1_000_003 * start_step) % 2**31
+
+
 class MetricsLog:
     """``metrics.csv`` (always) and TensorBoard (when installed), written on rank 0."""
 
