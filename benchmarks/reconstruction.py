@@ -213,7 +213,7 @@ def score(
             {f"masked_{k}": v for k, v in reconstruction_scores(recon, target, mask).items()}
         )
         # the no-learning reference on the same mask: hidden voxels interpolated from visible
-        fill = interpolation_scores(target, mask, model.cfg.patch)
+        fill = interpolation_scores(target, mask, model.cfg.patch, model.cfg.superpatch)
         out.update({f"interp_{k}": v for k, v in fill.items()})
     out["masked_fraction"] = float(mask.mean())
     # mean signed error of the prediction on masked body voxels: a model trained on mostly

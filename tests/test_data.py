@@ -782,3 +782,17 @@ def test_fill_from_visible_interpolates_real_ct(abdomen_ct):
     mean_fill = np.full_like(vol, vol[~mask].mean())
     assert mse(filled, vol, mask) < 0.8 * mse(mean_fill, vol, mask)
     assert np.isfinite(filled).all() and filled.min() >= 0 and filled.max() <= 1
+
+    # per tile (as a tiled reconstruction sees it): a tile's fill ignores its neighbours
+    other = vol.copy()
+    other[48:][~mask[48:]] = 1.0 - other[48:][~mask[48:]]  # change the second tile's visible
+    tiles = (48, 96, 24)
+    for fill_fn, first_tile_changes in (
+        (lambda v: fill_from_visible(v, mask, 4.0, tiles), False),
+        (lambda v: fill_from_visible(v, mask, 4.0), True),
+    ):
+        a, b = fill_fn(vol)[:48], fill_fn(other)[:48]
+        assert np.array_equal(a, b) is not first_tile_changes
+    tiled = fill_from_visible(vol, mask, 4.0, tiles)
+    np.testing.assert_array_equal(tiled[~mask], vol[~mask])
+    assert mse(tiled, vol, mask) < 0.8 * mse(mean_fill, vol, mask)

@@ -270,7 +270,7 @@ def reconstruct(
         tiled.pred[0].numpy(), target, grid_mask if grid_mask.any() else None
     )
     if grid_mask.any():  # the no-learning reference: hidden voxels interpolated from visible
-        fill = interpolation_scores(target, grid_mask, cfg.model.patch)
+        fill = interpolation_scores(target, grid_mask, cfg.model.patch, cfg.model.superpatch)
         scores.update({f"interpolation_{k}": v for k, v in fill.items()})
 
     # back onto the input's own voxel grid (orientation, spacing, shape)

@@ -7,6 +7,8 @@ restricts the score to those voxels (e.g. the masked-out region of an MAE).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from skimage.metrics import structural_similarity
 
@@ -70,7 +72,10 @@ def reconstruction_scores(
 
 
 def fill_from_visible(
-    target: np.ndarray, mask: np.ndarray, sigma: float | tuple[float, ...]
+    target: np.ndarray,
+    mask: np.ndarray,
+    sigma: float | tuple[float, ...],
+    tile: tuple[int, ...] | list[int] | None = None,
 ) -> np.ndarray:
     """The no-learning reference for a masked autoencoder: hidden voxels interpolated from
     the visible ones.
@@ -80,11 +85,22 @@ def fill_from_visible(
     patch) of the visible voxels around it (normalised convolution), or the mean of all
     visible voxels where none is near. A model that does not beat this has learnt nothing
     beyond smoothing its input.
+    ``tile`` (e.g. the superpatch of a tiled reconstruction): each tile is filled from its
+    own visible voxels only, as the model sees them, not from its neighbours' across the
+    border (tiles start at 0 on every axis, as in :func:`~maesil_core.inference.tile_grid`).
     """
     from scipy.ndimage import gaussian_filter
 
     target = np.asarray(target, dtype=np.float64)
-    seen = ~np.asarray(mask, dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
+    if tile is not None:
+        fill = np.empty_like(target)
+        starts = [range(0, n, int(t)) for n, t in zip(target.shape, tile)]
+        for corner in itertools.product(*starts):
+            box = tuple(slice(c, c + int(t)) for c, t in zip(corner, tile))
+            fill[box] = fill_from_visible(target[box], mask[box], sigma)
+        return fill
+    seen = ~mask
     if not seen.any():
         return np.zeros_like(target)
     num = gaussian_filter(np.where(seen, target, 0.0), sigma, mode="constant")
@@ -94,12 +110,15 @@ def fill_from_visible(
 
 
 def interpolation_scores(
-    target: np.ndarray, mask: np.ndarray, patch: tuple[int, ...] | list[int]
+    target: np.ndarray,
+    mask: np.ndarray,
+    patch: tuple[int, ...] | list[int],
+    tile: tuple[int, ...] | list[int] | None = None,
 ) -> dict[str, float]:
-    """:func:`reconstruction_scores` of :func:`fill_from_visible` (sigma half a ``patch``) on the
-    hidden voxels: the score a masked autoencoder has to beat."""
+    """:func:`reconstruction_scores` of :func:`fill_from_visible` (sigma half a ``patch``,
+    per ``tile`` if given) on the hidden voxels: the score a masked autoencoder has to beat."""
     sigma = [float(p) / 2 for p in patch]
-    return reconstruction_scores(fill_from_visible(target, mask, sigma), target, mask)
+    return reconstruction_scores(fill_from_visible(target, mask, sigma, tile), target, mask)
 
 
 def dice_per_class(
