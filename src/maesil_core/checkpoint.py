@@ -257,6 +257,24 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     model.load_state_dict(state_dict, strict=True)
 
 
+def load_vit_encoder(encoder: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> int:
+    """Copy the ``encoder.*`` weights of a pretraining state dict into ``encoder`` (a
+    :class:`~maesil_core.models.vit3d.ViTEncoder3D`); return how many.
+
+    Raises CheckpointError when there are none (a conv autoencoder's checkpoint) or when
+    they do not fit (:func:`load_weights`).
+    """
+    enc = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    if not enc:
+        raise CheckpointError(
+            f"{source} holds no ViT encoder weights (no 'encoder.*' keys): give a pretraining "
+            "checkpoint of a method with a ViT encoder (maesil, mae, simmim, gl-mae); the conv "
+            "autoencoders (ae, vae, vq-vae) fine-tune through their own segmenter."
+        )
+    load_weights(encoder, enc, source)
+    return len(enc)
+
+
 def build_from_checkpoint(path: str | Path | Checkpoint) -> tuple[nn.Module, Checkpoint]:
     """Rebuild a pretraining model from its checkpoint (eval mode, on the CPU)."""
     from .models import build_model

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, RunConfig, preset
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .vit3d import ViTEncoder3D
 
 
@@ -49,17 +49,11 @@ class EncoderClassifier(nn.Module):
         return self.head(self.head_norm(tokens.mean(dim=1)))
 
     def load_encoder(self, state_dict: dict[str, torch.Tensor], source: str) -> int:
-        """Copy the ``encoder.*`` weights of a pretraining state dict; return how many."""
-        from ..checkpoint import load_weights
+        """Copy the ``encoder.*`` weights of a pretraining state dict; return how many
+        (:func:`~maesil_core.checkpoint.load_vit_encoder`)."""
+        from ..checkpoint import load_vit_encoder
 
-        enc = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-        if not enc:
-            raise CheckpointError(
-                f"{source} holds no ViT encoder weights (no 'encoder.*' keys): the conv "
-                "autoencoders (ae, vae, vq-vae) cannot initialise a ViT classifier."
-            )
-        load_weights(self.encoder, enc, source)
-        return len(enc)
+        return load_vit_encoder(self.encoder, state_dict, source)
 
 
 # --------------------------------------------------------------------------- data

@@ -33,7 +33,7 @@ from monai.networks.blocks.dynunet_block import UnetOutBlock
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from .vit3d import ViTEncoder3D
 
 #: the architecture fields a pretrained encoder must share with the segmenter
@@ -172,20 +172,11 @@ class UNETRSegmenter(nn.Module):
         return scales
 
     def load_encoder(self, state_dict: dict[str, torch.Tensor], source: str) -> int:
-        """Copy the ``encoder.*`` weights of a pretraining state dict; return how many.
+        """Copy the ``encoder.*`` weights of a pretraining state dict; return how many
+        (:func:`~maesil_core.checkpoint.load_vit_encoder`)."""
+        from ..checkpoint import load_vit_encoder
 
-        Raises CheckpointError when there are none, or when their shapes differ.
-        """
-        from ..checkpoint import load_weights
-
-        enc = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-        if not enc:
-            raise CheckpointError(
-                f"{source} holds no encoder weights (no 'encoder.*' keys); give a pretraining "
-                "checkpoint of a method with a ViT encoder (maesil, mae, ...)."
-            )
-        load_weights(self.encoder, enc, source)
-        return len(enc)
+        return load_vit_encoder(self.encoder, state_dict, source)
 
 
 def is_conv(cfg: ModelConfig) -> bool:
