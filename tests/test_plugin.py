@@ -272,6 +272,8 @@ def test_pretrain_widget_trains_and_keeps_viewer_responsive(viewer, qtbot, share
     ct = open_ct(viewer, shared_data / "abdomen_ct" / "ct.nii.gz")
     w = _setup_pretrain(viewer, tmp_path / "run", ct.name, steps=16)
     assert w.device.choices[-1] == "cpu"  # only devices that exist
+    assert w.augment.value  # the preset's default, turned off here: the run must record it
+    w.augment.value = False
     ticks = []
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(time.monotonic()))
@@ -286,6 +288,9 @@ def test_pretrain_widget_trains_and_keeps_viewer_responsive(viewer, qtbot, share
     result = w.last_result.value
     assert w.last_result.error is None and not result.cancelled
     assert result.checkpoint.is_file() and result.step == 16
+    from maesil_core.checkpoint import load_checkpoint
+
+    assert load_checkpoint(result.checkpoint).config.data.augment is False
     losses = [loss for _, loss in w.history]
     assert len(losses) >= 6 and losses[-1] < losses[0]
     assert w.progress_bar.value == w.progress_bar.max == 16

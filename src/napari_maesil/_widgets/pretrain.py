@@ -98,6 +98,7 @@ class PretrainWidget(JobWidget):
         self.crops = SpinBox(min=1, max=256, label="Crops per volume")
         self.hu_window = ComboBox(choices=list(HU_WINDOWS), label="HU window")
         self.intensity = ComboBox(choices=["auto", "hu", "percentile"], label="Intensity")
+        self.augment = CheckBox(value=True, text="Augment crops (flips, turns, contrast)")
         self.seed = SpinBox(min=0, max=2**31 - 1, label="Seed")
         self.checkpoint_every = SpinBox(min=1, max=10_000_000, label="Checkpoint every")
         self.log_every = SpinBox(min=1, max=100_000, label="Report every")
@@ -108,7 +109,7 @@ class PretrainWidget(JobWidget):
                 self.superpatch, self.patch, self.block, self.embed_dim, self.depth,
                 self.num_heads, self.decoder_embed_dim, self.decoder_depth,
                 self.decoder_num_heads, self.warmup, self.crops, self.hu_window,
-                self.intensity, self.seed, self.checkpoint_every, self.log_every,
+                self.intensity, self.augment, self.seed, self.checkpoint_every, self.log_every,
                 self.precision, self.num_workers,
             ],
             labels=True,
@@ -160,6 +161,7 @@ class PretrainWidget(JobWidget):
         if isinstance(d.hu_window, str):
             self.hu_window.value = d.hu_window
         self.intensity.value, self.seed.value = d.intensity, t.seed
+        self.augment.value = d.augment
         self.checkpoint_every.value, self.log_every.value = t.checkpoint_every, t.log_every
         self.precision.value = t.precision
 
@@ -180,6 +182,7 @@ class PretrainWidget(JobWidget):
             intensity=self.intensity.value,
             crops_per_volume=int(self.crops.value),
             num_workers=int(self.num_workers.value),
+            augment=bool(self.augment.value),
         )
         cfg = cfg.override(
             "model",
