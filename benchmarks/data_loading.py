@@ -145,8 +145,9 @@ def measure_setting(
     cache_root: Path,
     mode: str = "endless",
     copy_cache: bool = False,
+    augment: bool = True,
 ) -> dict:
-    data_cfg = dataclasses.replace(run.data, cache=cache, num_workers=workers)
+    data_cfg = dataclasses.replace(run.data, cache=cache, num_workers=workers, augment=augment)
     batch_size = run.train.batch_size
     t0 = time.perf_counter()
     loader = make_pretrain_loader(
@@ -193,6 +194,7 @@ def measure_setting(
         "workers": workers,
         "loader": mode,
         "copy_cache": copy_cache,
+        "augment": augment,
         "first_batch_s": first_s,
         "first_batch_shape": list(first["image"].shape),
         "batches_per_epoch": per_epoch,
@@ -226,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         default=["no"],
         help="memory cache only; yes: deep-copy the cached volume for every item (MONAI's "
         "copy_cache=True, the earlier behaviour), for comparison",
+    )
+    ap.add_argument(
+        "--augment",
+        nargs="+",
+        choices=["yes", "no"],
+        default=["yes"],
+        help="yes: flips, turns and contrast jitter of every crop, as maesil pretrain does by "
+        "default; no: without (--no-augment), for comparison",
     )
     ap.add_argument(
         "--rounds", type=int, default=1, help="run the settings this many times in turn; medians"
@@ -271,29 +281,41 @@ def main(argv: list[str] | None = None) -> int:
     fed_steps = args.fed_steps if with_model else 0
     model_rounds: list[float] = []
     settings = [
-        (c, w, m, cp == "yes")
+        (c, w, m, cp == "yes", a == "yes")
         for c in args.cache
         for cp in (args.copy_cache if c == "memory" else ["no"])
+        for a in args.augment
         for w in args.workers
         for m in args.loader
     ]
     runs: dict[tuple, list[dict]] = {s: [] for s in settings}
     with tempfile.TemporaryDirectory(prefix="maesil-bench-cache-") as tmp:
         for round_ in range(args.rounds):
-            for n, (cache, workers, mode, copy) in enumerate(settings):
+            for n, (cache, workers, mode, copy, aug) in enumerate(settings):
                 if with_model:
                     model_rounds.append(trainer.steps_per_s(args.model_steps))
                 folder = Path(tmp) / f"r{round_}-s{n}"
                 r = measure_setting(
-                    files, run, cache, workers, args.batches, fed_steps, trainer, folder, mode, copy
+                    files,
+                    run,
+                    cache,
+                    workers,
+                    args.batches,
+                    fed_steps,
+                    trainer,
+                    folder,
+                    mode,
+                    copy,
+                    aug,
                 )
                 print(
-                    f"  round {round_ + 1}: cache={cache}{'+copy' if copy else ''} "
+                    f"  round {round_ + 1}: cache={cache}{'+copy' if copy else ''}"
+                    f"{'' if aug else ' no-augment'} "
                     f"workers={workers} loader={mode}: first batch {r['first_batch_s']:.2f} s, "
                     f"{r['delivered_per_s']:.1f} superpatches/s",
                     flush=True,
                 )
-                runs[(cache, workers, mode, copy)].append(r)
+                runs[(cache, workers, mode, copy, aug)].append(r)
     results = []
     for per_round in runs.values():
         r = dict(per_round[0])
@@ -334,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in results:
         lines.append(
-            f"| {r['cache']}{' + copy' if r['copy_cache'] else ''} | {r['workers']} "
+            f"| {r['cache']}{' + copy' if r['copy_cache'] else ''}"
+            f"{'' if r['augment'] else ' (no augment)'} | {r['workers']} "
             f"| {r['loader']} | {r['first_batch_s']:.2f} "
             f"| {r['delivered_per_s']:.1f} | {num(consumed, '.1f')} | {num(r['ratio'], '.2f')} "
             f"| {num(r['fed_steps_per_s'], '.2f')} | {num(r['fed_over_synthetic'], '.2f')} "
