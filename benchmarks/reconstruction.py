@@ -33,8 +33,9 @@ coarse mask block is held at 32^3 voxels (4^3 patches of 8^3, 2^3 patches of 16^
 128^3/8^3 row (4096 tokens): it trains at a quarter of the batch (same steps), a control row
 128^3/16^3 at that batch isolates the batch effect, and the s/step at the full batch is timed
 (a few steps) and reported. Superpatches larger than a volume are zero-padded (in training,
-by the loader; in scoring, the held-out tiles): the table reports the share of body voxels
-in each training pool and the share of each held-out tile that is real volume.
+by the loader, and the padded voxels are left out of the loss; in scoring, the held-out
+tiles): the table reports the share of body voxels in each training pool and the share of
+each held-out tile that is real volume.
 """
 
 from __future__ import annotations
@@ -158,28 +159,32 @@ def run_config(
     return dataclasses.replace(cfg, preset="bench-recon", model=model, train=train).validate()
 
 
-def crop_pool(files: list[str], cfg: RunConfig, n: int, seed: int) -> torch.Tensor:
-    """n random superpatch crops (n, 1, S, S, S) drawn by the pretraining loader, seeded."""
+def crop_pool(files: list[str], cfg: RunConfig, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """n random superpatch crops drawn by the pretraining loader, seeded: ``{"image": (n, 1,
+    S, S, S), "valid": (n, 1, S, S, S)}`` (valid 0 on padding, which the losses leave out)."""
     loader = make_pretrain_loader(
         files, cfg.data, cfg.model.superpatch, cfg.data.crops_per_volume, seed=seed
     )
-    crops: list[torch.Tensor] = []
+    crops: list[dict[str, torch.Tensor]] = []
     while len(crops) * cfg.data.crops_per_volume < n:
         for batch in loader:
-            crops.append(batch["image"])
-    return torch.cat(crops)[:n]
+            crops.append(batch)
+    return {k: torch.cat([c[k] for c in crops])[:n] for k in ("image", "valid")}
 
 
-def batches(pool: torch.Tensor, batch: int, seed: int):
+def batches(pool: dict[str, torch.Tensor], batch: int, seed: int):
     """Endless batches from ``pool`` in one fixed shuffled order (the same for every method)."""
     g = torch.Generator().manual_seed(seed)
     while True:
-        order = torch.randperm(len(pool), generator=g)
+        order = torch.randperm(len(pool["image"]), generator=g)
         for i in range(0, len(order) - batch + 1, batch):
-            yield {"image": pool[order[i : i + batch]]}
+            pick = order[i : i + batch]
+            yield {k: v[pick] for k, v in pool.items()}
 
 
-def time_steps(cfg: RunConfig, pool: torch.Tensor, batch: int, n: int, seed: int) -> float:
+def time_steps(
+    cfg: RunConfig, pool: dict[str, torch.Tensor], batch: int, n: int, seed: int
+) -> float:
     """Seconds per optimiser step of a fresh model at ``batch`` (after one warm-up step)."""
     from maesil_core.train.loop import make_optimizer
 
@@ -189,9 +194,9 @@ def time_steps(cfg: RunConfig, pool: torch.Tensor, batch: int, n: int, seed: int
     it = batches(pool, batch, seed)
     t = 0.0
     for i in range(n + 1):
-        x = next(it)["image"]
+        b = next(it)
         t0 = time.perf_counter()
-        model(x).loss.backward()
+        model(b["image"], valid=b["valid"]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:
@@ -426,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     volume = volume.float()  # (1, D, H, W) on the model grid, [0, 1]
     t0 = time.perf_counter()
-    pools: dict[int, torch.Tensor] = {}
+    pools: dict[int, dict[str, torch.Tensor]] = {}
     results, shown = [], []
     for e in rows_cfg:
         cfg = run_config(e, args.steps, args.batch, args.seed, args.spacing)
@@ -471,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if size:
             padded = [math.ceil(n / e.superpatch) * e.superpatch for n in volume.shape[1:]]
-            row["pool_body_share"] = float((pool > FOREGROUND_THRESHOLD).float().mean())
+            row["pool_body_share"] = float((pool["image"] > FOREGROUND_THRESHOLD).float().mean())
             row["heldout_real_share"] = float(volume[0].numel() / math.prod(padded))
         if batch != args.batch and args.time_full_batch > 0:
             row["full_batch"] = args.batch
