@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -105,6 +106,36 @@ def test_resume_continues_the_same_schedule(tmp_path, abdomen_ct, monkeypatch):
     assert len(made) == 2
     first_batches = [next(data.infinite(make_loader(*a, **k)))["image"] for a, k in made]
     assert not torch.equal(*first_batches)
+
+
+def test_resume_without_data_continues_on_the_runs_own_scans(tmp_path, abdomen_ct, monkeypatch):
+    """--resume without --data must not fall back to the phantom (it once did, silently)."""
+    run = tmp_path / "run"
+    flag = {"stop": False}
+
+    def stop_after_2(info):
+        flag["stop"] = flag["stop"] or info.get("step", 0) >= 2
+
+    api.pretrain([abdomen_ct], run, tiny_cfg(4), progress=stop_after_2, cancel=lambda: flag["stop"])
+    recorded = load_checkpoint(resolve_checkpoint(run)).meta["extra"]["data"]
+    assert recorded == [os.path.abspath(abdomen_ct)]
+
+    second = api.pretrain(None, run, None, resume=True)
+    assert second.step == 4 and not (run / "phantom").exists()
+    assert load_checkpoint(resolve_checkpoint(run)).meta["extra"]["data"] == recorded
+
+    # a run from before the data were recorded: refused with the fix, not trained on the phantom
+    real = api.load_checkpoint
+
+    def without_data(path, **kw):
+        ck = real(path, **kw)
+        ck.meta["extra"].pop("data")
+        return ck
+
+    monkeypatch.setattr(api, "load_checkpoint", without_data)
+    with pytest.raises(ConfigError, match="resume it with --data"):
+        api.pretrain(None, run, tiny_cfg(6), resume=True)
+    assert not (run / "phantom").exists()
 
 
 def test_force_overwrites_and_fresh_runs_are_refused(tmp_path, abdomen_ct):

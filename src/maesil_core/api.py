@@ -13,6 +13,7 @@ or ``threading.Event``); nothing here touches Qt.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -92,6 +93,12 @@ def resumed_config(saved: RunConfig, cfg: RunConfig | None) -> RunConfig:
     return saved
 
 
+def _as_recorded(data: Sequence[str | Path] | None) -> list[str] | None:
+    """The data arguments as a run records them: absolute, so a resume from another
+    folder finds the same scans (globs and lists are resolved again then)."""
+    return [os.path.abspath(str(d)) for d in data] if data else None
+
+
 def phantom_dataset(folder: str | Path, count: int = 4, seed: int = 0) -> list[str]:
     """Write ``count`` procedural CT phantoms into ``folder`` (once) and return their paths."""
     from .data import write_phantom
@@ -120,7 +127,8 @@ def pretrain(
 
     With ``resume`` the run continues from its newest checkpoint with the config saved in the
     run; of ``cfg`` only the steps (to extend the run), device and threads are taken
-    (:func:`resumed_config`).
+    (:func:`resumed_config`). Without ``data`` it continues on the scans the run recorded
+    (or the phantom, if it trained on that); ``data`` given replaces them (moved files).
     """
     from .data import check_inputs, infinite, make_pretrain_loader, resolve_inputs
     from .models import build_model
@@ -132,6 +140,14 @@ def pretrain(
         prepare_run_dir(run_dir, resume=True, force=False)
         last = load_checkpoint(list_checkpoints(run_dir)[-1])
         cfg, start_step = resumed_config(last.config, cfg), last.step
+        if not data:  # the run's own scans, not the phantom
+            extra = last.meta.get("extra") or {}
+            if "data" not in extra:
+                raise ConfigError(
+                    f"{run_dir} does not record which scans it was trained on (it was made by "
+                    "an older version): resume it with --data and the same scans."
+                )
+            data = extra["data"]  # None: the run trained on the phantom
     cfg = (cfg or preset("tiny")).validate()
     device = D.select_device(cfg.train.device)
     dist_info = D.init_distributed(device)
@@ -166,7 +182,8 @@ def pretrain(
         cfg,
         run_dir,
         kind="pretrain",
-        extra_meta={"n_volumes": len(files)},
+        # what --resume trains on when no data is given (None: the phantom)
+        extra_meta={"n_volumes": len(files), "data": _as_recorded(data)},
         progress=progress,
         cancel=cancel,
         resume=resume,

@@ -153,7 +153,7 @@ def add_run_options(
         action="store_true",
         help="continue the run in --out from its last checkpoint with the run's own settings "
         "(--steps N extends it to N steps, --device / --threads move it; other settings are "
-        "ignored)",
+        "ignored). pretrain continues on the run's own scans unless --data is given",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
 
