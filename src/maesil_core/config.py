@@ -63,8 +63,8 @@ class DataConfig:
     intensity: str = "auto"  #: "auto" | "hu" | "percentile"
     crops_per_volume: int = 4  #: random superpatch crops drawn from each loaded volume
     foreground_crop: bool = True  #: crop away air around the body before sampling
-    #: random flips, axial 90-degree turns and contrast jitter of each pretraining crop:
-    #: with few scans a model otherwise learns the scans themselves (RESULTS.md)
+    #: random flips, axial 90-degree turns and contrast jitter of each pretraining crop
+    #: (on three scans: +3 dB masked PSNR on a held-out CT, RESULTS.md)
     augment: bool = True
     cache: str = "memory"  #: "memory" (CacheDataset) | "disk" (PersistentDataset) | "none"
     cache_dir: str | None = None  #: for cache="disk"; default <run_dir>/cache
