@@ -500,7 +500,8 @@ def test_pretrain_crops_mark_padding_of_a_thin_scan(shared_data):
     loader = make_pretrain_loader([shared_data / "dicom_ct"], cfg, (32, 32, 32), 4, seed=2)
     batch = next(infinite(loader))
     x, valid = batch["image"], batch["valid"]
-    assert valid.shape == x.shape == (4, 1, 32, 32, 32)
+    assert valid.shape == x.shape == (4, 1, 32, 32, 32) and valid.dtype == torch.bool
+    valid = valid.float()
     assert set(torch.unique(valid).tolist()) == {0.0, 1.0}
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert torch.all(x[valid == 0] == 0)

@@ -361,8 +361,8 @@ def make_pretrain_loader(
     endless: bool = False,
 ) -> DataLoader:
     """A DataLoader of superpatch batches ``{"image": (B, 1, D, H, W), "valid": (B, 1, D, H,
-    W)}`` float32: the image in [0, 1], ``valid`` 0.0 on padding (volumes smaller than the
-    superpatch), which pretraining losses leave out.
+    W)}``: the image float32 in [0, 1], ``valid`` bool, False on padding (volumes smaller
+    than the superpatch), which pretraining losses leave out.
 
     ``batch_size`` counts superpatches: each step loads ``ceil(batch_size /
     crops_per_volume)`` volumes, draws ``crops_per_volume`` crops from each and keeps the

@@ -201,11 +201,12 @@ class IntensityToUnitd(MapTransform):
 
 class SplitPaddingd(MapTransform):
     """Split an image padded with :data:`PAD_SENTINEL` into the image (padding set to 0,
-    the value of air) and ``data["valid"]`` (1, D, H, W) float32, 0.0 on padding.
+    the value of air) and ``data["valid"]`` (1, D, H, W) bool, False on padding.
 
     Pretraining losses skip the padded voxels: a volume smaller than the superpatch would
     otherwise fill most of the loss with constant padding (a model learns to predict it
-    too dark). Never writes in place: the crops it receives are views into a cache.
+    too dark). Never writes in place: the crops it receives are views into a cache. bool
+    rather than float: a quarter of the bytes to collate and hand over from workers.
     """
 
     def __init__(self, key: str = IMAGE_KEY, valid_key: str = VALID_KEY) -> None:
@@ -215,13 +216,13 @@ class SplitPaddingd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            image = d[key]
-            padded = image < 0.5 * PAD_SENTINEL
-            if not bool(padded.any()):  # the common case: keep the crop a view, no copy
-                d[self.valid_key] = torch.ones((), dtype=torch.float32).expand(image.shape)
+            image = torch.as_tensor(d[key]).as_subclass(torch.Tensor)  # no metadata overhead
+            valid = image > 0.5 * PAD_SENTINEL
+            if bool(valid.all()):  # the common case: keep the crop a view, no copy
+                d[self.valid_key] = torch.ones((), dtype=torch.bool).expand(image.shape)
                 continue
-            d[self.valid_key] = (~padded).to(torch.float32).as_subclass(torch.Tensor)
-            d[key] = torch.where(padded, torch.zeros_like(image), image)
+            d[self.valid_key] = valid
+            d[key] = image.clamp(min=0.0)  # the sentinel -> 0; the scan is already >= 0
         return d
 
 
@@ -285,8 +286,9 @@ def pretrain_transforms(data_cfg: DataConfig, superpatch: Sequence[int]) -> Comp
     (``data_cfg.augment``) flip, turn and contrast-jitter each.
 
     Each call returns a list of ``crops_per_volume`` dicts ``{"image": (1, D, H, W),
-    "valid": (1, D, H, W)}`` (float32 torch tensors, metadata dropped) with ``(D, H, W) ==
-    superpatch``: ``image`` in [0, 1] with padding at 0, ``valid`` 0.0 where padded.
+    "valid": (1, D, H, W)}`` (torch tensors, metadata dropped) with ``(D, H, W) ==
+    superpatch``: ``image`` float32 in [0, 1] with padding at 0, ``valid`` bool, False where
+    padded.
     """
     roi = tuple(int(s) for s in superpatch)
     chain = list(load_transforms(data_cfg))
@@ -310,7 +312,10 @@ def pretrain_transforms(data_cfg: DataConfig, superpatch: Sequence[int]) -> Comp
     ]
     if data_cfg.augment:
         chain += augment_transforms(roi)
-    chain.append(EnsureTyped((IMAGE_KEY, VALID_KEY), dtype=torch.float32, track_meta=False))
+    chain += [
+        EnsureTyped(IMAGE_KEY, dtype=torch.float32, track_meta=False),
+        EnsureTyped(VALID_KEY, dtype=torch.bool, track_meta=False),
+    ]
     return DataCompose(chain)
 
 

@@ -213,6 +213,7 @@ class GLMAE(MAESIL):
             self.ema_update()
         ratio = self.cfg.mask_ratio
         gview = F.avg_pool3d(x, self.scale) if self.scale > 1 else x  # (B, C, *V)
+        valid = None if valid is None else valid.to(x.dtype)  # bool from the loader
         # share of scan (not padding) in each global-view voxel
         gvalid = valid if valid is None or self.scale == 1 else F.avg_pool3d(valid, self.scale)
 

@@ -135,7 +135,7 @@ class MAESIL(nn.Module):
     ) -> torch.Tensor:
         """Mean squared error over the masked patches only.
 
-        x (B, C, D, H, W), pred (B, L, P), mask (B, L); valid (B, 1, D, H, W) 0.0 on
+        x (B, C, D, H, W), pred (B, L, P), mask (B, L); valid (B, 1, D, H, W) 0 / False on
         padding, which is left out (None: every voxel counts).
         """
         target, _, _ = self._target(x)
@@ -166,7 +166,7 @@ class MAESIL(nn.Module):
         valid: torch.Tensor | None = None,
     ) -> PretrainOutput:
         """x (B, C, *superpatch) in [0, 1]; mask (B, L) bool or None (drawn on x.device);
-        valid (B, 1, *superpatch) 0.0 on padding the loss leaves out, or None.
+        valid (B, 1, *superpatch) 0 / False on padding the loss leaves out, or None.
 
         Returns loss, pred (B, C, D, H, W) reconstruction in voxel space (detached, for
         display) and mask (B, 1, D, H, W) float, 1.0 on masked voxels.
