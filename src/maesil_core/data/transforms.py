@@ -46,7 +46,7 @@ from .io import HU_MIN_THRESHOLD, Volume, load_labels, load_volume
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"
-#: (1, D, H, W) 1.0 on voxels of the scan, 0.0 on padding added to reach the superpatch size
+#: (1, D, H, W) bool: True on voxels of the scan, False on padding added to reach the superpatch
 VALID_KEY = "valid"
 
 #: what pretraining pads with before cropping: outside [0, 1], so padding stays recognisable
