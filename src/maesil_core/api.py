@@ -138,7 +138,7 @@ def pretrain(
     start_step = 0
     if resume:
         prepare_run_dir(run_dir, resume=True, force=False)
-        last = load_checkpoint(list_checkpoints(run_dir)[-1])
+        last = load_checkpoint(list_checkpoints(run_dir)[-1], weights_too=False)
         cfg, start_step = resumed_config(last.config, cfg), last.step
         if not data:  # the run's own scans, not the phantom
             extra = last.meta.get("extra") or {}

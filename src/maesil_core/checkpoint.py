@@ -214,8 +214,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: str | Path, *, kind: str | None = None) -> Checkpoint:
-    """Load weights and metadata. ``kind`` (e.g. ``"segmentation"``) is checked if given."""
+def load_checkpoint(
+    path: str | Path, *, kind: str | None = None, weights_too: bool = True
+) -> Checkpoint:
+    """Load weights and metadata. ``kind`` (e.g. ``"segmentation"``) is checked if given.
+
+    ``weights_too=False`` reads the metadata only (``state_dict`` stays empty): for a resume,
+    which needs the run's config and step while ``fit`` loads the weights itself.
+    """
     weights = resolve_checkpoint(path)
     meta = read_meta(weights)
     if kind is not None and meta.get("kind", "pretrain") != kind:
@@ -223,6 +229,8 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> Checkpoint:
             f"{weights} is a {meta.get('kind')} checkpoint ({meta.get('method')}), but a {kind} "
             f"checkpoint is needed here."
         )
+    if not weights_too:
+        return Checkpoint(path=weights, meta=meta, state_dict={})
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -561,7 +561,7 @@ def finetune(
         prepare_run_dir(run_dir, resume=True, force=False)
         from .checkpoint import list_checkpoints
 
-        last = load_checkpoint(list_checkpoints(run_dir)[-1], kind=KIND)
+        last = load_checkpoint(list_checkpoints(run_dir)[-1], kind=KIND, weights_too=False)
         cfg = resumed_config(last.config, cfg)  # steps, device and threads from ``cfg``
         seg = SegmentationConfig.from_dict(last.meta["extra"]["segmentation"])
         pretrained = None  # the run's own weights are loaded by fit(resume=True)
