@@ -47,7 +47,7 @@ def in_process(capsys, *args: str) -> tuple[int, str]:
 
 def test_help_has_examples():
     # ``python -m maesil_core.cli`` (what torchrun runs) knows the segmentation commands too
-    for command in ("pretrain", "reconstruct", "info", "finetune", "segment", "evaluate"):
+    for command in ("pretrain", "reconstruct", "info", "finetune", "segment", "evaluate", "probe"):
         out = run_cli(command, "--help")
         assert out.returncode == 0, out.stderr
         assert "examples:" in out.stdout and f"maesil {command}" in out.stdout

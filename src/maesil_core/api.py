@@ -384,3 +384,4 @@ __all__ = [
     "reconstruct",
 ]
 from .finetune import evaluate, finetune, segment  # noqa: E402, F401  (fine-tuning API)
+from .probe import probe  # noqa: E402, F401  (linear probe of a pretrained encoder)

@@ -431,6 +431,8 @@ _EXTENSIONS: list[Callable[..., None]] = []
 def main(argv: Sequence[str] | None = None) -> int:
     if importlib.util.find_spec("maesil_core.cli_segment") is not None:
         from . import cli_segment  # noqa: F401  (registers finetune / segment / evaluate)
+    from . import cli_probe  # noqa: F401  (registers probe)
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -10,7 +10,7 @@ unit, so what is shown is what the model was trained to do.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,37 @@ def tile_grid(shape: tuple[int, ...], tile: tuple[int, int, int]) -> list[tuple[
     ]
 
 
+def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:
+    """(C, D, H, W) zero-padded at the far end of each axis up to a multiple of ``multiple``."""
+    pad: list[int] = []
+    for s, m in reversed(list(zip(x.shape[1:], multiple))):
+        pad += [0, math.ceil(s / int(m)) * int(m) - s]
+    return F.pad(x.float(), pad, value=0.0)
+
+
+def iter_tiles(
+    image: torch.Tensor,
+    tile: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    cancel: Callable[[], bool] | None = None,
+) -> Iterator[tuple[list[tuple[int, int, int]], torch.Tensor]]:
+    """Batches ``(corners, tiles (b, C, *tile) on device)`` of the non-overlapping tiles of
+    ``image`` (C, D, H, W), zero-padded up to a multiple of ``tile``; ``cancel()`` is checked
+    before each batch and raises :class:`~maesil_core.errors.Cancelled`."""
+    t = tuple(int(v) for v in tile)
+    x = pad_to_multiple(image, t)  # (C, D', H', W')
+    corners = tile_grid(tuple(image.shape[1:]), t)  # type: ignore[arg-type]
+    for start in range(0, len(corners), batch_size):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        chunk = corners[start : start + batch_size]
+        tiles = torch.stack(
+            [x[:, i : i + t[0], j : j + t[1], k : k + t[2]] for i, j, k in chunk]
+        ).to(device)  # (b, C, *tile)
+        yield chunk, tiles
+
+
 @torch.no_grad()
 def reconstruct_volume(
     model: nn.Module,
@@ -62,24 +93,15 @@ def reconstruct_volume(
     tile = tuple(model.cfg.superpatch)
     c, *spatial = image.shape
     padded = [math.ceil(s / t) * t for s, t in zip(spatial, tile)]
-    pad = []
-    for s, p in reversed(list(zip(spatial, padded))):
-        pad += [0, p - s]
-    x = F.pad(image.float(), pad, value=0.0)  # (C, D', H', W')
-    corners = tile_grid(tuple(spatial), tile)
-    recon = torch.zeros_like(x)
-    pred = torch.zeros_like(x)
+    n_tiles = len(tile_grid(tuple(spatial), tile))
+    recon = torch.zeros((c, *padded), dtype=torch.float32)  # (C, D', H', W')
+    pred = torch.zeros_like(recon)
     mask = torch.zeros((1, *padded), dtype=torch.float32)
     device = torch.device(device)
     model = model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    for start in range(0, len(corners), batch_size):
-        if cancel is not None and cancel():
-            raise Cancelled()
-        chunk = corners[start : start + batch_size]
-        tiles = torch.stack(
-            [x[:, i : i + tile[0], j : j + tile[1], k : k + tile[2]] for i, j, k in chunk]
-        ).to(device)  # (b, C, *tile)
+    done = 0
+    for chunk, tiles in iter_tiles(image, tile, batch_size, device, cancel):
         r, m, p = model.reconstruct(
             tiles, mode=mode, ratio=ratio, generator=generator, return_raw=True
         )
@@ -88,7 +110,8 @@ def reconstruct_volume(
             recon[sl] = r[n].float().cpu()
             pred[sl] = p[n].float().cpu()
             mask[sl] = m[n].float().cpu()
+        done += len(chunk)
         if progress is not None:
-            progress(min(start + batch_size, len(corners)), len(corners))
+            progress(done, n_tiles)
     crop = (slice(None), *[slice(0, s) for s in spatial])
     return TiledReconstruction(recon=recon[crop], pred=pred[crop], mask=mask[crop])
