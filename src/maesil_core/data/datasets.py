@@ -70,10 +70,13 @@ def _read_list(txt: Path) -> list[str]:
 
 
 def _read_dataset_json(path: Path, with_labels: bool = False) -> list[Any]:
-    """MSD-style ``dataset.json``: ``training`` entries' images (and ``test`` images).
+    """MSD-style ``dataset.json``: ``training`` entries' images (and ``test`` images), read
+    with MONAI's datalist loader (paths relative to the file's folder).
 
     With ``with_labels``, the ``training`` entries as ``{"image", "label"}`` dicts.
     """
+    from monai.data import load_decathlon_datalist
+
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -84,26 +87,26 @@ def _read_dataset_json(path: Path, with_labels: bool = False) -> list[Any]:
             'write {"training": [{"image": "...", "label": "..."}], "test": ["..."]}.'
         )
 
-    def rel(p: str) -> str:
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else path.parent / q)
+    def entries(key: str) -> list[dict[str, Any]]:
+        if not meta.get(key):
+            return []
+        try:
+            items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DataError(
+                f"{path}: its {key!r} list is not MSD-style ({exc}); write each entry as "
+                '{"image": "imagesTr/case.nii.gz", "label": "labelsTr/case.nii.gz"}.'
+            ) from exc
+        for item in items:
+            if "image" not in item or (with_labels and "label" not in item):
+                need = "'image' and 'label' for fine-tuning" if with_labels else "an 'image'"
+                raise DataError(f"{path}: every {key!r} entry needs {need}.")
+        return items
 
-    training = meta.get("training", []) or []
+    training = entries("training")
     if with_labels:
-        pairs = []
-        for entry in training:
-            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-                raise DataError(
-                    f"{path}: every 'training' entry needs 'image' and 'label' for fine-tuning."
-                )
-            pairs.append({"image": rel(entry["image"]), "label": rel(entry["label"])})
-        return pairs
-    images = []
-    for entry in training:
-        images.append(rel(entry["image"] if isinstance(entry, dict) else entry))
-    for entry in meta.get("test", []) or []:
-        images.append(rel(entry["image"] if isinstance(entry, dict) else entry))
-    return images
+        return [{"image": str(e["image"]), "label": str(e["label"])} for e in training]
+    return [str(e["image"]) for e in training + entries("test")]
 
 
 def _resolve_one(item: str | Path, skip_labels: bool, depth: int = 0) -> list[Path]:

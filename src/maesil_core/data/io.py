@@ -406,12 +406,45 @@ def read_label_names(path_or_dir: str | Path) -> dict[int, str]:
         )
     try:
         raw = json.loads(p.read_text())
+        if isinstance(raw, dict) and isinstance(raw.get("labels"), dict):  # a dataset.json
+            return dataset_label_names(p) or {}
         names = {int(k): str(v) for k, v in raw.items()}
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         raise DataError(
             f"{p} is not a label-names JSON object ({_first_line(exc)}); "
             'write it as {"1": "liver", "2": "spleen"}.'
         ) from exc
+    return names
+
+
+def dataset_label_names(path: str | Path) -> dict[int, str] | None:
+    """``{id: name}`` (background left out) from the ``labels`` map of an MSD
+    (``{"0": "background", "1": "liver"}``) or nnU-Net v2 (``{"background": 0, "liver": 1}``)
+    ``dataset.json``, read with MONAI's ``load_decathlon_properties``; None without one."""
+    from monai.data import load_decathlon_properties
+
+    path = Path(path)
+    try:
+        labels = load_decathlon_properties(path, property_keys="labels")["labels"]
+    except KeyError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable dataset.json ({exc}).") from exc
+    if not isinstance(labels, dict):
+        raise DataError(f'{path}: \'labels\' must be an object such as {{"1": "liver"}}.')
+    names: dict[int, str] = {}
+    for key, value in labels.items():
+        if str(key).strip().lstrip("-").isdigit() and isinstance(value, str):  # MSD: id -> name
+            cid, name = int(key), str(value)
+        elif isinstance(value, int) and not isinstance(value, bool):  # nnU-Net v2: name -> id
+            cid, name = value, str(key)
+        else:
+            raise DataError(
+                f"{path}: label {key!r}: {value!r} is neither MSD ('1': 'liver') nor nnU-Net "
+                "('liver': 1) style (nnU-Net region labels, lists of ids, are not supported)."
+            )
+        if cid > 0:
+            names[cid] = name
     return names
 
 

@@ -260,11 +260,19 @@ def from_label_maps(
 
 
 def find_label_names(label_file: str | Path) -> dict[int, str] | None:
-    """``label_names.json`` beside ``label_file`` (or in the folder), or None."""
-    from .io import read_label_names
+    """The names of a label map's ids: ``label_names.json`` beside ``label_file`` (or in the
+    folder), else the ``labels`` map of an MSD / nnU-Net ``dataset.json`` in that folder or the
+    one above (``Task/labelsTr/case.nii.gz`` -> ``Task/dataset.json``); None without either."""
+    from .io import dataset_label_names, read_label_names
 
     p = Path(label_file)
-    candidate = (p if p.is_dir() else p.parent) / "label_names.json"
-    if not candidate.is_file():
-        return None
-    return read_label_names(candidate)
+    folder = p if p.is_dir() else p.parent
+    candidate = folder / "label_names.json"
+    if candidate.is_file():
+        return read_label_names(candidate)
+    for where in (folder, folder.parent):
+        if (where / "dataset.json").is_file():
+            names = dataset_label_names(where / "dataset.json")
+            if names:
+                return names
+    return None
