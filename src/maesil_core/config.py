@@ -120,6 +120,13 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     mlp_ratio: float = 4.0
+    #: LayerNorm epsilon of the encoder: 1e-6 as in MAE; 1e-5 is MONAI's ViT (set by
+    #: ``maesil import --from monai-vit``, so imported weights give MONAI's features exactly)
+    norm_eps: float = 1e-6
+    #: encoder position embedding: "sincos" (fixed, computed for any grid, not saved) or
+    #: "learned" (a parameter saved with the weights and resized trilinearly to other grids;
+    #: what MONAI's ViT holds)
+    pos_embed: str = "sincos"
     mask_mode: str = "dual"
     mask_ratio: float = 0.75
     block: Int3 = (2, 2, 2)
@@ -156,6 +163,10 @@ class ModelConfig:
             raise ConfigError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}."
             )
+        if self.pos_embed not in ("sincos", "learned"):
+            raise ConfigError(f"pos_embed must be sincos or learned, got {self.pos_embed!r}.")
+        if not float(self.norm_eps) > 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}.")
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ConfigError(
                 f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "

@@ -37,7 +37,16 @@ from ..errors import ConfigError
 from .vit3d import ViTEncoder3D
 
 #: the architecture fields a pretrained encoder must share with the segmenter
-ENCODER_FIELDS = ("in_channels", "patch", "embed_dim", "depth", "num_heads", "mlp_ratio")
+ENCODER_FIELDS = (
+    "in_channels",
+    "patch",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "norm_eps",
+    "pos_embed",
+)
 
 
 def upsampling_stages(patch: Sequence[int]) -> int:

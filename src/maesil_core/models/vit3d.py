@@ -149,11 +149,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). (B, N, C) -> (B, N, C)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +184,11 @@ def init_vit_weights(module: nn.Module) -> None:
 class ViTEncoder3D(nn.Module):
     """3D ViT encoder for ``cfg`` (no class token).
 
+    ``cfg.pos_embed``: ``"sincos"`` (default) keeps a fixed embedding that is not saved;
+    ``"learned"`` makes it a parameter ``pos_embed`` (1, L, E), saved with the weights,
+    initialised with the sin-cos code and resized trilinearly for other grids.
+    ``cfg.norm_eps`` is the epsilon of every LayerNorm.
+
     ``forward(x, keep_idx)`` embeds all patches, adds the position embedding, keeps only the
     tokens in ``keep_idx`` (MAE: the encoder sees visible tokens only) and runs the blocks.
     ``forward_features(x, layers)`` returns intermediate hidden states for segmentation decoders
@@ -206,13 +211,19 @@ class ViTEncoder3D(nn.Module):
         self.pos_resize = pos_resize
 
         self.patch_embed = PatchEmbed3D(cfg.patch, cfg.in_channels, cfg.embed_dim)
-        # fixed, not trained, not saved: recomputed from cfg, so checkpoints do not depend on grid
         pos = pos_embed_3d_sincos(cfg.embed_dim, self.grid)[None]  # (1, L, E)
-        self.register_buffer("pos_embed", pos, persistent=False)
+        if getattr(cfg, "pos_embed", "sincos") == "learned":
+            self.pos_embed = nn.Parameter(pos)  # saved; other grids get a trilinear resize
+            self.pos_resize = "interpolate"
+        else:
+            # fixed, not trained, not saved: recomputed from cfg, so checkpoints do not depend
+            # on the grid
+            self.register_buffer("pos_embed", pos, persistent=False)
+        eps = float(getattr(cfg, "norm_eps", 1e-6))
         self.blocks = nn.ModuleList(
-            [Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
+            [Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, eps) for _ in range(cfg.depth)]
         )
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=eps)
         init_vit_weights(self)
 
     # ---------------------------------------------------------------- helpers
