@@ -8,14 +8,20 @@ import numpy as np
 
 from .checkpoint import atomic_write
 
+#: screen-left / screen-right patient directions of each view, as drawn on the figure
+VIEW_SIDES = {"axial": ("R", "L"), "coronal": ("R", "L"), "sagittal": ("A", "P")}
 
-def _orthogonal_slices(vol: np.ndarray, center: tuple[int, int, int]) -> list[np.ndarray]:
-    """Axial, coronal, sagittal slices through ``center`` of a RAS-ordered (X, Y, Z) volume,
-    rotated so anterior is up and patient's right is on the left (radiological view)."""
+
+def orthogonal_slices(vol: np.ndarray, center: tuple[int, int, int]) -> list[np.ndarray]:
+    """Axial, coronal and sagittal slices through ``center`` of a RAS-ordered (X, Y, Z)
+    volume, each (rows, columns) as shown the radiological way, as napari shows this
+    plugin's layers: axial with anterior at the top and the patient's right on the screen's
+    left; coronal with the head at the top and the patient's right on the left; sagittal with
+    the head at the top and anterior on the left."""
     x, y, z = center
-    axial = np.rot90(vol[:, :, z])
-    coronal = np.rot90(vol[:, y, :])
-    sagittal = np.rot90(vol[x, :, :])
+    axial = vol[::-1, ::-1, z].T  # rows: A -> P, columns: R -> L
+    coronal = vol[::-1, y, ::-1].T  # rows: S -> I, columns: R -> L
+    sagittal = vol[x, ::-1, ::-1].T  # rows: S -> I, columns: A -> P
     return [axial, coronal, sagittal]
 
 
@@ -30,7 +36,9 @@ def reconstruction_figure(
 ) -> Path:
     """Rows: axial / coronal / sagittal; columns: ``panels`` (e.g. CT, masked, reconstruction,
     error). Volumes are reoriented to RAS with nibabel so the picture reads the same for any
-    input orientation; aspect follows the voxel spacing."""
+    input orientation, then drawn the radiological way (:func:`orthogonal_slices`; the
+    patient's right on the screen's left, letters at the edges); aspect follows the voxel
+    spacing."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -63,11 +71,23 @@ def reconstruction_figure(
             vmin, vmax, cmap = window[0], window[1], "gray"
         else:
             vmin, vmax, cmap = float(vol.min()), float(vol.max()) or 1.0, "gray"
-        for row, (sl, aspect) in enumerate(zip(_orthogonal_slices(vol, center), aspects)):
+        for row, (sl, aspect) in enumerate(zip(orthogonal_slices(vol, center), aspects)):
             ax = axes[row][col]
             ax.imshow(sl, cmap=cmap, vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            view = ["axial", "coronal", "sagittal"][row]
+            for x_pos, ha, letter in zip((0.02, 0.98), ("left", "right"), VIEW_SIDES[view]):
+                ax.text(
+                    x_pos,
+                    0.5,
+                    letter,
+                    transform=ax.transAxes,
+                    ha=ha,
+                    va="center",
+                    color="yellow",
+                    fontsize=8,
+                )
             if row == 0:
                 ax.set_title(name)
             if col == 0:
