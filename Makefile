@@ -12,7 +12,7 @@ RUN ?= runs/demo
 STEPS ?= 300
 XVFB := $(shell command -v xvfb-run 2>/dev/null)
 
-.PHONY: install demo test lint format clean system-deps
+.PHONY: install demo test test-min lint format clean system-deps
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ test: install
 	$(VENV)/bin/ruff format --check .
 	$(if $(XVFB),xvfb-run -a -s "-screen 0 1280x1024x24",) $(PY) -m pytest $(PYTEST_ARGS)
 
+# the lower bounds of setup.cfg: .ci/min-versions.txt in a separate .venv-min, core tests (no GUI)
+test-min:
+	$(PYTHON) -m venv .venv-min
+	.venv-min/bin/pip install -q "$(TORCH)"
+	.venv-min/bin/pip install -q -c .ci/min-versions.txt -e . pytest einops jsonschema fire pytorch-ignite
+	.venv-min/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_plugin.py \
+	  --ignore=tests/readme_screenshots.py --ignore=tests/test_packaging.py $(PYTEST_ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
@@ -47,4 +55,4 @@ format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-min build dist src/*.egg-info .pytest_cache .ruff_cache
