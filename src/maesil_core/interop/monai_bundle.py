@@ -130,12 +130,17 @@ def _intensity(data_cfg: Any) -> dict[str, Any]:
     }
 
 
-def inference_config(ckpt: Checkpoint) -> dict[str, Any]:
-    """``configs/inference.json`` for a segmentation checkpoint."""
+def _settings(ckpt: Checkpoint) -> tuple[Any, dict[str, Any], list[dict[str, Any]], list[int]]:
+    """The run config, segmentation settings, classes and inference window of ``ckpt``."""
     cfg = ckpt.config
     seg = ckpt.meta["extra"]["segmentation"]
-    classes = ckpt.meta["extra"]["labels"]["classes"]
     roi = list(seg["roi"]) if seg.get("roi") else list(cfg.model.superpatch)
+    return cfg, seg, ckpt.meta["extra"]["labels"]["classes"], roi
+
+
+def inference_config(ckpt: Checkpoint) -> dict[str, Any]:
+    """``configs/inference.json`` for a segmentation checkpoint."""
+    cfg, seg, classes, roi = _settings(ckpt)
     ids = [int(c["id"]) for c in classes]
     pre: list[dict[str, Any]] = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True},
@@ -253,10 +258,7 @@ def metadata(ckpt: Checkpoint) -> dict[str, Any]:
 
     from .. import __version__
 
-    cfg = ckpt.config
-    seg = ckpt.meta["extra"]["segmentation"]
-    classes = ckpt.meta["extra"]["labels"]["classes"]
-    roi = list(seg["roi"]) if seg.get("roi") else list(cfg.model.superpatch)
+    cfg, seg, classes, roi = _settings(ckpt)
     names = [str(c["name"]) for c in classes]
     channel_def = {"0": "background", **{str(i): n for i, n in enumerate(names, start=1)}}
     spacing = [float(s) for s in cfg.data.spacing] if cfg.data.spacing is not None else None
