@@ -435,7 +435,7 @@ def test_two_process_ddp_finetuning_on_cpu_writes_one_checkpoint_set(
     ct, lab = folder / "ct.nii.gz", folder / "labels.nii.gz"
     run = tmp_path / "ddp"
     argv = ["-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    argv += ["--master-port", _free_port(), "-m", "maesil_core.cli", "finetune"]
+    argv += ["--master-port", _free_port(), "-m", "maesil_core", "finetune"]
     argv += ["--images", ct, "--labels", lab, "--pretrained", pretrained_run, "--out", run]
     argv += ["--classes", "liver", "spleen", "--val-images", ct, "--val-labels", lab]
     argv += ["--steps", 4, "--batch-size", 1, "--checkpoint-every", 2, "--eval-every", 2]
@@ -529,7 +529,7 @@ def test_finetune_takes_the_architecture_and_geometry_from_pretrained(
 def test_preset_beside_pretrained_is_compared_with_the_checkpoints_method(method, tmp_path):
     """--preset tiny beside a tiny run of any method (pretrain --method, not the preset, chose
     it) only sets the training settings; a preset of another size is refused."""
-    from maesil_core import cli_segment
+    from maesil_core.cli import segmentation as cli_segment
 
     cfg = preset("tiny").override("model", method=method)
     pre = load_checkpoint(save_checkpoint(tmp_path / "pre", build_model(cfg.model), cfg, 1))

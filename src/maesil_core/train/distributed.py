@@ -1,6 +1,6 @@
 """PyTorch DDP under ``torchrun``: the same command line on one or many GPUs.
 
-``torchrun --nproc-per-node 4 -m maesil_core.cli pretrain ...`` sets ``RANK``,
+``torchrun --nproc-per-node 4 -m maesil_core pretrain ...`` sets ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK``; without them everything runs in one process.
 """
 

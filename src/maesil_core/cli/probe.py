@@ -15,8 +15,8 @@ import json
 
 import torch
 
-from . import cli
-from .errors import ConfigError
+from ..errors import ConfigError
+from .common import Progress, add_command
 
 EXAMPLE = """examples:
   maesil probe --checkpoint runs/ct --images ../shared/data/abdomen_ct/ct.nii.gz \\
@@ -34,7 +34,7 @@ beat them has learnt nothing a linear read-out can use beyond patch intensities.
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from . import probe as pr
+    from .. import probe as pr
 
     if args.threads is not None:
         if args.threads < 0:
@@ -55,7 +55,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         max_voxels=args.max_voxels,
         random_inits=args.random_inits,
         device=args.device or "auto",
-        progress=cli.Progress(),
+        progress=Progress(),
     )
     if args.json:
         print(json.dumps(result.scores))
@@ -68,13 +68,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub, command) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add ``probe`` to the ``maesil`` parser."""
-    cli.EXAMPLES["probe"] = EXAMPLE
-    p = command(
+    p = add_command(
+        sub,
         "probe",
         "score a pretrained encoder by a linear probe per organ, beside random init and patch statistics",
         cmd_probe,
+        EXAMPLE,
     )
     p.add_argument("--checkpoint", required=True, help="pretraining run dir or .safetensors")
     p.add_argument(
@@ -127,6 +128,3 @@ def register(sub, command) -> None:
         action="store_true",
         help='print only {"encoder": {class: dice}, "random_init": {...}, "patch_stats": {...}}',
     )
-
-
-cli._EXTENSIONS.append(register)

@@ -1,4 +1,4 @@
-"""``maesil finetune`` / ``segment`` / ``evaluate``: registered into :mod:`maesil_core.cli`.
+"""``maesil finetune`` / ``segment`` / ``evaluate``: organ segmentation from a pretrained encoder.
 
     maesil finetune --images ct/ --labels labels/ --pretrained runs/pre --out runs/seg --classes liver spleen
     maesil segment --checkpoint runs/seg --input new_ct.nii.gz --out new_ct_seg.nii.gz
@@ -16,8 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cli
-from .errors import ConfigError
+from ..errors import ConfigError
+from .common import (
+    Progress,
+    add_command,
+    add_run_options,
+    install_cancel,
+    resume_config,
+    run_config_from_args,
+)
 
 EXAMPLES = {
     "finetune": """examples:
@@ -60,8 +67,8 @@ def _paths(values: list[str] | None) -> list[str] | None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from . import finetune as ft
-    from .checkpoint import load_checkpoint
+    from .. import finetune as ft
+    from ..checkpoint import load_checkpoint
 
     if not args.images:
         raise ConfigError(
@@ -69,7 +76,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "with --resume."
         )
     if args.resume:  # the run's own settings; only --steps / --device / --threads from the flags
-        cfg = cli.resume_config(args)
+        cfg = resume_config(args)
     else:
         cfg = finetune_config(args, load_checkpoint(args.pretrained) if args.pretrained else None)
     seg = ft.SegmentationConfig(
@@ -83,7 +90,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     if args.roi and len(args.roi) not in (1, 3):
         raise ConfigError("--roi takes one number or three (D H W voxels).")
-    cancel = cli._install_cancel()
+    cancel = install_cancel()
     result = ft.finetune(
         _paths(args.images),
         _paths(args.labels),
@@ -100,7 +107,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         resample_labels=args.resample_labels,
         resume=args.resume,
         force=args.force,
-        progress=cli.Progress(),
+        progress=Progress(),
         cancel=cancel,
     )
     if os.environ.get("RANK", "0") != "0":
@@ -129,16 +136,16 @@ def finetune_config(args: argparse.Namespace, pre_ckpt):
     batch, lr, ...; default: the checkpoint's own preset), and one that describes another
     encoder is refused (CheckpointError, exit 2) rather than silently replaced.
     """
-    from . import finetune as ft
-    from .config import PRESETS
-    from .errors import CheckpointError
-    from .models.segmenter import architecture_mismatch
+    from .. import finetune as ft
+    from ..config import PRESETS
+    from ..errors import CheckpointError
+    from ..models.segmenter import architecture_mismatch
 
     explicit = args.preset is not None or args.config is not None
     if args.preset is None:
         known = pre_ckpt is not None and pre_ckpt.config.preset in PRESETS
         args.preset = pre_ckpt.config.preset if known else "tiny"
-    cfg = cli.run_config_from_args(args)
+    cfg = run_config_from_args(args)
     if pre_ckpt is not None:
         # a preset has no method of its own (pretrain --method sets it): compare the encoder the
         # preset gives to the checkpoint's method, so `--preset tiny` fits a tiny ae / vae run
@@ -165,15 +172,15 @@ def finetune_config(args: argparse.Namespace, pre_ckpt):
 
 
 def _default_out(input_path: str) -> Path:
-    from .data.io import strip_suffix
+    from ..data.io import strip_suffix
 
     p = Path(input_path.rstrip("/"))
     return Path.cwd() / f"{strip_suffix(p.name)}_seg.nii.gz"
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from . import finetune as ft
-    from .data.io import strip_suffix
+    from .. import finetune as ft
+    from ..data.io import strip_suffix
 
     out = Path(args.out) if args.out else _default_out(args.input)
     if not out.name.lower().endswith((".nii.gz", ".nii")):
@@ -193,7 +200,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size,
         largest_component=args.largest_component,
         device=args.device or "auto",
-        progress=cli.Progress(),
+        progress=Progress(),
     )
     seg_path, names_path = result.save(out, overwrite=args.force)
     print(f"labels: {seg_path}")
@@ -206,7 +213,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import finetune as ft
+    from .. import finetune as ft
 
     csv_path = _evaluation_csv(args)  # refuse an existing --csv before the work, not after
     report = ft.evaluate(
@@ -219,7 +226,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         largest_component=args.largest_component,
         device=args.device or "auto",
-        progress=cli.Progress(),
+        progress=Progress(),
     )
     print(report.table())
     report.save_csv(csv_path)
@@ -245,9 +252,11 @@ def _evaluation_csv(args: argparse.Namespace) -> Path:
     return path
 
 
-def register(sub, command) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add ``finetune``, ``segment`` and ``evaluate`` to the ``maesil`` parser."""
-    cli.EXAMPLES.update(EXAMPLES)
+
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        return add_command(sub, name, help, func, EXAMPLES[name])
 
     p = command(
         "finetune", "fine-tune a pretrained encoder into a 3D organ segmenter", cmd_finetune
@@ -330,7 +339,7 @@ def register(sub, command) -> None:
         action="store_true",
         help="resample label maps onto their image by world coordinates",
     )
-    cli.add_run_options(
+    add_run_options(
         p,
         preset_default=None,  # None: the --pretrained checkpoint's preset (else tiny)
         preset_help="named configuration. Without --pretrained: the architecture and training "
@@ -399,6 +408,3 @@ def register(sub, command) -> None:
         "... when it exists)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing --csv")
-
-
-cli._EXTENSIONS.append(register)

@@ -1,0 +1,234 @@
+"""What every ``maesil`` command shares: the progress line, Ctrl-C handling, the run
+options of ``pretrain`` / ``finetune`` (flags -> :class:`~maesil_core.config.RunConfig`) and
+:func:`add_command`, which each command module's ``register(sub)`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+#: exit status of a problem with the input or the settings (one line on stderr)
+EXIT_USAGE = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    func: Command,
+    examples: str | None = None,
+) -> argparse.ArgumentParser:
+    """A ``maesil NAME`` subcommand running ``func(args) -> exit status``, with ``examples``
+    (text after ``examples:``) at the end of its ``--help``."""
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=func)
+    return p
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn on a terminal, periodic lines otherwise)."""
+
+    def __init__(self, stream=None, every_s: float = 5.0):
+        stream = sys.stderr if stream is None else stream  # the stderr of now, not of import
+        self.stream = stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.every_s = every_s
+        self._last = 0.0
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        phase = info.get("phase", "train")
+        step, steps = int(info.get("step", 0)), int(info.get("steps", 0) or 1)
+        width = 24
+        filled = int(width * step / steps)
+        bar = "#" * filled + "-" * (width - filled)
+        parts = [f"[{bar}] {step}/{steps}"]
+        if "loss" in info:
+            parts.append(f"loss {info['loss']:.4g}")
+        if "volumes_per_s" in info:
+            parts.append(f"{info['volumes_per_s']:.2f} vol/s")
+        if "lr" in info:
+            parts.append(f"lr {info['lr']:.2e}")
+        for key in sorted(info):
+            if key.startswith("val_") and isinstance(info[key], float):
+                parts.append(f"{key} {info[key]:.3f}")
+        if info.get("eta_s") is not None and phase == "train":
+            parts.append(f"{_hms(info['eta_s'])} left")
+        line = " | ".join(parts)
+        final = phase in ("done", "cancelled", "checkpoint")
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100)[:140] + ("\n" if final else ""))
+        elif final or now - self._last >= self.every_s or step == steps:
+            self.stream.write(line + "\n")
+            self._last = now
+        if phase == "checkpoint":
+            self.stream.write(f"  checkpoint: {info.get('checkpoint')}\n")
+        self.stream.flush()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def install_cancel() -> threading.Event:
+    """First Ctrl-C / SIGTERM: stop after this step and write a checkpoint. Second: abort."""
+    event = threading.Event()
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+        sys.stderr.write("\nstopping after this step (checkpoint follows); Ctrl-C again to abort\n")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+    return event
+
+
+# --------------------------------------------------------------------------- config from flags
+
+
+def add_run_options(
+    p: argparse.ArgumentParser,
+    default_steps_help: str = "",
+    *,
+    preset_default: str | None = "tiny",
+    preset_help: str = "named configuration (default: tiny, a CPU-sized model)",
+) -> None:
+    """Flags shared by ``pretrain`` and ``finetune``."""
+    from ..config import PRESETS
+
+    p.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    p.add_argument("--preset", default=preset_default, choices=sorted(PRESETS), help=preset_help)
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="JSON file overriding the preset "
+        '(e.g. {"model": {"mask_ratio": 0.8}, "train": {"lr": 3e-4}})',
+    )
+    p.add_argument("--steps", type=int, help="optimiser steps" + default_steps_help)
+    p.add_argument("--batch-size", type=int, help="superpatches per step and GPU")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        help="default: bf16 on GPUs that support it",
+    )
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--workers", type=int, help="data loader worker processes")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: one per core; 1 is often faster on a shared "
+        "or small CPU)",
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="MM",
+        help="target voxel spacing in mm (one or three numbers)",
+    )
+    p.add_argument(
+        "--window",
+        nargs="+",
+        metavar="HU",
+        help="HU window: a name (abdomen, lung, bone, brain, soft-tissue, wide) or LOW HIGH",
+    )
+    p.add_argument(
+        "--intensity",
+        choices=["auto", "hu", "percentile"],
+        help="how voxel values map to [0, 1] (default auto: HU window, or percentiles "
+        "for scans not in HU)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint with the run's own settings "
+        "(--steps N extends it to N steps, --device / --threads move it; other settings are "
+        "ignored). pretrain continues on the run's own scans unless --data is given",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+
+
+def run_config_from_args(args: argparse.Namespace):
+    """Preset -> --config file -> individual flags; validated."""
+    from ..config import ConfigError, load_config, preset
+
+    cfg = preset(args.preset)
+    if args.config:
+        cfg = load_config(args.config, base=cfg)
+    spacing = None
+    if args.spacing:
+        if len(args.spacing) not in (1, 3):
+            raise ConfigError("--spacing takes one number or three (mm).")
+        spacing = tuple(args.spacing * 3 if len(args.spacing) == 1 else args.spacing)
+    window = None
+    if args.window:
+        if len(args.window) == 1:
+            window = args.window[0]
+        elif len(args.window) == 2:
+            try:
+                window = (float(args.window[0]), float(args.window[1]))
+            except ValueError as exc:
+                raise ConfigError("--window takes a name or two numbers LOW HIGH.") from exc
+        else:
+            raise ConfigError("--window takes a name or two numbers LOW HIGH.")
+    cfg = cfg.override(
+        "data",
+        spacing=spacing,
+        hu_window=window,
+        intensity=args.intensity,
+        num_workers=args.workers,
+        augment=getattr(args, "augment", None),
+    )
+    cfg = cfg.override(
+        "train",
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        precision=args.precision,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    return cfg
+
+
+def resume_config(args: argparse.Namespace):
+    """``--resume``: the run's own saved config with only ``--steps`` (to extend the run),
+    ``--device`` and ``--threads`` taken from the command line; the preset's step count must
+    not stretch the schedule. None when ``--out`` has no checkpoint (the API then says so)."""
+    from ..checkpoint import list_checkpoints, read_meta
+    from ..config import RunConfig
+
+    found = list_checkpoints(args.out)
+    if not found:
+        return None
+    cfg = RunConfig.from_dict(read_meta(found[-1])["config"])
+    return cfg.override(
+        "train",
+        steps=args.steps,
+        device=args.device or "auto",
+        threads=getattr(args, "threads", None),
+    )

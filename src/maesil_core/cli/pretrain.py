@@ -1,0 +1,85 @@
+"""``maesil pretrain``: pretrain a 3D encoder on unlabelled CT (one GPU, many under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .common import (
+    Progress,
+    add_command,
+    add_run_options,
+    install_cancel,
+    resume_config,
+    run_config_from_args,
+)
+
+EXAMPLES = """examples:
+  maesil pretrain --out runs/demo                                 # tiny preset on the built-in CT phantom
+  maesil pretrain --data ../shared/data/abdomen_ct/ct.nii.gz ../shared/data/chest_ct --out runs/ct --preset tiny --steps 300
+  maesil pretrain --data scans/ dataset.json list.txt 'more/*.nii.gz' --out runs/base --preset base --device cuda
+  maesil pretrain --out runs/ct --resume --steps 600               # continue (and extend) a run
+  torchrun --nproc-per-node 4 -m maesil_core pretrain --data scans/ --out runs/ddp --preset base"""
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import api
+
+    if args.resume:
+        cfg = resume_config(args)
+    else:
+        cfg = run_config_from_args(args)
+        if getattr(args, "method", None):
+            cfg = cfg.override("model", method=args.method)
+        for key in ("mask_mode", "mask_ratio"):
+            if getattr(args, key, None) is not None:
+                cfg = cfg.override("model", **{key: getattr(args, key)})
+        cfg.validate()
+    cancel = install_cancel()
+    result = api.pretrain(
+        args.data,
+        args.out,
+        cfg,
+        resume=args.resume,
+        force=args.force,
+        progress=Progress(),
+        cancel=cancel,
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    state = "stopped early" if result.cancelled else "finished"
+    print(f"{state} at step {result.step}; checkpoint: {result.checkpoint}")
+    print(f"loss curve: {Path(args.out) / 'loss.png'}; metrics: {Path(args.out) / 'metrics.csv'}")
+    if result.cancelled:
+        print(f"continue with: maesil pretrain --out {args.out} --resume ...")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..models.registry import available_methods
+
+    p = add_command(sub, "pretrain", "pretrain a 3D encoder on unlabelled CT", run, EXAMPLES)
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="CT files (.nii, .nii.gz, .nrrd), DICOM folders, folders, globs, .txt lists "
+        "or a dataset.json; default: the built-in CT phantom",
+    )
+    p.add_argument(
+        "--method", choices=available_methods(), help="pretraining method (default maesil)"
+    )
+    p.add_argument(
+        "--mask-mode", choices=["dual", "random", "block"], help="masking (default dual)"
+    )
+    p.add_argument("--mask-ratio", type=float, help="share of masked patches (default 0.75)")
+    add_run_options(p)
+    p.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        default=None,
+        help="no random flips, axial turns or contrast jitter of the training crops (on by "
+        "default: trained on three scans, it reconstructs a held-out CT 3 dB better)",
+    )
