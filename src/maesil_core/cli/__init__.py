@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import Cancelled, MaesilError
-from . import info, pretrain, probe, reconstruct, segmentation
+from . import info, interop, pretrain, probe, reconstruct, segmentation
 from .common import (
     EXIT_USAGE,
     Progress,
@@ -40,7 +40,7 @@ from .common import (
 )
 
 #: the command modules, in the order ``maesil --help`` lists them; each has ``register(sub)``
-COMMANDS = (pretrain, reconstruct, info, segmentation, probe)
+COMMANDS = (pretrain, reconstruct, info, segmentation, probe, interop)
 
 
 def build_parser() -> argparse.ArgumentParser:
