@@ -28,6 +28,8 @@ def test_python_dash_m_maesil_core_is_the_command():
         "segment",
         "evaluate",
         "probe",
+        "export",
+        "import",
     ]
     for name in commands:
         assert f"    {name}" in result.stdout, (name, result.stdout)
