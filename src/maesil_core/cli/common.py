@@ -6,6 +6,7 @@ options of ``pretrain`` / ``finetune`` (flags -> :class:`~maesil_core.config.Run
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -41,22 +42,32 @@ def add_command(
 
 
 class Progress:
-    """A one-line progress bar on stderr (redrawn on a terminal, periodic lines otherwise)."""
+    """Progress of a long command on stderr, drawn by tqdm.
+
+    On a terminal: a live tqdm bar per phase (training steps, sliding windows, cases, tiles)
+    with loss, volumes/s, lr and validation Dice after it. Elsewhere (a log file, a batch
+    job): the same line in ASCII every ``every_s`` seconds and at the end of a phase, one per
+    line, so logs stay readable. Under ``torchrun`` only rank 0 prints. Rates and the time
+    left count from the first step this command saw (a resumed run starts at its step).
+    """
+
+    #: what the steps of each phase count
+    UNITS = {"train": "step", "segment": "window", "evaluate": "case", "reconstruct": "tile"}
 
     def __init__(self, stream=None, every_s: float = 5.0):
         stream = sys.stderr if stream is None else stream  # the stderr of now, not of import
         self.stream = stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.every_s = every_s
+        self.quiet = int(os.environ.get("RANK", "0") or 0) != 0
+        self._bar: Any = None
+        self._key: tuple[str, int] | None = None
+        self._first = (0, time.monotonic())  # (step, time) where the current phase started
         self._last = 0.0
 
-    def __call__(self, info: dict[str, Any]) -> None:
-        phase = info.get("phase", "train")
-        step, steps = int(info.get("step", 0)), int(info.get("steps", 0) or 1)
-        width = 24
-        filled = int(width * step / steps)
-        bar = "#" * filled + "-" * (width - filled)
-        parts = [f"[{bar}] {step}/{steps}"]
+    @staticmethod
+    def _postfix(info: dict[str, Any]) -> str:
+        parts = []
         if "loss" in info:
             parts.append(f"loss {info['loss']:.4g}")
         if "volumes_per_s" in info:
@@ -66,24 +77,59 @@ class Progress:
         for key in sorted(info):
             if key.startswith("val_") and isinstance(info[key], float):
                 parts.append(f"{key} {info[key]:.3f}")
-        if info.get("eta_s") is not None and phase == "train":
-            parts.append(f"{_hms(info['eta_s'])} left")
-        line = " | ".join(parts)
-        final = phase in ("done", "cancelled", "checkpoint")
-        now = time.monotonic()
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100)[:140] + ("\n" if final else ""))
-        elif final or now - self._last >= self.every_s or step == steps:
-            self.stream.write(line + "\n")
-            self._last = now
+        return " | ".join(parts)
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        phase = info.get("phase", "train")
         if phase == "checkpoint":
-            self.stream.write(f"  checkpoint: {info.get('checkpoint')}\n")
+            self._write(f"  checkpoint: {info.get('checkpoint')}")
+            return
+        final = phase in ("done", "cancelled")
+        step, steps = int(info.get("step", 0)), max(1, int(info.get("steps", 0) or 1))
+        unit = "step" if final else self.UNITS.get(phase, "step")
+        key = (unit, steps)
+        if key != self._key and not final:  # a new phase: its own bar, rate and time left
+            self.close()
+            self._key = key
+            self._first = (step, time.monotonic())
+            if self.tty:
+                self._bar = tqdm(
+                    total=steps, initial=step, unit=unit, file=self.stream, dynamic_ncols=True
+                )
+        postfix = self._postfix(info)
+        if self._bar is not None:
+            self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.update(step - self._bar.n)
+            if final or step >= steps:
+                self.close()
+            return
+        now = time.monotonic()
+        if final or step >= steps or now - self._last >= self.every_s:
+            first_step, t0 = self._first
+            line = tqdm.format_meter(
+                step, steps, now - t0, ascii=True, unit=unit, postfix=postfix or None,
+                ncols=120, initial=first_step,
+            )  # fmt: skip
+            self._write(line + (f" ({phase})" if final else ""))
+            self._last = now
+
+    def _write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            self.stream.write(line + "\n")
         self.stream.flush()
 
-
-def _hms(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    def close(self) -> None:
+        """End the current phase's bar (the next report starts a new one)."""
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = None
+        self._key = None
 
 
 def install_cancel() -> threading.Event:
