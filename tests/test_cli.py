@@ -73,6 +73,7 @@ def test_reconstruct_writes_aligned_volumes_and_figure(trained_run, tmp_path):
     assert 10 < scores["psnr"] < 60 and 0 < scores["ssim"] <= 1
     # the no-learning reference is printed beside the model's score
     assert 10 < scores["interpolation_psnr"] < 60 and "to beat" in result.stdout
+    assert scores["mean_fill_mse"] > 0 and "the mean of the visible voxels" in result.stdout
     src = nib.load(ct)
     for name in ("masked", "reconstruction", "mask", "error"):
         img = nib.load(out / f"{name}.nii.gz")

@@ -771,7 +771,7 @@ def test_fill_from_visible_interpolates_real_ct(abdomen_ct):
     patches from the visible voxels beats filling them with the visible mean, and leaves
     the visible voxels as they are."""
     from maesil_core.data import load_volume
-    from maesil_core.metrics import fill_from_visible, mse
+    from maesil_core.metrics import fill_from_visible, fill_with_visible_mean, mse
 
     vol = load_volume(abdomen_ct).array[:96, :96, :24].astype(np.float64)
     vol = np.clip((vol + 175) / 425, 0, 1)  # abdomen window -> [0, 1]
@@ -797,3 +797,11 @@ def test_fill_from_visible_interpolates_real_ct(abdomen_ct):
     tiled = fill_from_visible(vol, mask, 4.0, tiles)
     np.testing.assert_array_equal(tiled[~mask], vol[~mask])
     assert mse(tiled, vol, mask) < 0.8 * mse(mean_fill, vol, mask)
+
+    # the visible-mean fill per tile: each tile's hidden voxels get its own visible mean
+    per_tile = fill_with_visible_mean(vol, mask, tiles)
+    np.testing.assert_array_equal(per_tile[~mask], vol[~mask])
+    for box in (np.s_[:48], np.s_[48:]):
+        hidden_values = np.unique(per_tile[box][mask[box]])
+        assert hidden_values.size == 1 and hidden_values[0] == vol[box][~mask[box]].mean()
+    np.testing.assert_array_equal(fill_with_visible_mean(vol, mask)[mask], mean_fill[mask])

@@ -202,7 +202,8 @@ class Reconstruction:
     the input is a HU scan (else in the model's [0, 1] scale); ``mask`` is 1 where the model
     saw nothing. ``scores`` are PSNR / SSIM / MSE on the model's grid over masked voxels, and
     ``interpolation_*`` the same for the hidden voxels interpolated from the visible ones
-    (:func:`~maesil_core.metrics.interpolation_scores`), the score to beat.
+    (:func:`~maesil_core.metrics.interpolation_scores`), the score to beat; ``mean_fill_mse``
+    the MSE of filling them with the mean of each tile's visible voxels.
     """
 
     image: np.ndarray
@@ -288,6 +289,7 @@ def reconstruct(
     )
     if grid_mask.any():  # the no-learning reference: hidden voxels interpolated from visible
         fill = interpolation_scores(target, grid_mask, cfg.model.patch, cfg.model.superpatch)
+        scores["mean_fill_mse"] = fill.pop("mean_fill_mse")
         scores.update({f"interpolation_{k}": v for k, v in fill.items()})
 
     # back onto the input's own voxel grid (orientation, spacing, shape)

@@ -71,6 +71,16 @@ def reconstruction_scores(
     }
 
 
+def _per_tile(fill, target: np.ndarray, mask: np.ndarray, tile) -> np.ndarray:
+    """``fill(target_box, mask_box)`` on each tile of ``tile`` voxels (from 0 on every axis)."""
+    out = np.empty_like(target)
+    starts = [range(0, n, int(t)) for n, t in zip(target.shape, tile)]
+    for corner in itertools.product(*starts):
+        box = tuple(slice(c, c + int(t)) for c, t in zip(corner, tile))
+        out[box] = fill(target[box], mask[box])
+    return out
+
+
 def fill_from_visible(
     target: np.ndarray,
     mask: np.ndarray,
@@ -94,12 +104,7 @@ def fill_from_visible(
     target = np.asarray(target, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
     if tile is not None:
-        fill = np.empty_like(target)
-        starts = [range(0, n, int(t)) for n, t in zip(target.shape, tile)]
-        for corner in itertools.product(*starts):
-            box = tuple(slice(c, c + int(t)) for c, t in zip(corner, tile))
-            fill[box] = fill_from_visible(target[box], mask[box], sigma)
-        return fill
+        return _per_tile(lambda t, m: fill_from_visible(t, m, sigma), target, mask, tile)
     seen = ~mask
     if not seen.any():
         return np.zeros_like(target)
@@ -109,6 +114,20 @@ def fill_from_visible(
     return np.where(seen, target, fill)
 
 
+def fill_with_visible_mean(
+    target: np.ndarray, mask: np.ndarray, tile: tuple[int, ...] | list[int] | None = None
+) -> np.ndarray:
+    """The crudest reference: every hidden voxel set to the mean of the visible voxels (of
+    its ``tile``, as the model sees them; 0 where a tile shows nothing). A masked model whose
+    masked-voxel MSE is not well below this one's predicts no more than a tile's brightness."""
+    target = np.asarray(target, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if tile is not None:
+        return _per_tile(fill_with_visible_mean, target, mask, tile)
+    seen = ~mask
+    return np.where(seen, target, target[seen].mean() if seen.any() else 0.0)
+
+
 def interpolation_scores(
     target: np.ndarray,
     mask: np.ndarray,
@@ -116,9 +135,12 @@ def interpolation_scores(
     tile: tuple[int, ...] | list[int] | None = None,
 ) -> dict[str, float]:
     """:func:`reconstruction_scores` of :func:`fill_from_visible` (sigma half a ``patch``,
-    per ``tile`` if given) on the hidden voxels: the score a masked autoencoder has to beat."""
+    per ``tile`` if given) on the hidden voxels: the score a masked autoencoder has to beat.
+    Also ``mean_fill_mse``: the MSE of :func:`fill_with_visible_mean` on the same voxels."""
     sigma = [float(p) / 2 for p in patch]
-    return reconstruction_scores(fill_from_visible(target, mask, sigma, tile), target, mask)
+    scores = reconstruction_scores(fill_from_visible(target, mask, sigma, tile), target, mask)
+    scores["mean_fill_mse"] = mse(fill_with_visible_mean(target, mask, tile), target, mask)
+    return scores
 
 
 def dice_per_class(

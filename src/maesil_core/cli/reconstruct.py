@@ -62,9 +62,15 @@ def run(args: argparse.Namespace) -> int:
         f"MSE {rec.scores['mse']:.5f} (intensities scaled to [0, 1])"
     )
     if "interpolation_psnr" in rec.scores:
+        s = rec.scores
         print(
             f"  to beat, interpolating the visible voxels: PSNR "
-            f"{rec.scores['interpolation_psnr']:.2f} dB  SSIM {rec.scores['interpolation_ssim']:.4f}"
+            f"{s['interpolation_psnr']:.2f} dB  SSIM {s['interpolation_ssim']:.4f}"
+        )
+        print(
+            f"  masked-voxel MSE {s['mse'] / s['mean_fill_mse']:.2f}x that of filling them with "
+            f"the mean of the visible voxels (interpolation: "
+            f"{s['interpolation_mse'] / s['mean_fill_mse']:.2f}x)"
         )
     if args.json:
         print(json.dumps(rec.scores))
