@@ -49,22 +49,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from full_ct import PRETRAIN_DATA  # noqa: E402
 from maesil_core.config import PRESETS, RunConfig, preset  # noqa: E402
 from maesil_core.data import check_inputs, infinite, make_pretrain_loader, resolve_inputs  # noqa: E402
+from maesil_core.data.batch_augment import BatchAugment, to_device  # noqa: E402
 from maesil_core.models import build_model  # noqa: E402
 from maesil_core.train.loop import autocast_dtype, make_optimizer, pretrain_loss  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEFAULT_DATA = [
-    SHARED / "abdomen_ct" / "ct.nii.gz",
-    SHARED / "chest_ct" / "ct.nii.gz",
-    SHARED / "dicom_ct",
-    SHARED / "head_ct" / "ct_not_hu.nii.gz",
-]
-
+from pretrain_throughput import analytic_flops  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+#: 45 % of an H100 / H200's dense bf16 peak (989 TFLOP/s): the utilisation goal of issue 15
+H100_45PCT_FLOPS = 0.45 * 989e12
 
 
 def cpu_seconds(loader) -> float | None:
@@ -146,9 +144,14 @@ def measure_setting(
     mode: str = "endless",
     copy_cache: bool = False,
     augment: bool = True,
+    augment_on: str = "loader",
+    device: torch.device | None = None,
 ) -> dict:
-    data_cfg = dataclasses.replace(run.data, cache=cache, num_workers=workers, augment=augment)
+    data_cfg = dataclasses.replace(
+        run.data, cache=cache, num_workers=workers, augment=augment, augment_on=augment_on
+    )
     batch_size = run.train.batch_size
+    device = device or torch.device("cpu")
     t0 = time.perf_counter()
     loader = make_pretrain_loader(
         files,
@@ -158,10 +161,13 @@ def measure_setting(
         seed=run.train.seed,
         cache_dir=cache_root,  # a fresh folder per setting and round: a cold disk cache
         endless=mode == "endless",
+        device=device,
     )
     if copy_cache:  # the earlier behaviour, set before any worker forks
         loader.dataset.copy_cache = True
     batches = infinite(loader)
+    if augment and augment_on == "device":  # as api.pretrain does it: on the batch, there
+        batches = to_device(batches, device, BatchAugment(run.train.seed))
     first = next(batches)
     first_s = time.perf_counter() - t0
     volumes_per_batch = max(1, math.ceil(batch_size / data_cfg.crops_per_volume))
@@ -179,6 +185,8 @@ def measure_setting(
         t = time.perf_counter()
         for _ in range(n):
             items += int(next(batches)["image"].shape[0])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         rates.append(items / (time.perf_counter() - t))
         done += n
         total += items
@@ -195,6 +203,7 @@ def measure_setting(
         "loader": mode,
         "copy_cache": copy_cache,
         "augment": augment,
+        "augment_on": augment_on if augment else None,
         "first_batch_s": first_s,
         "first_batch_shape": list(first["image"].shape),
         "batches_per_epoch": per_epoch,
@@ -208,7 +217,7 @@ def measure_setting(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--data", nargs="+", default=[str(p) for p in DEFAULT_DATA])
+    ap.add_argument("--data", nargs="+", default=[str(p) for p in PRETRAIN_DATA])
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
         "--cache", nargs="+", choices=["memory", "none", "disk"], default=["memory", "none", "disk"]
@@ -236,6 +245,23 @@ def main(argv: list[str] | None = None) -> int:
         default=["yes"],
         help="yes: flips, turns and contrast jitter of every crop, as maesil pretrain does by "
         "default; no: without (--no-augment), for comparison",
+    )
+    ap.add_argument(
+        "--augment-on",
+        nargs="+",
+        choices=["loader", "device"],
+        default=["loader"],
+        help="where the augmentation runs: loader (MONAI transforms in the loader's processes) "
+        "or device (BatchAugment on the batch on --device, as maesil pretrain does on a GPU)",
+    )
+    ap.add_argument(
+        "--feed",
+        type=float,
+        nargs="+",
+        default=None,
+        help="training steps/s to feed: the table says how many loader workers each setting "
+        "needs for them (default: the steps/s of this preset at 45%% of an H100/H200's dense "
+        "bf16 peak, 989 TFLOP/s, from the analytic FLOPs per step)",
     )
     ap.add_argument(
         "--rounds", type=int, default=1, help="run the settings this many times in turn; medians"
@@ -281,17 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     fed_steps = args.fed_steps if with_model else 0
     model_rounds: list[float] = []
     settings = [
-        (c, w, m, cp == "yes", a == "yes")
+        (c, w, m, cp == "yes", a == "yes", on)
         for c in args.cache
         for cp in (args.copy_cache if c == "memory" else ["no"])
         for a in args.augment
+        for on in (args.augment_on if a == "yes" else ["loader"])
         for w in args.workers
         for m in args.loader
     ]
     runs: dict[tuple, list[dict]] = {s: [] for s in settings}
     with tempfile.TemporaryDirectory(prefix="maesil-bench-cache-") as tmp:
         for round_ in range(args.rounds):
-            for n, (cache, workers, mode, copy, aug) in enumerate(settings):
+            for n, (cache, workers, mode, copy, aug, aug_on) in enumerate(settings):
                 if with_model:
                     model_rounds.append(trainer.steps_per_s(args.model_steps))
                 folder = Path(tmp) / f"r{round_}-s{n}"
@@ -307,15 +334,18 @@ def main(argv: list[str] | None = None) -> int:
                     mode,
                     copy,
                     aug,
+                    aug_on,
+                    dev,
                 )
                 print(
                     f"  round {round_ + 1}: cache={cache}{'+copy' if copy else ''}"
-                    f"{'' if aug else ' no-augment'} "
+                    f"{'' if aug else ' no-augment'}{' augment-on-device' if aug_on == 'device' else ''} "
                     f"workers={workers} loader={mode}: first batch {r['first_batch_s']:.2f} s, "
                     f"{r['delivered_per_s']:.1f} superpatches/s",
                     flush=True,
                 )
-                runs[(cache, workers, mode, copy, aug)].append(r)
+                runs[(cache, workers, mode, copy, aug, aug_on)].append(r)
+    feed = args.feed or [H100_45PCT_FLOPS / analytic_flops(run.model, batch)]
     results = []
     for per_round in runs.values():
         r = dict(per_round[0])
@@ -344,26 +374,40 @@ def main(argv: list[str] | None = None) -> int:
         r["model_cpu_ms_per_superpatch"] = model_cpu_ms
         lc = r["loader_cpu_ms_per_superpatch"]
         r["cpu_ratio"] = None if model_cpu_ms is None or not lc else model_cpu_ms / lc
+        # superpatches/s one loader core makes in this setting, and the cores (workers) that
+        # the --feed steps/s need: rate x batch x CPU time per superpatch
+        r["per_core_per_s"] = None if not lc else 1000.0 / lc
+        r["workers_to_feed"] = {
+            f"{s:.4g}": (None if not lc else math.ceil(s * batch * lc / 1000.0)) for s in feed
+        }
 
     def num(x: float | None, fmt: str) -> str:
         return "" if x is None else format(x, fmt)
 
+    feed_cols = "".join(f" | workers for {s:.3g} steps/s" for s in feed)
     lines = [
-        "| cache | workers | loader | first batch (s) | delivered (superpatches/s) "
+        "| cache | augment | workers | loader | first batch (s) | delivered (superpatches/s) "
         "| consumed (superpatches/s) | delivered / consumed | fed steps/s | fed / synthetic "
-        "| loader CPU (ms/superpatch) | model CPU / loader CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| loader CPU (ms/superpatch) | model CPU / loader CPU | per loader core (/s){feed_cols} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(feed),
     ]
     for r in results:
+        aug = "no" if not r["augment"] else f"on the {r['augment_on']}"
+        need = "".join(f" | {num(n, 'd')}" for n in r["workers_to_feed"].values())
         lines.append(
-            f"| {r['cache']}{' + copy' if r['copy_cache'] else ''}"
-            f"{'' if r['augment'] else ' (no augment)'} | {r['workers']} "
+            f"| {r['cache']}{' + copy' if r['copy_cache'] else ''} | {aug} | {r['workers']} "
             f"| {r['loader']} | {r['first_batch_s']:.2f} "
             f"| {r['delivered_per_s']:.1f} | {num(consumed, '.1f')} | {num(r['ratio'], '.2f')} "
             f"| {num(r['fed_steps_per_s'], '.2f')} | {num(r['fed_over_synthetic'], '.2f')} "
-            f"| {num(r['loader_cpu_ms_per_superpatch'], '.2f')} | {num(r['cpu_ratio'], '.2g')} |"
+            f"| {num(r['loader_cpu_ms_per_superpatch'], '.2f')} | {num(r['cpu_ratio'], '.2g')} "
+            f"| {num(r['per_core_per_s'], '.0f')}{need} |"
         )
     lines.append("")
+    lines.append(
+        "workers for S steps/s = S x batch x loader CPU per superpatch (a setting with 0 "
+        "workers: its in-process CPU time, a lower bound for what a worker costs)"
+        + ("" if args.feed else f"; S = {feed[0]:.3g}: 45% of 989 TFLOP/s at this preset")
+    )
     if with_model:
         lines.append(
             f"model: {steps_per_s:.2f} steps/s x batch {batch} on a fixed batch "
@@ -400,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             "model_steps_per_s": steps_per_s,
             "model_rounds_steps_per_s": model_rounds,
             "model_cpu_ms_per_superpatch": model_cpu_ms,
+            "feed_steps_per_s": feed,
+            "load_avg_1min": os.getloadavg()[0],
             "torch": torch.__version__,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

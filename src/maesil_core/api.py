@@ -131,6 +131,8 @@ def pretrain(
     (or the phantom, if it trained on that); ``data`` given replaces them (moved files).
     """
     from .data import check_inputs, infinite, make_pretrain_loader, resolve_inputs
+    from .data.batch_augment import BatchAugment, to_device
+    from .data.datasets import augment_on_device
     from .models import build_model
     from .train.loop import data_seed, seed_everything
 
@@ -162,20 +164,25 @@ def pretrain(
         D.barrier()
         files = files or phantom_dataset(run_dir / "phantom")
     check_inputs(files)
+    stream_seed = data_seed(cfg.train.seed, start_step)
     loader = make_pretrain_loader(
         files,
         cfg.data,
         cfg.model.superpatch,
         cfg.train.batch_size,
-        seed=data_seed(cfg.train.seed, start_step),
+        seed=stream_seed,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         cache_dir=cfg.data.cache_dir or str(run_dir / "cache"),
         endless=True,  # one iterator for the whole run: workers never wait at epoch ends
+        device=device,
     )
     seed_everything(cfg.train.seed)  # the initial weights too, not only the batches
     model = build_model(cfg.model)
     batches = infinite(loader)
+    if augment_on_device(cfg.data, device):  # flips, turns, gamma on the GPU batch
+        augment = BatchAugment(stream_seed + 1000 * dist_info.rank)
+        batches = to_device(batches, device, augment)
     return fit(
         model,
         batches,

@@ -66,9 +66,15 @@ class DataConfig:
     #: random flips, axial 90-degree turns and contrast jitter of each pretraining crop
     #: (on three scans: +3 dB masked PSNR on a held-out CT, RESULTS.md)
     augment: bool = True
+    #: where the augmentation runs: "loader" (MONAI transforms in the loader's processes),
+    #: "device" (torch on the batch on the training device, data.batch_augment) or "auto"
+    #: (the device when it is a GPU, else the loader)
+    augment_on: str = "auto"
     cache: str = "memory"  #: "memory" (CacheDataset) | "disk" (PersistentDataset) | "none"
     cache_dir: str | None = None  #: for cache="disk"; default <run_dir>/cache
-    num_workers: int = 2  #: DataLoader worker processes (0 = in the main process)
+    #: DataLoader worker processes (0 = in the main process); None: from the CPU cores this
+    #: process may use (data.datasets.default_workers: none when training on the CPU)
+    num_workers: int | None = None
 
     def window(self) -> tuple[float, float]:
         """The HU window as numbers."""
@@ -94,8 +100,12 @@ class DataConfig:
             raise ConfigError("crops_per_volume must be at least 1.")
         if self.cache not in ("memory", "disk", "none"):
             raise ConfigError(f"cache must be memory, disk or none, got {self.cache!r}.")
-        if self.num_workers < 0:
-            raise ConfigError("num_workers must be 0 or more.")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError("num_workers must be 0 or more (or None: from the CPU cores).")
+        if self.augment_on not in ("auto", "loader", "device"):
+            raise ConfigError(
+                f"augment_on must be auto, loader or device, got {self.augment_on!r}."
+            )
 
 
 @dataclass

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -283,7 +284,7 @@ def _cache_key(data_cfg: DataConfig, superpatch: Sequence[int]) -> str:
 def _collate_trim(batch: list, batch_size: int) -> dict:
     """Flatten the per-volume crop lists, keep the first ``batch_size``, then
     ``list_data_collate``. Trimming before collating skips stacking crops that would be
-    dropped (with the base preset, batch 2 of 4 crops, half of them)."""
+    dropped (when the batch does not divide evenly into the volumes' crops)."""
     items = [i for b in batch for i in (b if isinstance(b, list) else [b])]
     return list_data_collate(items[:batch_size])
 
@@ -351,6 +352,37 @@ class _PersistentDataset(_UnwrapDataErrors, PersistentDataset):
     pass
 
 
+def default_workers(device: torch.device | str | None = None) -> int:
+    """Loader workers when ``DataConfig.num_workers`` is None, for training on ``device``.
+
+    None on the CPU: workers would take cores from the model, and handing a superpatch over
+    from a worker costs more CPU than cutting it (BENCHMARKS.md). On a GPU: the CPU cores this
+    process may use (``os.sched_getaffinity``; shared among the ``LOCAL_WORLD_SIZE`` processes
+    torchrun starts on this machine) less one for the training process itself, at most 16;
+    none when that leaves fewer than two.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return 0 if per_process <= 2 else min(per_process - 1, 16)
+
+
+def augment_on_device(data_cfg: DataConfig, device: torch.device | str | None = None) -> bool:
+    """True when the crops are to be augmented on the training device
+    (:class:`~maesil_core.data.batch_augment.BatchAugment`) rather than in the loader."""
+    if not data_cfg.augment or data_cfg.augment_on == "loader":
+        return False
+    if data_cfg.augment_on == "device":
+        return True
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device.type != "cpu"
+
+
 def make_pretrain_loader(
     files: Sequence[str | Path],
     data_cfg: DataConfig,
@@ -362,15 +394,20 @@ def make_pretrain_loader(
     world_size: int = 1,
     cache_dir: str | Path | None = None,
     endless: bool = False,
+    device: torch.device | str | None = None,
 ) -> DataLoader:
     """A DataLoader of superpatch batches ``{"image": (B, 1, D, H, W), "valid": (B, 1, D, H,
     W)}``: the image float32 in [0, 1], ``valid`` bool, False on padding (volumes smaller
     than the superpatch), which pretraining losses leave out.
 
     ``batch_size`` counts superpatches: each step loads ``ceil(batch_size /
-    crops_per_volume)`` volumes, draws ``crops_per_volume`` crops from each and keeps the
+    crops_per_volume)`` volumes, draws ``ceil(batch_size / volumes)`` crops from each (at
+    most ``crops_per_volume``: only what the batch uses is cut and augmented) and keeps the
     first ``batch_size``. Batches are full unless there are fewer volumes (per rank)
     than a batch needs; then every epoch is one smaller batch.
+    ``device`` is the training device: with ``data_cfg.num_workers`` None it chooses the
+    worker count (:func:`default_workers`), and the crops are augmented here only when they
+    are not to be augmented on the device (:func:`augment_on_device`).
     ``data_cfg.cache``: ``"memory"`` caches the deterministic part (load, RAS, spacing,
     intensity, foreground crop, pad) in RAM (CacheDataset), ``"disk"`` in ``cache_dir``
     (PersistentDataset, one subfolder per preprocessing setting), ``"none"`` recomputes.
@@ -388,7 +425,14 @@ def make_pretrain_loader(
         raise DataError(_NOTHING_FOUND.format(where="the input list"))
     if batch_size < 1:
         raise DataError("batch size must be at least 1.")
-    transform = pretrain_transforms(data_cfg, superpatch)
+    crops = int(data_cfg.crops_per_volume)
+    volumes_per_batch = max(1, math.ceil(batch_size / crops))
+    transform = pretrain_transforms(
+        data_cfg,
+        superpatch,
+        num_samples=math.ceil(batch_size / volumes_per_batch),
+        augment=data_cfg.augment and not augment_on_device(data_cfg, device),
+    )
     transform.set_random_state(seed=(seed + 1000 * rank) % (2**32))
     data = [{IMAGE_KEY: f} for f in files]
     if data_cfg.cache == "memory":
@@ -407,8 +451,6 @@ def make_pretrain_loader(
     else:
         dataset = _Dataset(data, transform)
 
-    crops = int(data_cfg.crops_per_volume)
-    volumes_per_batch = max(1, math.ceil(batch_size / crops))
     per_rank = math.ceil(len(files) / world_size)
     drop_last = per_rank >= volumes_per_batch
     sampler: Sampler[int] | None = None
@@ -422,7 +464,7 @@ def make_pretrain_loader(
             order = torch.Generator().manual_seed(seed + 1000 * rank + 1)
             sampler = RandomSampler(dataset, generator=order)
         sampler = EndlessSampler(sampler)
-    workers = int(data_cfg.num_workers)
+    workers = default_workers(device) if data_cfg.num_workers is None else data_cfg.num_workers
     return MonaiDataLoader(
         dataset,
         batch_size=volumes_per_batch,

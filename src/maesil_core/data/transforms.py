@@ -281,11 +281,17 @@ def _foreground(x: Any) -> Any:
     return x > FOREGROUND_THRESHOLD
 
 
-def pretrain_transforms(data_cfg: DataConfig, superpatch: Sequence[int]) -> Compose:
-    """Load, crop the body, pad to ``superpatch``, draw ``crops_per_volume`` random crops and
-    (``data_cfg.augment``) flip, turn and contrast-jitter each.
+def pretrain_transforms(
+    data_cfg: DataConfig,
+    superpatch: Sequence[int],
+    num_samples: int | None = None,
+    augment: bool | None = None,
+) -> Compose:
+    """Load, crop the body, pad to ``superpatch``, draw ``num_samples`` (default
+    ``crops_per_volume``) random crops and (``augment``, default ``data_cfg.augment``) flip,
+    turn and contrast-jitter each.
 
-    Each call returns a list of ``crops_per_volume`` dicts ``{"image": (1, D, H, W),
+    Each call returns a list of ``num_samples`` dicts ``{"image": (1, D, H, W),
     "valid": (1, D, H, W)}`` (torch tensors, metadata dropped) with ``(D, H, W) ==
     superpatch``: ``image`` float32 in [0, 1] with padding at 0, ``valid`` bool, False where
     padded.
@@ -306,11 +312,14 @@ def pretrain_transforms(data_cfg: DataConfig, superpatch: Sequence[int]) -> Comp
     chain += [
         SpatialPadd(IMAGE_KEY, spatial_size=roi, mode="constant", value=PAD_SENTINEL),
         RandSpatialCropSamplesd(
-            IMAGE_KEY, roi_size=roi, num_samples=int(data_cfg.crops_per_volume), random_size=False
+            IMAGE_KEY,
+            roi_size=roi,
+            num_samples=int(num_samples or data_cfg.crops_per_volume),
+            random_size=False,
         ),
         SplitPaddingd(IMAGE_KEY),
     ]
-    if data_cfg.augment:
+    if data_cfg.augment if augment is None else augment:
         chain += augment_transforms(roi)
     chain += [
         EnsureTyped(IMAGE_KEY, dtype=torch.float32, track_meta=False),

@@ -1,0 +1,129 @@
+"""The code paths a GPU run takes, exercised on the CPU: the loader's worker count and what it
+cuts, augmentation on the device, and (below) bf16 autocast with fused AdamW."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from maesil_core.config import DataConfig, preset
+from maesil_core.data import infinite, make_pretrain_loader
+from maesil_core.data.batch_augment import BatchAugment, to_device
+from maesil_core.data.datasets import augment_on_device, default_workers
+
+# --------------------------------------------------------------------------- loader
+
+
+def test_loader_cuts_only_the_crops_a_batch_uses(shared_data):
+    """Batch 2 of 4 crops per volume (the base preset's shape): one volume per batch and 2
+    crops cut from it, not 4 of which 2 are thrown away; batch 6: 2 volumes x 3 crops."""
+    cfg = DataConfig(spacing=(3.0, 3.0, 3.0), crops_per_volume=4, num_workers=0, augment=False)
+    files = [shared_data / "abdomen_ct" / "ct.nii.gz", shared_data / "head_ct" / "ct_not_hu.nii.gz"]
+    with pytest.warns(UserWarning, match="Hounsfield"):
+        two = make_pretrain_loader(files, cfg, (16, 16, 16), 2, seed=0, endless=True)
+        six = make_pretrain_loader(files, cfg, (16, 16, 16), 6, seed=0, endless=True)
+    assert two.batch_size == 1 and len(two.dataset[0]) == 2
+    assert six.batch_size == 2 and len(six.dataset[0]) == 3
+    assert next(infinite(two))["image"].shape == (2, 1, 16, 16, 16)
+    assert next(infinite(six))["image"].shape == (6, 1, 16, 16, 16)
+
+
+def test_default_workers_follow_the_cores_and_the_device(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers("cpu") == 0  # the model needs the cores; workers cost more CPU
+    assert default_workers("cuda") == 15  # all but the training process's core
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 GPU processes share 16 cores
+    assert default_workers("cuda") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers("cuda") == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    assert default_workers("cuda") == 16
+    assert DataConfig().num_workers is None  # the presets' default: from the cores
+
+
+def test_augmentation_runs_in_the_loader_on_cpu_and_on_the_gpu_batch():
+    cfg = DataConfig()
+    assert cfg.augment_on == "auto"
+    assert not augment_on_device(cfg, "cpu") and augment_on_device(cfg, "cuda")
+    assert augment_on_device(dataclasses.replace(cfg, augment_on="device"), "cpu")
+    assert not augment_on_device(dataclasses.replace(cfg, augment_on="loader"), "cuda")
+    assert not augment_on_device(dataclasses.replace(cfg, augment=False), "cuda")
+    with pytest.raises(Exception, match="augment_on must be"):
+        dataclasses.replace(cfg, augment_on="gpu").validate()
+
+
+def test_loader_leaves_augmentation_to_the_device_when_asked(shared_data):
+    """augment_on="device": the loader's crops are plain crops of the cached volume (no flip,
+    turn or gamma), and BatchAugment then changes them."""
+    cfg = DataConfig(spacing=(3.0, 3.0, 3.0), crops_per_volume=4, num_workers=0)
+    files = [shared_data / "abdomen_ct" / "ct.nii.gz"]
+    for where, plain in (("device", True), ("loader", False)):
+        loader = make_pretrain_loader(
+            files, dataclasses.replace(cfg, augment_on=where), (24, 24, 24), 4, seed=1
+        )
+        cached = loader.dataset._cache[0]["image"].as_tensor()[0]  # (D, H, W)
+        found = 0
+        for batch, _ in zip(infinite(loader), range(4)):
+            for crop in batch["image"][:, 0]:
+                found += _is_crop_of(crop, cached)
+        assert (found == 16) if plain else (found < 12), (where, found)
+
+
+def _is_crop_of(crop: torch.Tensor, volume: torch.Tensor) -> bool:
+    """Whether ``crop`` is a block of ``volume`` as it is (not flipped, turned or jittered)."""
+    d, h, w = crop.shape
+    corner = crop[0, 0, 0]
+    for i, j, k in torch.nonzero(volume[: volume.shape[0] - d + 1] == corner).tolist():
+        fits = j + h <= volume.shape[1] and k + w <= volume.shape[2]
+        if fits and torch.equal(volume[i : i + d, j : j + h, k : k + w], crop):
+            return True
+    return False
+
+
+def test_batch_augment_moves_image_and_padding_together():
+    """As the loader's MONAI transforms: flips and axial turns act on image and valid alike,
+    the gamma keeps each sample's range, and each happens about half of the time."""
+    image = torch.linspace(0.0, 1.0, 16**3).reshape(1, 1, 16, 16, 16)  # a unique brightest voxel
+    valid = torch.ones_like(image, dtype=torch.bool)
+    valid[:, :, :3, :5, :] = False  # an asymmetric padded corner
+    image = (image * valid).repeat(30, 1, 1, 1, 1)
+    valid = valid.repeat(30, 1, 1, 1, 1)
+    augment = BatchAugment(seed=0)
+    where_brightest, jittered = set(), 0
+    for _ in range(2):
+        out = augment({"image": image, "valid": valid})
+        x, v = out["image"], out["valid"]
+        assert x.shape == image.shape and v.dtype == torch.bool
+        assert torch.equal(~v, x == 0)  # padding (and only padding) went where the image went
+        for xi in x:
+            assert float(xi.min()) == 0.0 and abs(float(xi.max()) - 1.0) < 1e-5
+            where_brightest.add(int(xi.argmax()))
+            jittered += not torch.allclose(
+                xi.flatten().sort().values, image[0].flatten().sort().values
+            )
+    assert torch.equal(image[0], image[1])  # the input batch is left as it was
+    assert len(where_brightest) >= 6  # 8 flip combinations x 4 turns reach many corners
+    assert 15 < jittered < 45  # contrast changed in about half of the 60 samples
+
+    # the same seed gives the same augmentation; a non-square crop is flipped, never turned
+    a = BatchAugment(seed=3)({"image": image})["image"]
+    assert torch.equal(a, BatchAugment(seed=3)({"image": image})["image"])
+    flat = torch.rand(8, 1, 8, 16, 4)
+    assert BatchAugment(seed=1)({"image": flat})["image"].shape == flat.shape
+
+
+def test_to_device_moves_and_augments_every_batch():
+    batches = iter([{"image": torch.rand(2, 1, 8, 8, 8), "name": "x"} for _ in range(3)])
+    out = list(to_device(batches, "cpu", BatchAugment(seed=0)))
+    assert len(out) == 3 and all(b["image"].shape == (2, 1, 8, 8, 8) for b in out)
+    assert out[0]["name"] == "x"
+
+
+def test_presets_record_the_new_data_settings():
+    for name in ("small", "base", "mim-med3d"):
+        cfg = preset(name).validate()
+        assert cfg.data.num_workers is None and cfg.data.augment_on == "auto"
