@@ -127,3 +127,35 @@ def test_presets_record_the_new_data_settings():
     for name in ("small", "base", "mim-med3d"):
         cfg = preset(name).validate()
         assert cfg.data.num_workers is None and cfg.data.augment_on == "auto"
+
+
+# --------------------------------------------------------------------------- decoder heads
+
+
+def test_checkpoints_keep_the_decoder_head_count_they_were_trained_with(tmp_path):
+    """The base preset's decoder has 8 heads of 64 now (MAE's 16 of 32 before): a checkpoint
+    made with 16 heads builds with 16 again (its config says so) and computes what it did.
+    Heads do not change a weight's shape, so only the config can tell them apart."""
+    from maesil_core.checkpoint import build_from_checkpoint, save_checkpoint
+    from maesil_core.models import build_model
+
+    assert preset("base").model.decoder_num_heads == 8
+    assert preset("base").model.decoder_embed_dim // 8 == 64
+    cfg = preset("tiny")
+    cfg.model.decoder_num_heads = 16  # 64 wide: heads of 4, as an old checkpoint would differ
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    path = save_checkpoint(tmp_path / "run", model, cfg, 1, kind="pretrain")
+    loaded, ckpt = build_from_checkpoint(path)
+    assert ckpt.config.model.decoder_num_heads == 16
+    assert all(b.attn.num_heads == 16 for b in loaded.decoder_blocks)
+    x = torch.rand(2, 1, 32, 32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, ::2] = True
+    with torch.no_grad():
+        ref = model(x, mask=mask).loss
+        assert torch.equal(loaded.eval()(x, mask=mask).loss, ref)
+        # the same weights read as 8 heads compute something else: the count matters
+        eight = build_model(dataclasses.replace(cfg.model, decoder_num_heads=8)).eval()
+        eight.load_state_dict(model.state_dict())
+        assert not torch.allclose(eight(x, mask=mask).loss, ref)

@@ -128,7 +128,9 @@ class ModelConfig:
     num_heads: int = 12
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
-    decoder_num_heads: int = 16
+    #: 8 heads of 64 (MAE's decoder has 16 of 32, flash attention's slowest head width;
+    #: docs/method.md). A checkpoint keeps the head count it was trained with in its config.
+    decoder_num_heads: int = 8
     mlp_ratio: float = 4.0
     #: LayerNorm epsilon of the encoder: 1e-6 as in MAE; 1e-5 is MONAI's ViT (set by
     #: ``maesil import --from monai-vit``, so imported weights give MONAI's features exactly)
@@ -363,7 +365,7 @@ def _small() -> RunConfig:
             num_heads=6,
             decoder_embed_dim=256,
             decoder_depth=4,
-            decoder_num_heads=8,
+            decoder_num_heads=4,  # heads of 64, as base
             block=(2, 2, 2),
         ),
         train=TrainConfig(steps=5000, batch_size=4, lr=5e-4, warmup_steps=200),
@@ -382,7 +384,7 @@ def _base() -> RunConfig:
             num_heads=12,
             decoder_embed_dim=512,
             decoder_depth=8,
-            decoder_num_heads=16,
+            decoder_num_heads=8,  # 8 x 64, not MAE's 16 x 32 (docs/method.md)
             block=(4, 4, 4),
         ),
         train=TrainConfig(
