@@ -206,6 +206,34 @@ def counted_flops(step_fn) -> tuple[float, list[str]]:
     return float(counter.get_total_flops()), sorted(ops)
 
 
+#: operators that only re-describe memory: they launch no kernel on a GPU
+NO_KERNEL = {
+    "view", "_unsafe_view", "t", "transpose", "permute", "detach", "expand", "unsqueeze",
+    "squeeze", "as_strided", "select", "slice", "split", "split_with_sizes", "unbind",
+    "alias", "reshape", "unflatten", "flatten", "lift_fresh", "_reshape_alias",
+}  # fmt: skip
+
+
+def count_ops(step_fn) -> tuple[int, int]:
+    """(operators, kernel-launching operators) that one call of ``step_fn`` dispatches: what
+    eager PyTorch issues one by one from Python, each costing a few microseconds of CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.total, self.kernels = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.total += 1
+            self.kernels += func.__name__.split(".")[0] not in NO_KERNEL
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        step_fn()
+    return c.total, c.kernels
+
+
 def sdpa_backend(ops: list[str]) -> str:
     """A short name for the attention kernels the counter saw ("bmm" when none: explicit)."""
     names = {
@@ -370,6 +398,8 @@ def static_figures(tr: Trainer, warmup: int, measure_memory: bool) -> dict:
         sync(tr.dev)
         out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(tr.dev) - before
         out["memory"] = "CUDA max allocated above the state before the steps"
+    if not tr.compiled:  # what the CPU issues per step: fit's step, operator by operator
+        out["ops_per_step"], out["kernel_ops_per_step"] = count_ops(tr.step)
     try:
         flops, ops = counted_flops(lambda: tr.forward_backward(eager=True))
     except Exception as exc:  # noqa: BLE001 - report, don't fail the benchmark
@@ -562,8 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| model | batch | decoder heads x dim | compiled | first step (s) | params (M) "
         f"| steps/s | volumes/s "
         f"| {mem_kind} (MiB) | GFLOP/step counted | GFLOP/step analytic | attention op "
-        f"| util vs measured {peak_name} peak | util vs spec |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| util vs measured {peak_name} peak | util vs spec | ops (kernels) per step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
@@ -576,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {sdpa_backend(r['attention_ops'])} "
             f"| {100 * r['util_vs_measured_peak']:.1f}% "
             f"| {fmt(r['util_vs_spec'] and 100 * r['util_vs_spec'], '.1f')}"
-            f"{'%' if r['util_vs_spec'] else 'n/a'} |"
+            f"{'%' if r['util_vs_spec'] else 'n/a'} "
+            f"| {r.get('ops_per_step', '')} ({r.get('kernel_ops_per_step', '')}) |"
         )
     lines.append("")
     lines.append(

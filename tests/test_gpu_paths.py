@@ -203,3 +203,40 @@ def test_every_method_trains_under_bf16_autocast_with_fused_adamw(method, ct_bat
     opt.step()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+# --------------------------------------------------------------------------- batch and lr
+
+
+def test_base_preset_batch_and_the_square_root_learning_rate_rule():
+    """Base trains 16 superpatches per GPU and step at the lr the stated rule gives from the
+    first setting (1.5e-4 for 2), over the same 200,000 superpatches and warm-up share."""
+    from maesil_core.config import scaled_lr
+
+    base = preset("base").train
+    assert base.batch_size == 16 and base.accum_steps == 1
+    assert base.lr == pytest.approx(1.5e-4 * (16 / 2) ** 0.5, rel=1e-3)
+    assert base.steps * base.batch_size == 100_000 * 2
+    assert base.warmup_steps / base.steps == pytest.approx(2000 / 100_000)
+    assert scaled_lr(4.2e-4, 16, 64) == pytest.approx(8.4e-4)  # 4 GPUs x 16
+    assert scaled_lr(1e-3, 8, 8) == 1e-3
+    with pytest.raises(Exception, match="at least 1"):
+        scaled_lr(1e-3, 0, 8)
+
+
+def test_gpu_flags_reach_the_run_config():
+    """--accum-steps, --compile and --augment-on end up in the run's config (and so in its
+    checkpoints); left out, the preset's settings stay."""
+    from maesil_core.cli import build_parser
+    from maesil_core.cli.common import run_config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["pretrain", "--out", "x", "--preset", "base", "--batch-size", "4", "--accum-steps", "4"]
+        + ["--compile", "--augment-on", "device"]
+    )
+    cfg = run_config_from_args(args).validate()
+    assert (cfg.train.batch_size, cfg.train.accum_steps, cfg.train.compile) == (4, 4, True)
+    assert cfg.data.augment_on == "device" and cfg.train.lr == preset("base").train.lr
+    cfg = run_config_from_args(parser.parse_args(["pretrain", "--out", "x"])).validate()
+    assert (cfg.train.accum_steps, cfg.train.compile, cfg.data.augment_on) == (1, False, "auto")

@@ -209,8 +209,10 @@ class TrainConfig:
 
     steps: int = 1000  #: optimiser steps
     batch_size: int = 2  #: superpatches per step and per GPU (before accumulation)
-    accum_steps: int = 1  #: gradient accumulation
-    lr: float = 1.5e-4  #: peak learning rate for the whole batch (batch_size x accum x GPUs)
+    accum_steps: int = 1  #: gradient accumulation: batch_size x accum_steps per GPU and step
+    #: peak learning rate for the superpatches of one optimiser step in total (batch_size x
+    #: accum_steps x GPUs); another total takes :func:`scaled_lr` (square-root rule)
+    lr: float = 1.5e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
@@ -224,7 +226,9 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  #: also checkpoint after this many minutes; 0 disables
     keep_checkpoints: int = 3  #: newest periodic checkpoints kept on disk
     log_every: int = 10  #: steps between log lines / CSV rows
-    compile: bool = False  #: torch.compile the model (GPU)
+    #: torch.compile the model. Off: on the CPU the compilation (100-130 s) earned itself back
+    #: only after thousands of steps, if at all (BENCHMARKS.md); on a GPU not yet measured
+    compile: bool = False
     #: torch intra-op CPU threads while training (torch.set_num_threads); 0 keeps torch's
     #: default (one per physical core). 1 can be far faster on a CPU shared with other jobs.
     threads: int = 0
@@ -372,7 +376,24 @@ def _small() -> RunConfig:
     )
 
 
+def scaled_lr(lr: float, batch: int, new_batch: int) -> float:
+    """The peak learning rate for ``new_batch`` superpatches per optimiser step (batch x
+    accumulation x GPUs) given ``lr`` for ``batch``: the square-root rule for Adam-type
+    optimisers (Malladi et al., NeurIPS 2022), ``lr * sqrt(new_batch / batch)``."""
+    if batch < 1 or new_batch < 1:
+        raise ConfigError("batch sizes must be at least 1.")
+    return lr * (new_batch / batch) ** 0.5
+
+
+#: the base preset's learning rate as first set, for 2 superpatches per step (100,000 steps)
+BASE_LR, BASE_LR_BATCH = 1.5e-4, 2
+
+
 def _base() -> RunConfig:
+    """ViT-B on 128^3 superpatches for one H100/H200-class GPU: 16 superpatches per step (18 GiB
+    in bf16; BENCHMARKS.md), the learning rate scaled from the first setting's 1.5e-4 for 2 by
+    :func:`scaled_lr` (4.2e-4), and the same 200,000 superpatches and warm-up share."""
+    batch = 16
     return RunConfig(
         preset="base",
         data=DataConfig(spacing=(1.5, 1.5, 1.5)),
@@ -388,7 +409,11 @@ def _base() -> RunConfig:
             block=(4, 4, 4),
         ),
         train=TrainConfig(
-            steps=100_000, batch_size=2, lr=1.5e-4, warmup_steps=2000, checkpoint_every=1000
+            steps=100_000 * BASE_LR_BATCH // batch,
+            batch_size=batch,
+            lr=round(scaled_lr(BASE_LR, BASE_LR_BATCH, batch), 6),
+            warmup_steps=2000 * BASE_LR_BATCH // batch,
+            checkpoint_every=1000,
         ),
     )
 

@@ -83,3 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="no random flips, axial turns or contrast jitter of the training crops (on by "
         "default: trained on three scans, it reconstructs a held-out CT 3 dB better)",
     )
+    p.add_argument(
+        "--augment-on",
+        choices=["auto", "loader", "device"],
+        help="where the crops are augmented: in the loader's CPU processes or on the batch on "
+        "the training device (default auto: the device when it is a GPU)",
+    )
