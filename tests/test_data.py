@@ -397,16 +397,75 @@ def test_resolve_pairs(tmp_path, shared_data):
         os.symlink(shared_data / f"{name}_ct" / "labels.nii.gz", labs / f"{name}.nii.gz")
     pairs = resolve_pairs([imgs], [labs])
     assert [(Path(p["image"]).name, Path(p["label"]).name) for p in pairs] == [
-        ("ct.nii.gz", "labels.nii.gz"),
-        ("ct.nii.gz", "labels.nii.gz"),
+        ("abdomen.nii.gz", "abdomen.nii.gz"),
+        ("chest.nii.gz", "chest.nii.gz"),
     ]
-    assert "abdomen_ct" in pairs[0]["image"] and "abdomen_ct" in pairs[0]["label"]
+    # the links' names pair them, their targets are what is read
+    assert Path(pairs[0]["image"]).resolve() == shared_data / "abdomen_ct" / "ct.nii.gz"
+    assert Path(pairs[0]["label"]).resolve() == shared_data / "abdomen_ct" / "labels.nii.gz"
     # labelsTr is skipped when scanning the parent folder for images
     assert len(resolve_inputs([tmp_path])) == 2
-    with pytest.raises(DataError, match="2 images but 1 label maps"):
+    # one label map for two images: the one without names the other's
+    with pytest.raises(DataError, match=r"no label map found for .*abdomen\.nii\.gz") as exc:
         resolve_pairs([imgs], [labs / "chest.nii.gz"])
+    _one_line(exc)
     with pytest.raises(DataError, match="needs label maps"):
         resolve_pairs([imgs])
+
+
+def test_resolve_pairs_labels_beside_the_images_in_one_folder(shared_data):
+    """Issue 17: ``--images abdomen_ct/ --labels abdomen_ct/`` counted ct.nii.gz as a label
+    map ("found 1 images but 2 label maps"); ct.nii.gz / labels.nii.gz in one folder pair."""
+    folder = shared_data / "abdomen_ct"
+    pairs = resolve_pairs([folder], [folder])
+    assert pairs == [{"image": str(folder / "ct.nii.gz"), "label": str(folder / "labels.nii.gz")}]
+    # a DICOM series and the folder of its labels (dicom_ct <-> dicom_ct_labels/labels.nii.gz)
+    pairs = resolve_pairs([shared_data / "dicom_ct"], [shared_data / "dicom_ct_labels"])
+    assert pairs[0]["label"] == str(shared_data / "dicom_ct_labels" / "labels.nii.gz")
+    # two case folders at once, labels given in the other order: paired by name, not order
+    pairs = resolve_pairs(
+        [shared_data / "dicom_ct", folder / "ct.nii.gz"],
+        [folder / "labels.nii.gz", shared_data / "dicom_ct_labels"],
+    )
+    assert [Path(p["label"]).parent.name for p in pairs] == ["dicom_ct_labels", "abdomen_ct"]
+    # the images alone, given as the labels too: the message names what it found
+    with pytest.raises(DataError, match=r"no label maps found .*only the images .*ct\.nii\.gz"):
+        resolve_pairs([folder / "ct.nii.gz"], [folder / "ct.nii.gz"])
+
+
+def test_resolve_pairs_by_name_seg_labels_and_nnunet(tmp_path, shared_data):
+    """``case`` <-> ``case_seg`` / ``case_labels`` in one folder, nnU-Net's
+    ``imagesTr/case_0000`` <-> ``labelsTr/case``; unpaired files are named in the error."""
+    both = tmp_path / "both"
+    both.mkdir()
+    for name, suffix in (("abdomen", "_seg"), ("chest", "_labels")):
+        os.symlink(shared_data / f"{name}_ct" / "ct.nii.gz", both / f"{name}.nii.gz")
+        os.symlink(shared_data / f"{name}_ct" / "labels.nii.gz", both / f"{name}{suffix}.nii.gz")
+    pairs = resolve_pairs([both], [both])
+    assert [(Path(p["image"]).name, Path(p["label"]).name) for p in pairs] == [
+        ("abdomen.nii.gz", "abdomen_seg.nii.gz"),
+        ("chest.nii.gz", "chest_labels.nii.gz"),
+    ]
+    nn = tmp_path / "Dataset001"
+    (nn / "imagesTr").mkdir(parents=True)
+    (nn / "labelsTr").mkdir()
+    for name in ("abdomen", "chest"):
+        os.symlink(
+            shared_data / f"{name}_ct" / "ct.nii.gz", nn / "imagesTr" / f"{name}_0000.nii.gz"
+        )
+        os.symlink(shared_data / f"{name}_ct" / "labels.nii.gz", nn / "labelsTr" / f"{name}.nii.gz")
+    pairs = resolve_pairs([nn / "imagesTr"], [nn / "labelsTr"])
+    assert [(Path(p["image"]).name, Path(p["label"]).name) for p in pairs] == [
+        ("abdomen_0000.nii.gz", "abdomen.nii.gz"),
+        ("chest_0000.nii.gz", "chest.nii.gz"),
+    ]
+    # a label map that names no image: both leftovers are in the one-line message
+    os.rename(nn / "labelsTr" / "chest.nii.gz", nn / "labelsTr" / "thorax.nii.gz")
+    with pytest.raises(DataError, match=r"chest_0000\.nii\.gz .*left over: .*thorax\.nii\.gz"):
+        resolve_pairs([nn / "imagesTr"], [nn / "labelsTr"])
+    # no name in common and different counts: every file is listed
+    with pytest.raises(DataError, match=r"found 2 images \(.*abdomen_0000.*\) but 1 label maps"):
+        resolve_pairs([nn / "imagesTr"], [shared_data / "dicom_ct_labels"])
 
 
 # --------------------------------------------------------------------------- transforms

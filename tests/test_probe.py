@@ -152,7 +152,7 @@ def test_classifying_upsampled_features_equals_upsampling_the_logits(slab_data):
     [
         ("unknown_class", "unknown class name 'livr' (did you mean liver?)"),
         ("geometry", "do not match image"),
-        ("count", "found 2 images but 1 label maps"),
+        ("count", "no label map found for"),
         ("max_voxels", "max_voxels must be at least 100"),
         ("random_inits", "random_inits must be at least 1"),
         ("no_checkpoint", "no-such-run"),

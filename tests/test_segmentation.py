@@ -309,7 +309,7 @@ def bad_inputs(tmp_path_factory, shared_data):
         ("resampled_world", "do not match image"),
         ("unknown_name", "unknown class name 'livr' (did you mean liver?)"),
         ("unknown_id", "unknown label id 200"),
-        ("count", "found 2 images but 1 label maps"),
+        ("count", "no label map found for"),
         ("n_labelled", "--n-labelled 3 but only 1 labelled volumes"),
         ("absent", "occurs in none of the 1 label maps"),
         ("architecture", "has another encoder than this segmenter (patch [8, 8, 8] vs"),

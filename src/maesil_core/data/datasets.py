@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -161,13 +162,18 @@ def _resolve_one(item: str | Path, skip_labels: bool, depth: int = 0) -> list[Pa
 
 
 def resolve_inputs(
-    items: Sequence[str | Path] | str | Path, *, skip_labels: bool = True
+    items: Sequence[str | Path] | str | Path,
+    *,
+    skip_labels: bool = True,
+    follow_links: bool = True,
 ) -> list[str]:
     """Expand files, folders, globs, ``.txt`` lists and ``dataset.json`` into volume paths.
 
     Folders are scanned recursively for ``.nii/.nii.gz/.nrrd`` files and DICOM series
     (one entry per series folder); names containing label/seg/mask are skipped there
-    (``skip_labels``). Returns absolute paths as strings, in order, without duplicates.
+    (``skip_labels``). Returns absolute paths as strings, in order, without duplicates
+    (two links to one file count once); with ``follow_links`` False the paths keep the
+    names they were found under (pairing by name needs the link's name, not its target's).
     """
     if isinstance(items, (str, Path)):
         items = [items]
@@ -180,8 +186,92 @@ def resolve_inputs(
             s = str(Path(p).resolve())
             if s not in seen:
                 seen.add(s)
-                out.append(s)
+                out.append(s if follow_links else os.path.abspath(p))
     return out
+
+
+#: file stems that say "the image" / "the label map" of a case folder (ct.nii.gz, labels.nii.gz)
+IMAGE_STEMS = ("ct", "image", "img", "imaging", "volume", "scan")
+LABEL_STEMS = ("labels", "label", "seg", "segmentation", "mask", "labelmap")
+#: name endings of label maps beside their image: case_seg, case_label(s), case_mask
+_LABEL_SUFFIX = re.compile(r"[_\-.](seg|segmentation|labels?|mask|labelmap)$", re.IGNORECASE)
+#: nnU-Net's channel suffix of images: imagesTr/case_0000.nii.gz <-> labelsTr/case.nii.gz
+_CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
+
+
+def _stem(path: str | Path) -> str:
+    from .io import strip_suffix
+
+    return strip_suffix(Path(path).name)
+
+
+def image_keys(path: str | Path) -> list[str]:
+    """The case names an image file may go by, most specific first: ``case.nii.gz`` ->
+    ``case``; ``case_0000.nii.gz`` -> ``case_0000``, then ``case`` (nnU-Net's channel
+    suffix); ``case1/ct.nii.gz`` -> ``case1`` (a generic name takes its folder's)."""
+    stem = _stem(path)
+    if stem.lower() in IMAGE_STEMS:
+        stem = Path(path).parent.name
+    keys = [stem.lower()]
+    bare = _CHANNEL_SUFFIX.sub("", stem).lower()
+    return keys + [bare] if bare != keys[0] else keys
+
+
+def label_key(path: str | Path) -> str:
+    """The case name of a label map: ``case_seg`` / ``case_label(s)`` / ``case_mask`` ->
+    ``case``; ``case1/labels.nii.gz`` -> ``case1``; ``case_labels/labels.nii.gz`` -> ``case``."""
+    stem = _stem(path)
+    if stem.lower() in LABEL_STEMS:
+        stem = Path(path).parent.name
+    return _LABEL_SUFFIX.sub("", stem).lower()
+
+
+def _names(files: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(files[:limit])
+    return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
+def pair_by_name(images: Sequence[str], labels: Sequence[str]) -> list[tuple[str, str]] | None:
+    """Each image with the label map of the same case name (:func:`image_keys`,
+    :func:`label_key`); a label map in the image's own folder wins over one elsewhere.
+    None when no name matches at all (the caller may then pair in order); DataError naming
+    the files when only some match or a name is ambiguous."""
+    by_key: dict[str, list[str]] = {}
+    for lab in labels:
+        by_key.setdefault(label_key(lab), []).append(lab)
+    pairs, unpaired = [], []
+    for img in images:
+        found = next((by_key[k] for k in image_keys(img) if k in by_key), [])
+        if len(found) > 1:  # several with that name: the one beside the image
+            found = [lab for lab in found if Path(lab).parent == Path(img).parent] or found
+        if len(found) > 1:
+            raise DataError(
+                f"{img} could be paired with several label maps ({_names(found)}); give the "
+                "label maps as files in the order of the images, or a dataset.json."
+            )
+        if found:
+            pairs.append((img, found[0]))
+        else:
+            unpaired.append(img)
+    if not pairs:
+        return None
+    used = {lab for _, lab in pairs}
+    spare = [lab for lab in labels if lab not in used]
+    twice = sorted({lab for _, lab in pairs if sum(lab == b for _, b in pairs) > 1})
+    if twice:
+        raise DataError(
+            f"the label map {twice[0]} matches several images by name; give the label maps as "
+            "files in the order of the images, or a dataset.json."
+        )
+    if unpaired:
+        hint = f" (label maps left over: {_names(spare)})" if spare else ""
+        raise DataError(
+            f"no label map found for {_names(unpaired)}{hint}: name each label map after its "
+            "image (case.nii.gz <-> case_seg.nii.gz / case_label(s).nii.gz, ct.nii.gz <-> "
+            "labels.nii.gz in one folder, nnU-Net case_0000.nii.gz <-> case.nii.gz), or give "
+            "the label maps as files in the order of the images."
+        )
+    return pairs
 
 
 def resolve_pairs(
@@ -191,8 +281,12 @@ def resolve_pairs(
     """``[{"image": path, "label": path}, ...]`` for fine-tuning.
 
     Either ``images`` is a ``dataset.json`` (its ``training`` image/label entries) and
-    ``labels`` is None, or both resolve (like :func:`resolve_inputs`, label names kept
-    for ``labels``) to the same number of files, paired in order (folders sorted by name).
+    ``labels`` is None, or both resolve like :func:`resolve_inputs` (label names kept for
+    ``labels``, and files found among the images left out of them, so ``--images case/
+    --labels case/`` works) and are paired by case name (:func:`pair_by_name`: ``ct`` /
+    ``labels`` in one folder, ``case`` / ``case_seg`` or ``case_label(s)``, nnU-Net's
+    ``case_0000`` / ``case``); when no name matches, in order (folders sorted by name), if
+    the counts agree. Every pairing error names the files it found.
     """
     if isinstance(images, (str, Path)):
         images = [images]
@@ -213,14 +307,29 @@ def resolve_pairs(
             "fine-tuning needs label maps: give labels (files/folder/.txt) or a dataset.json "
             "with image/label pairs."
         )
-    image_files = resolve_inputs(images)
-    label_files = resolve_inputs(labels, skip_labels=False)
-    if len(image_files) != len(label_files):
+    image_files = resolve_inputs(images, follow_links=False)
+    found_labels = resolve_inputs(labels, skip_labels=False, follow_links=False)
+    is_image = {os.path.realpath(f) for f in image_files}
+    label_files = [f for f in found_labels if os.path.realpath(f) not in is_image]
+    if not label_files:
         raise DataError(
-            f"found {len(image_files)} images but {len(label_files)} label maps; give one "
-            "label map per image (same order), or a dataset.json with image/label pairs."
+            f"no label maps found in {_names([str(x) for x in labels])}: only the images "
+            f"{_names(image_files)}; name label maps labels.nii.gz, case_seg.nii.gz, ... or "
+            "give them as files."
         )
-    return [{"image": i, "label": lab} for i, lab in zip(image_files, label_files)]
+    if len(image_files) == len(label_files) == 1:
+        return [{"image": image_files[0], "label": label_files[0]}]
+    pairs = pair_by_name(image_files, label_files)
+    if pairs is None:
+        if len(image_files) != len(label_files):
+            raise DataError(
+                f"found {len(image_files)} images ({_names(image_files)}) but "
+                f"{len(label_files)} label maps ({_names(label_files)}), and no names that "
+                "pair them; give one label map per image named after it (case_seg.nii.gz, "
+                "labels.nii.gz beside ct.nii.gz), files in the same order, or a dataset.json."
+            )
+        pairs = list(zip(image_files, label_files))
+    return [{"image": i, "label": lab} for i, lab in pairs]
 
 
 def check_inputs(files: Sequence[str | Path]) -> list[str]:
