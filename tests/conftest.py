@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,18 @@ def one_torch_thread():
     (six seeds with 1 thread: 0.00-0.33, bound 0.48). Fixing the count makes each test's
     training the same on every machine whatever its core count, and spares a loaded 2-core
     machine the spin-waiting of a second thread. Tests that change it restore it.
+    ``OMP_NUM_THREADS=1`` makes the same choice for the runs' ``threads=0`` (auto: it takes
+    an explicit OMP_NUM_THREADS as given) and for the commands tests start as processes.
     """
-    before = torch.get_num_threads()
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="session")

@@ -200,7 +200,7 @@ def test_threads_setting_reaches_torch(tmp_path, abdomen_ct):
             [abdomen_ct],
             tmp_path / "run",
             tiny_cfg(2, threads=1),
-            progress=lambda info: seen.append(torch.get_num_threads()),
+            progress=lambda info: info["phase"] == "train" and seen.append(torch.get_num_threads()),
         )
         assert seen and set(seen) == {1}  # the run trained on 1 thread ...
         assert torch.get_num_threads() == 2  # ... and gave the caller its 2 back

@@ -26,7 +26,8 @@ import torch
 
 from .checkpoint import build_from_checkpoint, list_checkpoints, load_checkpoint
 from .config import RunConfig, preset
-from .errors import Cancelled, ConfigError, DataError
+from .errors import ConfigError, DataError
+from .threads import torch_threads
 from .train import FitResult, fit
 from .train import distributed as D
 
@@ -253,10 +254,12 @@ def reconstruct(
     seed: int = 0,
     device: str = "auto",
     batch_size: int = 4,
+    threads: int | None = 0,
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
 ) -> Reconstruction:
-    """Mask and reconstruct a whole CT with a pretrained model, tile by tile."""
+    """Mask and reconstruct a whole CT with a pretrained model, tile by tile (on the CPU with
+    ``threads`` torch threads, 0: auto, one per free core, :mod:`maesil_core.threads`)."""
     from .data import inference_transforms, invert_to_input, load_volume
     from .inference import reconstruct_volume
     from .metrics import interpolation_scores, reconstruction_scores
@@ -275,7 +278,8 @@ def reconstruct(
         if progress is not None:
             progress({"phase": "reconstruct", "step": done, "steps": total})
 
-    try:
+    dev = D.select_device(device)
+    with torch_threads(threads, dev):
         tiled = reconstruct_volume(
             model,
             torch.as_tensor(np.asarray(unit)),
@@ -283,12 +287,10 @@ def reconstruct(
             ratio=mask_ratio,
             seed=seed,
             batch_size=batch_size,
-            device=D.select_device(device),
+            device=dev,
             progress=tile_progress,
             cancel=is_cancelled,
         )
-    except Cancelled:
-        raise
     grid_mask = tiled.mask[0].numpy() > 0.5
     target = np.asarray(unit)[0]
     scores = reconstruction_scores(

@@ -229,8 +229,8 @@ class TrainConfig:
     #: torch.compile the model. Off: on the CPU the compilation (100-130 s) earned itself back
     #: only after thousands of steps, if at all (BENCHMARKS.md); on a GPU not yet measured
     compile: bool = False
-    #: torch intra-op CPU threads while training (torch.set_num_threads); 0 keeps torch's
-    #: default (one per physical core). 1 can be far faster on a CPU shared with other jobs.
+    #: torch intra-op CPU threads while training (torch.set_num_threads); 0: auto, one per
+    #: core that other jobs leave free by the load average, at least 1 (maesil_core.threads)
     threads: int = 0
 
     def validate(self) -> None:
@@ -247,7 +247,7 @@ class TrainConfig:
         if self.checkpoint_every < 1:
             raise ConfigError("checkpoint_every must be at least 1 step.")
         if self.threads < 0:
-            raise ConfigError("threads must be 0 (torch's default) or more.")
+            raise ConfigError("threads must be 0 (auto) or more.")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}.")
         dev = self.device

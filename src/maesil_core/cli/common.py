@@ -49,6 +49,8 @@ class Progress:
     job): the same line in ASCII every ``every_s`` seconds and at the end of a phase, one per
     line, so logs stay readable. Under ``torchrun`` only rank 0 prints. Rates and the time
     left count from the first step this command saw (a resumed run starts at its step).
+    What happens before the first step (``phase`` ``prepare``: the scans found, the CPU
+    threads, the step a run resumes from) prints as plain lines on stdout.
     """
 
     #: what the steps of each phase count
@@ -87,6 +89,10 @@ class Progress:
         phase = info.get("phase", "train")
         if phase == "checkpoint":
             self._write(f"  checkpoint: {info.get('checkpoint')}")
+            return
+        if phase == "prepare":  # what happens before the first step: lines on stdout
+            if info.get("message"):
+                print(str(info["message"]), flush=True)
             return
         final = phase in ("done", "cancelled")
         step, steps = int(info.get("step", 0)), max(1, int(info.get("steps", 0) or 1))
@@ -151,26 +157,50 @@ def install_cancel() -> threading.Event:
 # --------------------------------------------------------------------------- config from flags
 
 
+THREADS_HELP = (
+    "CPU threads for torch: a number, or auto (default): one per core that other jobs "
+    "leave free by the load average, at least 1 (on a busy machine a second thread makes "
+    "training many times slower); OMP_NUM_THREADS, when set, is taken as given"
+)
+
+
+def parse_threads(text: str) -> int:
+    """``--threads`` values: ``auto`` (0, as in ``TrainConfig.threads``) or a count."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of threads, got {text!r}")
+    return value
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """``--threads N|auto`` (default auto: :func:`maesil_core.threads.auto_threads`)."""
+    p.add_argument("--threads", type=parse_threads, metavar="N|auto", help=THREADS_HELP)
+
+
 def add_run_options(
     p: argparse.ArgumentParser,
     default_steps_help: str = "",
     *,
     preset_default: str | None = "tiny",
     preset_help: str = "named configuration (default: tiny, a CPU-sized model)",
+    config_help: str = "JSON file overriding the preset "
+    '(e.g. {"model": {"mask_ratio": 0.8}, "train": {"lr": 3e-4}})',
+    batch_help: str = "superpatches per step and GPU",
 ) -> None:
-    """Flags shared by ``pretrain`` and ``finetune``."""
+    """Flags shared by ``pretrain`` and ``finetune`` (each says what its batch and its
+    ``--config`` hold)."""
     from ..config import PRESETS
 
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--preset", default=preset_default, choices=sorted(PRESETS), help=preset_help)
-    p.add_argument(
-        "--config",
-        type=Path,
-        help="JSON file overriding the preset "
-        '(e.g. {"model": {"mask_ratio": 0.8}, "train": {"lr": 3e-4}})',
-    )
+    p.add_argument("--config", type=Path, help=config_help)
     p.add_argument("--steps", type=int, help="optimiser steps" + default_steps_help)
-    p.add_argument("--batch-size", type=int, help="superpatches per step and GPU")
+    p.add_argument("--batch-size", type=int, help=batch_help)
     p.add_argument(
         "--accum-steps",
         type=int,
@@ -204,12 +234,7 @@ def add_run_options(
         help="torch.compile the model (default off: on a CPU it took 100-130 s to compile and "
         "gained 2-36 %%; on a GPU not yet measured)",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads for torch (default: one per core; 1 is often faster on a shared "
-        "or small CPU)",
-    )
+    add_threads_option(p)
     p.add_argument(
         "--spacing",
         type=float,

@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from ..errors import ConfigError
-from .common import Progress, add_command
+from .common import Progress, add_command, add_threads_option
 
 EXAMPLE = """examples:
   maesil probe --checkpoint runs/ct --images ../shared/data/abdomen_ct/ct.nii.gz \\
@@ -35,28 +32,26 @@ beat them has learnt nothing a linear read-out can use beyond patch intensities.
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from .. import probe as pr
+    from ..threads import torch_threads
+    from ..train.distributed import select_device
 
-    if args.threads is not None:
-        if args.threads < 0:
-            raise ConfigError("--threads must be 0 (torch's default) or more.")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-    result = pr.probe(
-        args.checkpoint,
-        list(args.images),
-        list(args.labels),
-        test_images=list(args.test_images),
-        test_labels=list(args.test_labels),
-        classes=args.classes,
-        label_names=args.label_names,
-        labels_map=args.labels_map,
-        resample_labels=args.resample_labels,
-        seed=args.seed,
-        max_voxels=args.max_voxels,
-        random_inits=args.random_inits,
-        device=args.device or "auto",
-        progress=Progress(),
-    )
+    with torch_threads(args.threads, select_device(args.device or "auto")):
+        result = pr.probe(
+            args.checkpoint,
+            list(args.images),
+            list(args.labels),
+            test_images=list(args.test_images),
+            test_labels=list(args.test_labels),
+            classes=args.classes,
+            label_names=args.label_names,
+            labels_map=args.labels_map,
+            resample_labels=args.resample_labels,
+            seed=args.seed,
+            max_voxels=args.max_voxels,
+            random_inits=args.random_inits,
+            device=args.device or "auto",
+            progress=Progress(),
+        )
     if args.json:
         print(json.dumps(result.scores))
         return 0
@@ -122,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="random initialisations averaged for the random-init reference (default 3)",
     )
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N (the encoder only)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add_threads_option(p)
     p.add_argument(
         "--json",
         action="store_true",

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import Progress, add_command
+from .common import Progress, add_command, add_threads_option
 
 EXAMPLES = """examples:
   maesil reconstruct --checkpoint runs/demo --input scan.nii.gz --out recon/
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         mask_ratio=args.mask_ratio,
         seed=args.seed,
         device=args.device or "auto",
+        threads=args.threads,
         progress=Progress(),
     )
     written = rec.save(out, overwrite=args.force)
@@ -92,5 +93,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-ratio", type=float, help="default: the model's")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    add_threads_option(p)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs in --out")
     p.add_argument("--json", action="store_true", help="also print the scores as JSON")

@@ -35,6 +35,7 @@ from ..checkpoint import (
 )
 from ..config import RunConfig, TrainConfig
 from ..errors import CheckpointError
+from ..threads import torch_threads
 from . import distributed as D
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -231,19 +232,18 @@ def plot_loss(rows: list[dict[str, float]], path: Path) -> None:
 
 
 def _with_torch_threads(fn):
-    """Run ``fn(model, batches, cfg, ...)`` with ``cfg.train.threads`` torch threads (0: as
-    they are), then restore them: an in-process caller (napari) keeps its own setting."""
+    """Run ``fit`` with ``cfg.train.threads`` torch threads on the CPU (0: auto, one per free
+    core, :mod:`maesil_core.threads`), say how many in a ``prepare`` progress message, then
+    restore them: an in-process caller (napari) keeps its own setting."""
 
     @functools.wraps(fn)
     def wrapper(model, batches, cfg, *args, **kwargs):
-        threads, before = cfg.train.threads, torch.get_num_threads()
-        if threads > 0:
-            torch.set_num_threads(threads)
-        try:
+        device = kwargs.get("device") or D.select_device(cfg.train.device)
+        with torch_threads(cfg.train.threads, device) as choice:
+            progress = kwargs.get("progress")
+            if choice is not None and progress is not None and not D.launched_by_torchrun():
+                progress({"phase": "prepare", "message": f"computing with {choice.describe()}"})
             return fn(model, batches, cfg, *args, **kwargs)
-        finally:
-            if threads > 0:
-                torch.set_num_threads(before)
 
     return wrapper
 
