@@ -94,6 +94,16 @@ def resumed_config(saved: RunConfig, cfg: RunConfig | None) -> RunConfig:
     return saved
 
 
+def _resuming(step: int, steps: int) -> str:
+    """The line a resumed run starts with."""
+    if step >= steps:
+        return (
+            f"resuming from step {step} of {steps}: the run is complete; give --steps above "
+            f"{step} to train it further"
+        )
+    return f"resuming from step {step} of {steps}"
+
+
 def _as_recorded(data: Sequence[str | Path] | None) -> list[str] | None:
     """The data arguments as a run records them: absolute, so a resume from another
     folder finds the same scans (globs and lists are resolved again then)."""
@@ -133,7 +143,7 @@ def pretrain(
     """
     from .data import check_inputs, infinite, make_pretrain_loader, resolve_inputs
     from .data.batch_augment import BatchAugment, to_device
-    from .data.datasets import augment_on_device
+    from .data.datasets import augment_on_device, describe_scans
     from .models import build_model
     from .train.loop import data_seed, seed_everything
 
@@ -165,6 +175,13 @@ def pretrain(
         D.barrier()
         files = files or phantom_dataset(run_dir / "phantom")
     check_inputs(files)
+    if progress is not None and dist_info.is_main:  # say what is about to happen
+        if resume:
+            progress({"phase": "prepare", "message": _resuming(start_step, cfg.train.steps)})
+        listing = describe_scans(files)
+        if not data:
+            listing = listing.replace("found", "no data given: the built-in CT phantom,", 1)
+        progress({"phase": "prepare", "message": listing})
     stream_seed = data_seed(cfg.train.seed, start_step)
     loader = make_pretrain_loader(
         files,

@@ -25,6 +25,22 @@ def orthogonal_slices(vol: np.ndarray, center: tuple[int, int, int]) -> list[np.
     return [axial, coronal, sagittal]
 
 
+def reconstruction_title(name: str, method: str, mask_mode: str, scores: dict[str, float]) -> str:
+    """The figure's title: the model's PSNR / SSIM on the hidden voxels and, on a second
+    line, the score to beat (the hidden voxels interpolated from the visible ones), as
+    ``maesil reconstruct`` prints them."""
+    title = (
+        f"{name}: {method} {mask_mode} mask, PSNR {scores['psnr']:.2f} dB, "
+        f"SSIM {scores['ssim']:.3f} (masked region)"
+    )
+    if "interpolation_psnr" in scores:
+        title += (
+            f"\nto beat, interpolating the visible voxels: PSNR "
+            f"{scores['interpolation_psnr']:.2f} dB, SSIM {scores['interpolation_ssim']:.3f}"
+        )
+    return title
+
+
 def reconstruction_figure(
     path: str | Path,
     panels: dict[str, np.ndarray],
@@ -38,7 +54,7 @@ def reconstruction_figure(
     error). Volumes are reoriented to RAS with nibabel so the picture reads the same for any
     input orientation, then drawn the radiological way (:func:`orthogonal_slices`; the
     patient's right on the screen's left, letters at the edges); aspect follows the voxel
-    spacing."""
+    spacing. The title is also stored as the PNG's ``Title`` text."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -95,5 +111,6 @@ def reconstruction_figure(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    meta = {"Title": title, "Software": "napari-maesil"} if title else None
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", metadata=meta))
     return Path(path)

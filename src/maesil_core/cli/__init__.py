@@ -35,6 +35,7 @@ from .common import (
     Progress,
     add_command,
     add_run_options,
+    plain_warnings,
     resume_config,
     run_config_from_args,
 )
@@ -64,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.func(args)
+        with plain_warnings(args.command):
+            return args.func(args)
     except MaesilError as exc:
         print(f"maesil {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

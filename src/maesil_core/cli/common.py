@@ -6,12 +6,14 @@ options of ``pretrain`` / ``finetune`` (flags -> :class:`~maesil_core.config.Run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,30 @@ class Progress:
             self._bar.close()
         self._bar = None
         self._key = None
+
+
+@contextlib.contextmanager
+def plain_warnings(command: str, stream=None) -> Iterator[None]:
+    """Inside the block, a warning prints as one line, ``maesil COMMAND: warning: TEXT``,
+    without Python's source line, and each text once (a scan read twice, by the training
+    and the validation chain, warns once)."""
+    shown: set[str] = set()
+    before = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip()
+        if text in shown:
+            return
+        shown.add(text)
+        out = stream if stream is not None else sys.stderr
+        out.write(f"maesil {command}: warning: {text}\n")
+        out.flush()
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = before
 
 
 def install_cancel() -> threading.Event:

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import api
     from ..checkpoint import load_checkpoint
     from ..errors import ConfigError
-    from ..figures import reconstruction_figure
+    from ..figures import reconstruction_figure, reconstruction_title
 
     out = Path(args.out)
     targets = [out / f"{n}.nii.gz" for n in ("masked", "reconstruction", "mask", "error")]
@@ -52,8 +52,12 @@ def run(args: argparse.Namespace) -> int:
         panels,
         rec.affine,
         window=window,
-        title=f"{Path(args.input).name}: {rec.extra['method']} {cfg.model.mask_mode if args.mask_mode is None else args.mask_mode} "
-        f"mask, PSNR {rec.scores['psnr']:.2f} dB, SSIM {rec.scores['ssim']:.3f} (masked region)",
+        title=reconstruction_title(
+            Path(args.input).name,
+            rec.extra["method"],
+            cfg.model.mask_mode if args.mask_mode is None else args.mask_mode,
+            rec.scores,
+        ),
     )
     for name, path in written.items():
         print(f"{name}: {path}")

@@ -341,6 +341,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_run_options(
         p,
+        config_help="JSON file of training settings, as for pretrain "
+        '(e.g. {"train": {"lr": 3e-4, "batch_size": 2}}); with --pretrained its "model" '
+        "section must describe the checkpoint's encoder (the architecture comes from there)",
+        batch_help="training crops (ROI, default the superpatch) per step and GPU, drawn "
+        "2 : 1 around labelled voxels and anywhere (default: the preset's batch size)",
         preset_default=None,  # None: the --pretrained checkpoint's preset (else tiny)
         preset_help="named configuration. Without --pretrained: the architecture and training "
         "settings (default: tiny). With --pretrained the architecture always comes from the "

@@ -374,6 +374,41 @@ def check_inputs(files: Sequence[str | Path]) -> list[str]:
     return out
 
 
+def describe_scans(files: Sequence[str | Path], limit: int = 10) -> str:
+    """What a run is about to train on, for the user: the number of scans and, for the
+    first ``limit``, their shape and spacing from the headers (:func:`~.io.read_header`)::
+
+        found 2 scans:
+          abdomen_ct/ct.nii.gz   122 x 101 x 30   3.00 x 3.00 x 3.00 mm   NIfTI
+          dicom_ct               512 x 512 x 20   0.98 x 0.98 x 2.00 mm   DICOM
+    """
+    from .io import read_header
+
+    files = list(files)
+    rows = []
+    for f in files[:limit]:
+        p = Path(f)
+        name = p.name if p.is_dir() else f"{p.parent.name}/{p.name}"
+        try:
+            h = read_header(p)
+        except DataError as exc:
+            rows.append((name, "?", str(exc), ""))
+            continue
+        shape = " x ".join(str(v) for v in h.shape)
+        spacing = " x ".join(f"{v:.2f}" for v in h.spacing) + " mm"
+        rows.append((name, shape, spacing, h.kind))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)] if rows else [0, 0, 0]
+    n = len(files)
+    lines = [f"found {n} scan{'s' if n != 1 else ''}:"]
+    for name, shape, spacing, kind in rows:
+        lines.append(
+            f"  {name:<{widths[0]}}  {shape:>{widths[1]}}  {spacing:<{widths[2]}}  {kind}".rstrip()
+        )
+    if n > limit:
+        lines.append(f"  ... and {n - limit} more")
+    return "\n".join(lines)
+
+
 def _cache_key(data_cfg: DataConfig, superpatch: Sequence[int]) -> str:
     """Hash of the settings that change the cached (deterministic) part of the chain."""
     spec = json.dumps(

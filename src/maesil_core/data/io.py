@@ -109,6 +109,77 @@ def is_dicom_dir(path: str | Path) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class ScanHeader:
+    """What a scan's header says, without reading its voxels: ``shape`` (X, Y, Z) and
+    ``spacing`` (mm along those axes), ``kind`` ``NIfTI`` / ``NRRD`` / ``DICOM``."""
+
+    path: str
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    kind: str
+
+
+def read_header(path: str | Path) -> ScanHeader:
+    """Shape and spacing of a NIfTI / NRRD file or a DICOM series folder from its header(s)
+    only (a DICOM series: every slice's header, for the number of slices and their spacing).
+    DataError for what cannot be read."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _dicom_header(path)
+        low = path.name.lower()
+        if low.endswith(NIFTI_SUFFIXES):
+            img = nib.load(str(path))
+            zooms = img.header.get_zooms()[:3]
+            return ScanHeader(str(path), tuple(img.shape[:3]), tuple(map(float, zooms)), "NIfTI")
+        if low.endswith(NRRD_SUFFIXES):
+            import nrrd
+
+            h = nrrd.read_header(str(path))
+            sizes = tuple(int(v) for v in h["sizes"])[:3]
+            if "space directions" in h:
+                dirs = np.asarray([d for d in h["space directions"] if d is not None], dtype=float)
+                spacing = tuple(float(v) for v in np.linalg.norm(dirs, axis=1))[:3]
+            else:
+                spacing = tuple(float(v) for v in h.get("spacings", (1.0,) * len(sizes)))[:3]
+            return ScanHeader(str(path), sizes, spacing, "NRRD")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"{path}: cannot read its header ({type(exc).__name__}: {_first_line(exc)}); "
+            "re-copy or re-export it, or leave it out."
+        ) from exc
+    raise DataError(f"{path} is not a .nii/.nii.gz/.nrrd file or a DICOM series folder.")
+
+
+def _dicom_header(folder: Path) -> ScanHeader:
+    import pydicom
+
+    tags = ["ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns", "PixelSpacing"]
+    slices = []
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=tags)
+        except Exception:
+            continue
+        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+            slices.append(ds)
+    if not slices:
+        raise DataError(f"{folder} holds no DICOM image slices; give a DICOM series folder.")
+    first = slices[0]
+    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    dist = np.sort([float(np.asarray(ds.ImagePositionPatient, float) @ normal) for ds in slices])
+    dz = float(np.median(np.diff(dist))) if len(dist) > 1 else 0.0
+    row_sp, col_sp = (float(v) for v in first.PixelSpacing)
+    shape = (int(first.Columns), int(first.Rows), len(slices))
+    return ScanHeader(str(folder), shape, (col_sp, row_sp, dz), "DICOM")
+
+
 def _read_any(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
     """Raw ``(array, affine RAS, path)`` of any supported input; array keeps the file's dtype
     (float32 for DICOM after rescaling)."""

@@ -181,7 +181,7 @@ class IntensityToUnitd(MapTransform):
             warnings.warn(
                 f"{name} does not look like CT in Hounsfield units (no values below "
                 f"{HU_MIN_THRESHOLD:g}); scaling its {PERCENTILES[0]}..{PERCENTILES[1]} "
-                "percentiles to [0, 1] instead (set intensity='hu' or 'percentile' to choose).",
+                "percentiles to [0, 1] instead (--intensity hu or percentile to choose).",
                 UserWarning,
                 stacklevel=2,
             )
