@@ -84,7 +84,7 @@ def reference(arm: str) -> str:
 def cut_volumes(shared: Path, out: Path) -> dict[str, list[str]]:
     """Write the training / test / pretraining volumes (NIfTI) under ``out/data``."""
     from maesil_core.data import load_labels, load_volume, save_volume
-    from maesil_core.finetune import crop_volume
+    from maesil_core.segmentation import crop_volume
 
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from maesil_core import finetune as ft
+    from maesil_core import segmentation as ft
     from maesil_core.checkpoint import load_checkpoint
     from maesil_core.config import preset
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from maesil_core import finetune as ft
+from maesil_core import segmentation as ft
 from maesil_core.checkpoint import load_checkpoint
 from maesil_core.config import preset
 from maesil_core.data.datasets import resolve_inputs, resolve_pairs

@@ -29,7 +29,7 @@ def series(shared_data):
 
 def test_dicom_seg_round_trips_through_pydicom_with_the_nifti_voxels(series, tmp_path):
     folder, vol, labels, names = series
-    from maesil_core.finetune import Segmentation
+    from maesil_core.segmentation import Segmentation
 
     keep = {5: names[5], 1: names[1], 6: names[6], 52: names[52]}  # liver, spleen, stomach, aorta
     labels = np.where(np.isin(labels, list(keep)), labels, 0)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from maesil_core import finetune as ft
+from maesil_core import segmentation as ft
 from maesil_core.checkpoint import load_checkpoint, save_checkpoint
 from maesil_core.config import ModelConfig, RunConfig, preset
 from maesil_core.data.labels import LabelClass, LabelSet

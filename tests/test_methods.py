@@ -200,7 +200,7 @@ def test_conv_checkpoint_loads_into_the_conv_segmenter(trained, pool, method):
     """AE / VAE / VQ-VAE: the encoder and decoder load (changing the initial weights), the
     output layer is new, and at step 0 the segmenter's decoder computes what was pretrained:
     the zero-initialised skips add nothing, the latent is z (AE), mu (VAE), unquantised z (VQ)."""
-    from maesil_core import finetune as ft
+    from maesil_core import segmentation as ft
     from maesil_core.models.conv_segmenter import ConvAESegmenter
 
     model, res, _, _ = trained[method]
@@ -246,7 +246,7 @@ def test_conv_checkpoint_loads_into_the_conv_segmenter(trained, pool, method):
 
 
 def test_conv_and_vit_checkpoints_are_refused_by_the_other_segmenter(trained):
-    from maesil_core import finetune as ft
+    from maesil_core import segmentation as ft
     from maesil_core.errors import CheckpointError
     from maesil_core.models.conv_segmenter import ConvAESegmenter
     from maesil_core.models.segmenter import UNETRSegmenter
@@ -272,7 +272,7 @@ def test_cli_finetunes_a_conv_autoencoder_run_and_segments(trained, method, tmp_
     (liver, spleen): the Dice + CE loss falls within 60 steps, and the run segments a CT."""
     import nibabel as nib
 
-    from maesil_core import finetune as ft
+    from maesil_core import segmentation as ft
 
     _, res, _, _ = trained[method]
     run_dir = Path(res.checkpoint).parents[1]
@@ -441,7 +441,8 @@ def test_benchmark_size_ablation_quick(tmp_path):
 def test_classifier_finetunes_from_pretrained_encoder(trained, tmp_path):
     """Organ-present classification (liver, spleen) from label maps: train on the DICOM series
     with its NIfTI labels (aligned in world coordinates), test on the held-out abdomen CT."""
-    from maesil_core.models.classifier import EncoderClassifier, finetune_classifier
+    from maesil_core.classification import finetune_classifier
+    from maesil_core.models.classifier import EncoderClassifier
 
     _, res, _, _ = trained["mae"]
     train = [(SHARED / "dicom_ct", SHARED / "dicom_ct_labels" / "labels.nii.gz")]

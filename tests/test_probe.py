@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from maesil_core import api, cli
-from maesil_core import finetune as ft
 from maesil_core import probe as pr
+from maesil_core import segmentation as ft
 from maesil_core.config import preset
 from maesil_core.data import load_labels, load_volume
 from maesil_core.models import build_model

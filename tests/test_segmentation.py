@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from maesil_core import api, cli
-from maesil_core import finetune as ft
+from maesil_core import segmentation as ft
 from maesil_core.checkpoint import load_checkpoint, save_checkpoint
 from maesil_core.config import preset
 from maesil_core.data import load_labels, load_volume
@@ -206,6 +206,25 @@ def test_sliding_window_equals_direct_forward_where_both_fit():
         one = ft.sliding_window_logits(model, x[:, :32, :, :32], (32, 32, 32), overlap=0.5)
         torch.testing.assert_close(one, model(x[None, :, :32, :, :32])[0], rtol=1e-5, atol=1e-5)
     assert ft.count_windows((64, 32, 96), (32, 32, 32), 0.0) == 6
+
+
+def test_count_windows_matches_what_monai_runs():
+    """The progress total equals the windows MONAI's sliding_window_inference really runs,
+    for volumes smaller than, equal to and between multiples of the window, any overlap."""
+    from monai.inferers import sliding_window_inference
+
+    seen = []
+
+    def predictor(batch):
+        seen.append(batch.shape[0])
+        return batch
+
+    for shape in [(64, 32, 96), (33, 70, 17), (32, 32, 32), (100, 41, 64), (5, 5, 5)]:
+        for roi in [(32, 32, 32), (16, 24, 32)]:
+            for overlap in (0.0, 0.25, 0.5, 0.9):
+                seen.clear()
+                sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, predictor, overlap)
+                assert ft.count_windows(shape, roi, overlap) == sum(seen), (shape, roi, overlap)
 
 
 def test_layer_decay_and_frozen_encoder_reach_the_optimizer():

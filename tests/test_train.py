@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from maesil_core import api
+from maesil_core import api, runs
 from maesil_core.checkpoint import (
     build_from_checkpoint,
     list_checkpoints,
@@ -125,14 +125,14 @@ def test_resume_without_data_continues_on_the_runs_own_scans(tmp_path, abdomen_c
     assert load_checkpoint(resolve_checkpoint(run)).meta["extra"]["data"] == recorded
 
     # a run from before the data were recorded: refused with the fix, not trained on the phantom
-    real = api.load_checkpoint
+    real = runs.load_checkpoint
 
     def without_data(path, **kw):
         ck = real(path, **kw)
         ck.meta["extra"].pop("data")
         return ck
 
-    monkeypatch.setattr(api, "load_checkpoint", without_data)
+    monkeypatch.setattr(runs, "load_checkpoint", without_data)
     with pytest.raises(ConfigError, match="resume it with --data"):
         api.pretrain(None, run, tiny_cfg(6), resume=True)
     assert not (run / "phantom").exists()
@@ -220,12 +220,12 @@ def test_resumed_config_takes_only_steps_device_and_threads():
     """What pretrain and finetune --resume keep of the run and take from the caller."""
     saved = tiny_cfg(100, threads=0)
     given = tiny_cfg(50, threads=2).override("train", device="cpu", lr=1.0)
-    merged = api.resumed_config(saved, given)
+    merged = runs.resumed_config(saved, given)
     assert merged.train.steps == 100  # never fewer steps than the run planned
     assert (merged.train.device, merged.train.threads) == ("cpu", 2)
     assert merged.train.lr == tiny_cfg(100).train.lr  # the rest stays the run's own
-    assert api.resumed_config(saved, tiny_cfg(300)).train.steps == 300
-    assert api.resumed_config(saved, None) is saved
+    assert runs.resumed_config(saved, tiny_cfg(300)).train.steps == 300
+    assert runs.resumed_config(saved, None) is saved
 
 
 def test_learning_rate_schedule_shape():

@@ -14,9 +14,7 @@ or ``threading.Event``); nothing here touches Qt.
 from __future__ import annotations
 
 import os
-import shutil
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,74 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import build_from_checkpoint, list_checkpoints, load_checkpoint
+from .checkpoint import build_from_checkpoint
 from .config import RunConfig, preset
-from .errors import ConfigError, DataError
 from .threads import torch_threads
+from .errors import Cancelled, ConfigError, DataError
+from .probe import probe
+from .progress import CancelFlag, ProgressFn, cancel_fn
+from .runs import prepare_run_dir, resume_from, resumed_config
+from .segmentation import evaluate, finetune, segment
 from .train import FitResult, fit
 from .train import distributed as D
-
-ProgressFn = Callable[[dict[str, Any]], None]
-CancelFlag = Callable[[], bool] | threading.Event | None
-
-RUN_OUTPUTS = (
-    "checkpoints",
-    "metrics.csv",
-    "loss.png",
-    "config.json",
-    "tensorboard",
-    "best.safetensors",
-    "best.json",
-)
-
-
-def _cancel_fn(cancel: CancelFlag) -> Callable[[], bool]:
-    if cancel is None:
-        return lambda: False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set
-    return cancel
-
-
-def prepare_run_dir(run_dir: str | Path, *, resume: bool, force: bool) -> Path:
-    """Create ``run_dir``; refuse to overwrite an earlier run unless ``force`` (or ``resume``)."""
-    run_dir = Path(run_dir).expanduser()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is a file; --out needs a directory.")
-    has_run = run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_OUTPUTS)
-    if resume:
-        if not list_checkpoints(run_dir):
-            raise ConfigError(
-                f"--resume: {run_dir} has no checkpoint to resume from; start without --resume."
-            )
-        return run_dir
-    if has_run:
-        if not force:
-            raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it, --force to "
-                "overwrite it, or choose another --out."
-            )
-        if D.launched_by_torchrun() and int(__import__("os").environ.get("RANK", "0")) != 0:
-            return run_dir
-        for name in RUN_OUTPUTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def resumed_config(saved: RunConfig, cfg: RunConfig | None) -> RunConfig:
-    """The config a resumed run continues with: the run's own ``saved`` one, with from ``cfg``
-    only the step count (never fewer than planned: a preset must not cut the schedule short),
-    the device and the CPU threads (the machine may differ from the run's first one)."""
-    if cfg is not None:
-        saved.train.steps = max(saved.train.steps, cfg.train.steps)
-        saved.train.device = cfg.train.device
-        saved.train.threads = cfg.train.threads
-    return saved
 
 
 def _resuming(step: int, steps: int) -> str:
@@ -150,8 +90,7 @@ def pretrain(
     run_dir = Path(run_dir)
     start_step = 0
     if resume:
-        prepare_run_dir(run_dir, resume=True, force=False)
-        last = load_checkpoint(list_checkpoints(run_dir)[-1], weights_too=False)
+        last = resume_from(run_dir)
         cfg, start_step = resumed_config(last.config, cfg), last.step
         if not data:  # the run's own scans, not the phantom
             extra = last.meta.get("extra") or {}
@@ -289,7 +228,7 @@ def reconstruct(
     transform = inference_transforms(cfg.data)
     sample = transform({"image": volume})  # the volume already read: no second read
     unit = sample["image"]  # (1, D, H, W) on the model grid
-    is_cancelled = _cancel_fn(cancel)
+    is_cancelled = cancel_fn(cancel)
 
     def tile_progress(done: int, total: int) -> None:
         if progress is not None:
@@ -405,11 +344,12 @@ __all__ = [
     "Reconstruction",
     "DataError",
     "describe_checkpoint",
+    "evaluate",
+    "finetune",
     "load_for_inference",
     "phantom_dataset",
-    "prepare_run_dir",
     "pretrain",
+    "probe",
     "reconstruct",
+    "segment",
 ]
-from .finetune import evaluate, finetune, segment  # noqa: E402, F401  (fine-tuning API)
-from .probe import probe  # noqa: E402, F401  (linear probe of a pretrained encoder)

@@ -44,17 +44,16 @@ from torch import nn
 from .config import Int3, RunConfig
 from .data.labels import LabelSet
 from .errors import Cancelled, ConfigError
-from .finetune import (
+from .progress import ProgressFn
+from .segmentation.data import (
     Case,
-    _label_names_for,
-    _load_pair,
-    dice_scores,
+    label_names_for,
+    load_pair,
     make_label_set,
     prepare_cases,
     resolve_labelled,
 )
-
-ProgressFn = Callable[[dict[str, Any]], None]
+from .segmentation.evaluate import dice_scores
 
 REFERENCES = ("encoder", "random_init", "patch_stats")
 
@@ -118,9 +117,9 @@ def prepare_probe_data(
     """
     pairs = resolve_labelled(images, labels, what="probe training")
     test_pairs = resolve_labelled(test_images, test_labels, what="probe test")
-    source_names = _label_names_for([lab for _, lab in pairs], label_names)
-    loaded = [_load_pair(i, lab, resample_labels) for i, lab in pairs]
-    test_loaded = [_load_pair(i, lab, resample_labels) for i, lab in test_pairs]
+    source_names = label_names_for([lab for _, lab in pairs], label_names)
+    loaded = [load_pair(i, lab, resample_labels) for i, lab in pairs]
+    test_loaded = [load_pair(i, lab, resample_labels) for i, lab in test_pairs]
     labelset = make_label_set(
         [(lab.path, lab.array) for _, lab in loaded],
         classes=classes,

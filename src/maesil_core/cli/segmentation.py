@@ -67,7 +67,7 @@ def _paths(values: list[str] | None) -> list[str] | None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .. import finetune as ft
+    from .. import segmentation as ft
     from ..checkpoint import load_checkpoint
 
     if not args.images:
@@ -136,7 +136,7 @@ def finetune_config(args: argparse.Namespace, pre_ckpt):
     batch, lr, ...; default: the checkpoint's own preset), and one that describes another
     encoder is refused (CheckpointError, exit 2) rather than silently replaced.
     """
-    from .. import finetune as ft
+    from .. import segmentation as ft
     from ..config import PRESETS
     from ..errors import CheckpointError
     from ..models.segmenter import architecture_mismatch
@@ -179,7 +179,7 @@ def _default_out(input_path: str) -> Path:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .. import finetune as ft
+    from .. import segmentation as ft
     from ..data.io import strip_suffix
 
     out = Path(args.out) if args.out else _default_out(args.input)
@@ -191,9 +191,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"{target} exists; pass --force to overwrite it or choose another --out."
             )
-    ft.load_segmenter(args.checkpoint)  # refuse a wrong checkpoint before reading the CT
-    result = ft.segment(
-        args.checkpoint,
+    segmenter = ft.Segmenter.load(args.checkpoint)  # a wrong checkpoint: refused before the CT
+    result = segmenter.segment(
         args.input,
         overlap=args.overlap,
         blend=args.blend,
@@ -213,7 +212,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .. import finetune as ft
+    from .. import segmentation as ft
 
     csv_path = _evaluation_csv(args)  # refuse an existing --csv before the work, not after
     report = ft.evaluate(

@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import random
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,10 +35,9 @@ from ..checkpoint import (
 from ..config import RunConfig, TrainConfig
 from ..errors import CheckpointError
 from ..threads import torch_threads
+from ..progress import CancelFlag, ProgressFn, cancel_fn
 from . import distributed as D
 
-ProgressFn = Callable[[dict[str, Any]], None]
-CancelFlag = Callable[[], bool] | threading.Event | None
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
@@ -106,14 +104,6 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.precision == "bf16" and device.type == "cpu":
         return torch.bfloat16
     return None
-
-
-def _is_cancelled(cancel: CancelFlag) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -275,6 +265,7 @@ def fit(
     """
     tc = cfg.train
     run_dir = Path(run_dir)
+    is_cancelled = cancel_fn(cancel)
     device = device or D.select_device(tc.device)
     dist_info = D.init_distributed(device)
     main = dist_info.is_main
@@ -433,7 +424,7 @@ def fit(
             t_window, window_steps, loss_sum, loss_n = now, 0, 0.0, 0
             logged = True
         # checked after the progress report, so a cancel asked for in a callback stops here
-        stop = D.any_rank(_is_cancelled(cancel), device)
+        stop = D.any_rank(is_cancelled(), device)
         if stop and not logged:
             last_row = record(step, lr, now, logs)
         if stop:

@@ -1,5 +1,5 @@
 """Fine-tune widget: a UNETR segmenter on an Image + Labels pair (or folders of pairs),
-starting from a pretraining checkpoint or from scratch (``maesil_core.finetune``)."""
+starting from a pretraining checkpoint or from scratch (``maesil_core.segmentation``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .layers_io import layer_label_names, layer_volume
 
 def _finetune_job(images, labels, run_dir, names, validate, kwargs, *, progress, cancel):
     """Runs in a worker thread: write the label names, then ``finetune``."""
-    from maesil_core.finetune import finetune
+    from maesil_core.segmentation import finetune
 
     label_names = None
     if names:
@@ -105,7 +105,7 @@ class FinetuneWidget(JobWidget):
 
     def start(self, *_: Any) -> None:
         from maesil_core.errors import MaesilError
-        from maesil_core.finetune import SegmentationConfig
+        from maesil_core.segmentation import SegmentationConfig
 
         try:
             images, labels, names = self._data()
@@ -147,7 +147,7 @@ class FinetuneWidget(JobWidget):
 
     def _config(self, pretrained: str | None) -> Any:
         from maesil_core.checkpoint import load_checkpoint
-        from maesil_core.finetune import config_from_pretrained
+        from maesil_core.segmentation import config_from_pretrained
 
         ckpt = load_checkpoint(pretrained, kind="pretrain") if pretrained else None
         cfg = config_from_pretrained(ckpt)

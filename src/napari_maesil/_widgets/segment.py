@@ -17,7 +17,7 @@ from .layers_io import layer_volume
 
 
 def _segment_job(checkpoint, volume, overlap, largest, device, *, progress, cancel):
-    from maesil_core.finetune import segment
+    from maesil_core.segmentation import segment
 
     progress({"phase": "prepare", "message": "loading the segmenter"})
     return segment(
@@ -73,7 +73,7 @@ class SegmentWidget(JobWidget):
         """Start the largest-piece box from the chosen model's own setting (as the CLI does)."""
         from maesil_core.checkpoint import read_meta
         from maesil_core.errors import MaesilError
-        from maesil_core.finetune import resolve_segmentation_checkpoint
+        from maesil_core.segmentation import resolve_segmentation_checkpoint
 
         ckpt = str(self.checkpoint.value or "").strip()
         if not ckpt or ckpt == ".":

@@ -1,0 +1,342 @@
+"""Segment whole CTs with a fine-tuned checkpoint.
+
+    segmenter = Segmenter.load("runs/seg")          # best.safetensors of the run, else its newest
+    result = segmenter.segment("new_ct.nii.gz")     # labels on the input's own grid
+    result.save("new_ct_seg.nii.gz")                # + new_ct_seg.json {id: name}
+
+The CT is resampled and normalised as in training, MONAI's ``sliding_window_inference`` runs
+the windows on the compute device (``sw_batch_size`` at a time; the volume and the blended
+logits stay on the CPU), the argmax goes back onto the input's own voxel grid (orientation,
+spacing, shape) by MONAI's inverse transforms, nearest neighbour, and class indices become
+the checkpoint's class ids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint, load_checkpoint, load_weights, read_meta, resolve_checkpoint
+from ..config import RunConfig
+from ..data.io import Volume, load_volume, save_volume, strip_suffix
+from ..data.labels import LabelSet
+from ..errors import Cancelled, CheckpointError, ConfigError, DataError
+from ..models.segmenter import make_segmenter
+from ..progress import CancelFlag, ProgressFn, cancel_fn
+from ..train import distributed as D
+from .config import KIND, SegmentationConfig
+
+
+def resolve_segmentation_checkpoint(path: str | Path) -> Path:
+    """A run directory -> its ``best.safetensors`` if there is one, else its newest checkpoint."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "best.safetensors").is_file() and (p / "best.json").is_file():
+        return p / "best.safetensors"
+    return resolve_checkpoint(p)
+
+
+# --------------------------------------------------------------------------- sliding window
+
+
+def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """How many windows ``sliding_window_inference`` runs over ``shape`` (padded up to ``roi``).
+
+    Per axis MONAI steps by ``int(roi * (1 - overlap))`` (at least 1; the whole axis when the
+    window covers it) and shifts the last window back inside, so an axis of ``size`` voxels
+    takes ``ceil((size - roi) / step) + 1`` windows.
+    """
+    total = 1
+    for s, r in zip(shape, roi):
+        size = max(int(s), int(r))
+        step = int(r) if size == r else max(1, int(r * (1 - overlap)))
+        total *= math.ceil((size - r) / step) + 1
+    return total
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    roi: Sequence[int],
+    *,
+    overlap: float = 0.25,
+    blend: str = "gaussian",
+    sw_batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Logits (K+1, D, H, W) on the CPU for ``image`` (1, D, H, W) on the model grid.
+
+    Windows of ``roi`` go to ``device`` ``sw_batch_size`` at a time; the volume and the
+    blended output stay on the CPU, so memory on the device is bounded by the window batch.
+    """
+    from monai.inferers import sliding_window_inference
+
+    device = torch.device(device)
+    roi = tuple(int(r) for r in roi)
+    x = torch.as_tensor(image).as_subclass(torch.Tensor).float()[None]  # (1, 1, D, H, W)
+    total = count_windows(x.shape[2:], roi, overlap)
+    done = [0]
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        if cancel is not None and cancel():
+            raise Cancelled()
+        out = model(batch.to(device))
+        done[0] += batch.shape[0]
+        if progress is not None:
+            progress(min(done[0], total), total)
+        return out.float()
+
+    out = sliding_window_inference(
+        x,
+        roi,
+        sw_batch_size,
+        predictor,
+        overlap=overlap,
+        mode=blend,
+        padding_mode="constant",
+        cval=0.0,
+        sw_device=device,
+        device=torch.device("cpu"),
+    )
+    return torch.as_tensor(out).as_subclass(torch.Tensor)[0]
+
+
+def keep_largest_component(index: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
+    """An index map (D, H, W) of classes 0..K with each class 1..K reduced to its largest
+    connected component (full 26-connectivity), the rest set to background.
+
+    MONAI's ``KeepLargestConnectedComponent`` (``independent=True``: each class on its own).
+    """
+    from monai.transforms import KeepLargestConnectedComponent
+
+    arr = np.asarray(index)
+    if num_classes < 1 or not arr.any():
+        return arr
+    keep = KeepLargestConnectedComponent(
+        applied_labels=list(range(1, num_classes + 1)), is_onehot=False, independent=True
+    )
+    out = keep(torch.as_tensor(arr)[None])  # channel-first (1, D, H, W)
+    return np.asarray(torch.as_tensor(out).as_subclass(torch.Tensor)[0]).astype(arr.dtype)
+
+
+def predict_index(
+    model: nn.Module,
+    image: torch.Tensor,
+    roi: Sequence[int],
+    seg: SegmentationConfig,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Class indices 0..K (D, H, W) on the model grid for ``image`` (1, D, H, W), with the
+    checkpoint-time settings of ``seg`` (overlap, blend, window batch, largest component):
+    what validation scores during fine-tuning."""
+    logits = sliding_window_logits(
+        model,
+        image,
+        roi,
+        overlap=seg.overlap,
+        blend=seg.blend,
+        sw_batch_size=seg.sw_batch_size,
+        device=device,
+    )
+    pred = logits.argmax(0)
+    if seg.largest_component:
+        pred = torch.as_tensor(keep_largest_component(pred, num_classes))
+    return pred
+
+
+# --------------------------------------------------------------------------- whole CTs
+
+
+@dataclass
+class Segmentation:
+    """A label map on the input's own voxel grid (X, Y, Z) with the input's affine."""
+
+    labels: np.ndarray
+    affine: np.ndarray
+    classes: dict[int, str]
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+        """Write ``path`` (.nii.gz, uint8/int16) and, same stem, ``.json`` ``{id: name}``."""
+        from ..checkpoint import atomic_write_text
+
+        path = Path(path)
+        names_path = path.with_name(strip_suffix(path.name) + ".json")
+        if names_path.exists() and not overwrite:
+            raise DataError(f"{names_path} exists; pass --force / overwrite=True to replace it.")
+        dtype = np.uint8 if max(self.classes, default=0) < 256 else np.int16
+        written = save_volume(self.labels, self.affine, path, overwrite=overwrite, dtype=dtype)
+        atomic_write_text(
+            names_path, json.dumps({str(k): v for k, v in self.classes.items()}, indent=2)
+        )
+        return written, names_path
+
+
+@dataclass
+class Segmenter:
+    """A fine-tuned segmenter ready for inference: the model (eval mode, on the CPU until
+    :meth:`segment` moves it), its configs, its label set and the checkpoint it came from.
+
+    Load it once (:meth:`load`) and segment many CTs; :func:`~.evaluate.evaluate` does that.
+    """
+
+    model: nn.Module
+    cfg: RunConfig
+    seg: SegmentationConfig
+    labels: LabelSet
+    checkpoint: Checkpoint
+
+    @classmethod
+    def load(cls, checkpoint: str | Path) -> Segmenter:
+        """Rebuild the segmenter of a fine-tuning run (its best checkpoint) or file.
+
+        CheckpointError when it is not a segmentation checkpoint (with the command that
+        makes one), lacks its label set, or does not fit its architecture.
+        """
+        path = resolve_segmentation_checkpoint(checkpoint)
+        try:
+            ckpt = load_checkpoint(path, kind=KIND)
+        except CheckpointError as exc:
+            if "checkpoint is needed" in str(exc):
+                meta = read_meta(path)
+                raise CheckpointError(
+                    f"{path} is a {meta.get('kind', 'pretrain')} ({meta.get('method')}) "
+                    "checkpoint, not a segmentation model; fine-tune it first: maesil finetune "
+                    "--pretrained ... --images ... --labels ... --out RUN"
+                ) from exc
+            raise
+        extra = ckpt.meta.get("extra", {})
+        if "labels" not in extra or "segmentation" not in extra:
+            raise CheckpointError(f"{path} lacks its label set / segmentation settings.")
+        cfg = ckpt.config
+        seg = SegmentationConfig.from_dict(extra["segmentation"])
+        labels = LabelSet.from_dict(extra["labels"])
+        model = make_segmenter(
+            cfg.model,
+            len(labels),
+            feature_size=seg.feature_size,
+            layers=seg.layers,
+            norm_name=seg.norm,
+        )
+        load_weights(model, ckpt.state_dict, str(path))
+        return cls(model.eval(), cfg, seg, labels, ckpt)
+
+    def segment(
+        self,
+        image: str | Path | Volume,
+        *,
+        overlap: float | None = None,
+        blend: str | None = None,
+        sw_batch_size: int | None = None,
+        largest_component: bool | None = None,
+        device: str = "auto",
+        progress: ProgressFn | None = None,
+        cancel: CancelFlag = None,
+    ) -> Segmentation:
+        """Segment a whole CT (file, DICOM folder or Volume).
+
+        Windows run on ``device`` (``sw_batch_size`` at a time), the volume stays on the
+        CPU; the argmax is mapped back to the input's grid (nearest) and to the checkpoint's
+        class ids. ``largest_component`` keeps only each class's largest connected component
+        on the input's grid (:func:`keep_largest_component`). None arguments take the
+        checkpoint's settings (``largest_component`` off unless fine-tuned with it: a class
+        may have two parts).
+        """
+        from ..data.transforms import inference_transforms, invert_to_input
+
+        seg = self.seg
+        overlap = seg.overlap if overlap is None else float(overlap)
+        if not 0 <= overlap < 1:
+            raise ConfigError(f"overlap must be in [0, 1), got {overlap}.")
+        blend = blend or seg.blend
+        largest_component = (
+            seg.largest_component if largest_component is None else largest_component
+        )
+        if blend not in ("gaussian", "constant"):
+            raise ConfigError(f"blend must be gaussian or constant, got {blend!r}.")
+        vol = image if isinstance(image, Volume) else load_volume(image)
+        transform = inference_transforms(self.cfg.data)
+        sample = transform({"image": vol})
+        dev = D.select_device(device)
+        model = self.model.to(dev).eval()
+
+        def window_progress(done: int, total: int) -> None:
+            if progress is not None:
+                progress({"phase": "segment", "step": done, "steps": total})
+
+        logits = sliding_window_logits(
+            model,
+            sample["image"],
+            seg.roi_for(self.cfg),
+            overlap=overlap,
+            blend=blend,
+            sw_batch_size=sw_batch_size or seg.sw_batch_size,
+            device=dev,
+            progress=window_progress,
+            cancel=cancel_fn(cancel),
+        )
+        index = logits.argmax(0, keepdim=True).float()  # (1, D, H, W)
+        del logits
+        back = invert_to_input(index, sample, transform, nearest=True)
+        index_in = np.rint(np.asarray(back)[0]).astype(np.int64)
+        if index_in.shape != vol.array.shape:
+            raise RuntimeError(
+                f"inverse geometry gave {index_in.shape}, input is {vol.array.shape}"
+            )
+        if largest_component:  # on the output grid, so the saved map has one piece per class
+            index_in = keep_largest_component(index_in, len(self.labels))
+        return Segmentation(
+            labels=self.labels.index_to_ids(index_in),
+            affine=np.asarray(vol.affine),
+            classes=self.labels.id_to_name(),
+            source=vol.path,
+            extra={
+                "checkpoint": str(self.checkpoint.path),
+                "overlap": overlap,
+                "blend": blend,
+                "largest_component": bool(largest_component),
+            },
+        )
+
+
+def load_segmenter(checkpoint: str | Path) -> Segmenter:
+    """:meth:`Segmenter.load`."""
+    return Segmenter.load(checkpoint)
+
+
+def segment(
+    checkpoint: str | Path,
+    image: str | Path | Volume,
+    *,
+    overlap: float | None = None,
+    blend: str | None = None,
+    sw_batch_size: int | None = None,
+    largest_component: bool | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cancel: CancelFlag = None,
+) -> Segmentation:
+    """Segment a whole CT with a fine-tuned checkpoint: ``Segmenter.load(checkpoint)``, then
+    :meth:`Segmenter.segment` (None arguments: the checkpoint's settings)."""
+    return Segmenter.load(checkpoint).segment(
+        image,
+        overlap=overlap,
+        blend=blend,
+        sw_batch_size=sw_batch_size,
+        largest_component=largest_component,
+        device=device,
+        progress=progress,
+        cancel=cancel,
+    )
