@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pre_info: dict[str, dict] = {}
     for path in args.pretrained:
-        method = load_checkpoint(path).meta["method"]
+        method = load_checkpoint(path).meta.method
         if method not in methods:
             p.error(f"--pretrained {path} is a {method} run; add {method} to --methods.")
         pre_info[method] = {"run": str(path), "seconds": 0.0, "given": True}

@@ -62,7 +62,7 @@ def test_finetune_on_a_dataset_json_names_classes_from_its_labels(tmp_path, shar
         "train", steps=1, batch_size=1, log_every=1, checkpoint_every=1000, threads=1
     )
     ft.finetune(task / "dataset.json", None, tmp_path / "run", cfg, classes=["liver"])
-    classes = load_checkpoint(tmp_path / "run").meta["extra"]["labels"]["classes"]
+    classes = load_checkpoint(tmp_path / "run").meta.extra["labels"]["classes"]
     assert classes == [{"id": 1, "name": "liver", "source_ids": [5]}]
 
 

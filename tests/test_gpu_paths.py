@@ -136,8 +136,9 @@ def test_checkpoints_keep_the_decoder_head_count_they_were_trained_with(tmp_path
     """The base preset's decoder has 8 heads of 64 now (MAE's 16 of 32 before): a checkpoint
     made with 16 heads builds with 16 again (its config says so) and computes what it did.
     Heads do not change a weight's shape, so only the config can tell them apart."""
-    from maesil_core.checkpoint import build_from_checkpoint, save_checkpoint
+    from maesil_core.checkpoint import save_checkpoint
     from maesil_core.models import build_model
+    from maesil_core.models.registry import build_from_checkpoint
 
     assert preset("base").model.decoder_num_heads == 8
     assert preset("base").model.decoder_embed_dim // 8 == 64

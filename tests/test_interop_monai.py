@@ -289,7 +289,7 @@ def test_import_monai_ssl_vit_gives_its_features_and_fine_tunes(tmp_path, shared
     tiny16 = preset("tiny").override("model", patch=(16, 16, 16), block=(1, 1, 1))
     monai_vit.import_vit(weights, run, tiny16)
     ckpt = load_checkpoint(run)
-    assert ckpt.meta["extra"]["encoder_only"] and ckpt.config.model.pos_embed == "learned"
+    assert ckpt.meta.extra["encoder_only"] and ckpt.config.model.pos_embed == "learned"
     from maesil_core.models import build_model
 
     ours = build_model(ckpt.config.model).eval()
@@ -367,7 +367,7 @@ def test_cli_exports_and_imports_an_encoder(trained_run, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     original, imported = load_checkpoint(trained_run), load_checkpoint(tmp_path / "imported")
-    assert imported.meta["extra"]["encoder_only"]
+    assert imported.meta.extra["encoder_only"]
     for key, value in original.state_dict.items():
         if key.startswith("encoder."):
             torch.testing.assert_close(imported.state_dict[key], value, msg=key)

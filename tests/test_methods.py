@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from maesil_core import cli  # at import time: cli.Progress binds sys.stderr as a default
-from maesil_core.checkpoint import build_from_checkpoint, load_checkpoint
+from maesil_core.checkpoint import load_checkpoint
 from maesil_core.config import preset
-from maesil_core.models.registry import available_methods, build_model
+from maesil_core.models.registry import available_methods, build_from_checkpoint, build_model
 from maesil_core.models.vit3d import ViTEncoder3D
 from maesil_core.train import fit
 
@@ -162,7 +162,7 @@ def test_every_method_leaves_padding_out_of_its_loss(trained, pool, method):
 def test_checkpoint_reloads_to_identical_outputs(trained, pool, method):
     model, res, _, _ = trained[method]
     reloaded, ckpt = build_from_checkpoint(res.checkpoint)
-    assert ckpt.meta["method"] == method and type(reloaded) is type(model)
+    assert ckpt.meta.method == method and type(reloaded) is type(model)
     x = pool[4:6]
     a = model.reconstruct(x, generator=torch.Generator().manual_seed(7), return_raw=True)
     b = reloaded.reconstruct(x, generator=torch.Generator().manual_seed(7), return_raw=True)
@@ -276,7 +276,7 @@ def test_cli_finetunes_a_conv_autoencoder_run_and_segments(trained, method, tmp_
 
     _, res, _, _ = trained[method]
     run_dir = Path(res.checkpoint).parents[1]
-    assert load_checkpoint(run_dir).meta["method"] == method
+    assert load_checkpoint(run_dir).meta.method == method
     labels = SHARED / "abdomen_ct" / "labels.nii.gz"
     out = tmp_path / "seg"
     argv = ["finetune", "--images", CT, "--labels", labels, "--pretrained", run_dir]
@@ -288,7 +288,7 @@ def test_cli_finetunes_a_conv_autoencoder_run_and_segments(trained, method, tmp_
     head = rows[0].split(",")
     losses = [float(r.split(",")[head.index("loss")]) for r in rows[1:]]
     assert len(losses) >= 3 and losses[-1] < 0.85 * losses[0], losses
-    meta = load_checkpoint(out, kind="segmentation").meta
+    meta = load_checkpoint(out, kind="segmentation").meta.to_dict()
     assert meta["method"] == method and meta["extra"]["pretrained"].endswith(".safetensors")
     result = ft.segment(out, CT)
     assert result.labels.shape == nib.load(str(CT)).shape and set(np.unique(result.labels)) <= {
@@ -368,7 +368,7 @@ def test_cli_pretrain_method(tmp_path):
         timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    meta = load_checkpoint(run).meta
+    meta = load_checkpoint(run).meta.to_dict()
     assert meta["method"] == "vae" and meta["step"] == 3
 
 

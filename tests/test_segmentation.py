@@ -106,7 +106,7 @@ def test_finetuning_segments_liver_on_a_held_out_slab(finetuned_run, abdomen):
     threshold_says_liver = soft_tissue[spleen].mean()
     assert threshold_says_liver > 0.8
     assert (pred[spleen] == 1).mean() < 0.5 * threshold_says_liver, (pred[spleen] == 1).mean()
-    meta = load_checkpoint(finetuned_run, kind="segmentation").meta
+    meta = load_checkpoint(finetuned_run, kind="segmentation").meta.to_dict()
     assert meta["kind"] == "segmentation"
     assert meta["extra"]["labels"]["classes"][0] == {"id": 1, "name": "liver", "source_ids": [5]}
     assert meta["extra"]["segmentation"]["roi"] == list(ROI)  # != the 32^3 superpatch
@@ -280,7 +280,7 @@ def test_cli_finetune_then_evaluate(pretrained_run, abdomen, tmp_path, capsys):
     code, stdout, err = run_cli(capsys, *args)
     assert code == 0, err
     assert "best validation Dice" in stdout
-    meta = load_checkpoint(out / "best.safetensors", kind="segmentation").meta
+    meta = load_checkpoint(out / "best.safetensors", kind="segmentation").meta.to_dict()
     assert meta["extra"]["pretrained"].endswith(".safetensors")
     assert meta["config"]["model"]["embed_dim"] == 96
     code, stdout, err = run_cli(
@@ -396,14 +396,14 @@ def test_cli_resume_continues_a_finetuning_run(pretrained_run, abdomen, tmp_path
     )
     assert first.cancelled and first.step == stop_at
     assert [p.name for p in list_checkpoints(run)] == [f"step_{stop_at:06d}.safetensors"]
-    pretrained = load_checkpoint(run, kind=ft.KIND).meta["extra"]["pretrained"]
+    pretrained = load_checkpoint(run, kind=ft.KIND).meta.extra["pretrained"]
     assert pretrained.endswith(".safetensors")
     # the best so far must survive the resume unless beaten: give the first half's best a
     # Dice no 8-step run reaches, so the resumed validations cannot replace it
     from safetensors.torch import save_file
 
     best_ckpt = load_checkpoint(run / "best.safetensors", kind=ft.KIND)
-    meta = {**best_ckpt.meta, "metrics": {**best_ckpt.meta["metrics"], "val_dice": 1.0}}
+    meta = {**best_ckpt.meta.to_dict(), "metrics": {**best_ckpt.meta.metrics, "val_dice": 1.0}}
     header = {"maesil": json.dumps(meta)}
     save_file(best_ckpt.state_dict, str(run / "best.safetensors"), metadata=header)
     (run / "best.json").write_text(json.dumps(meta))
@@ -416,8 +416,8 @@ def test_cli_resume_continues_a_finetuning_run(pretrained_run, abdomen, tmp_path
     assert [p.name for p in list_checkpoints(run)][-1] == f"step_{steps:06d}.safetensors"
     last = load_checkpoint(run / "checkpoints" / f"step_{steps:06d}.safetensors", kind=ft.KIND)
     assert last.config.train.steps == steps
-    assert last.meta["extra"]["labels"]["classes"][0]["name"] == "liver"
-    assert last.meta["extra"]["pretrained"] == pretrained  # provenance survives the resume
+    assert last.meta.extra["labels"]["classes"][0]["name"] == "liver"
+    assert last.meta.extra["pretrained"] == pretrained  # provenance survives the resume
 
     with (run / "metrics.csv").open() as f:
         rows = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
@@ -471,7 +471,9 @@ def test_two_process_ddp_finetuning_on_cpu_writes_one_checkpoint_set(
     assert result.stdout.count("best validation Dice") == 1
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == [
-        f"step_00000{s}{ext}" for s in (2, 4) for ext in (".json", ".safetensors", ".state.pt")
+        f"step_00000{s}{ext}"
+        for s in (2, 4)
+        for ext in (".json", ".safetensors", ".state.safetensors")
     ]
     assert [p.name for p in list_checkpoints(run)] == [
         "step_000002.safetensors",
@@ -482,7 +484,7 @@ def test_two_process_ddp_finetuning_on_cpu_writes_one_checkpoint_set(
     header, steps = rows[0].split(","), [line.split(",")[0] for line in rows[1:]]
     assert steps == ["2", "4"] and "val_dice" in header  # one writer, no duplicated rows
     ckpt = load_checkpoint(run, kind=ft.KIND)
-    assert ckpt.step == 4 and ckpt.meta["extra"]["segmentation"]["largest_component"] is True
+    assert ckpt.step == 4 and ckpt.meta.extra["segmentation"]["largest_component"] is True
 
     # the stored setting drives inference: one piece per class unless asked otherwise
     held = ft.crop_volume(image, HELD_OUT_SLAB)
@@ -537,7 +539,7 @@ def test_finetune_takes_the_architecture_and_geometry_from_pretrained(
         out = tmp_path / f"run{n}"
         code, _, err = run_cli(capsys, *base, "--out", out, *extra)
         assert code == 0, err
-        config = load_checkpoint(out, kind=ft.KIND).meta["config"]
+        config = load_checkpoint(out, kind=ft.KIND).meta.to_dict()["config"]
         assert config["data"]["spacing"] == spacing, extra
         assert config["data"]["hu_window"] == "wide", extra
         assert config["model"] == json.loads(json.dumps(cfg4.to_dict()))["model"], extra

@@ -11,14 +11,11 @@ import pytest
 import torch
 
 from maesil_core import api, runs
-from maesil_core.checkpoint import (
-    build_from_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    resolve_checkpoint,
-)
+from maesil_core.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from maesil_core.config import preset
 from maesil_core.errors import CheckpointError, ConfigError
+from maesil_core.models.registry import build_from_checkpoint
+from maesil_core.resume_state import load_resume_state
 from maesil_core.train import lr_at
 
 
@@ -90,7 +87,7 @@ def test_resume_continues_the_same_schedule(tmp_path, abdomen_ct, monkeypatch):
     first = api.pretrain([abdomen_ct], run, cfg, progress=cancel_after, cancel=lambda: flag["stop"])
     assert first.cancelled and first.step == stop_at
     assert [p.name for p in list_checkpoints(run)] == [f"step_{stop_at:06d}.safetensors"]
-    state = torch.load(resolve_checkpoint(run).with_suffix(".state.pt"), weights_only=False)
+    state = load_resume_state(resolve_checkpoint(run))
     assert state["step"] == stop_at and state["optimizer"]["state"]
 
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -117,19 +114,19 @@ def test_resume_without_data_continues_on_the_runs_own_scans(tmp_path, abdomen_c
         flag["stop"] = flag["stop"] or info.get("step", 0) >= 2
 
     api.pretrain([abdomen_ct], run, tiny_cfg(4), progress=stop_after_2, cancel=lambda: flag["stop"])
-    recorded = load_checkpoint(resolve_checkpoint(run)).meta["extra"]["data"]
+    recorded = load_checkpoint(resolve_checkpoint(run)).meta.extra["data"]
     assert recorded == [os.path.abspath(abdomen_ct)]
 
     second = api.pretrain(None, run, None, resume=True)
     assert second.step == 4 and not (run / "phantom").exists()
-    assert load_checkpoint(resolve_checkpoint(run)).meta["extra"]["data"] == recorded
+    assert load_checkpoint(resolve_checkpoint(run)).meta.extra["data"] == recorded
 
     # a run from before the data were recorded: refused with the fix, not trained on the phantom
     real = runs.load_checkpoint
 
     def without_data(path, **kw):
         ck = real(path, **kw)
-        ck.meta["extra"].pop("data")
+        ck.meta.extra.pop("data")
         return ck
 
     monkeypatch.setattr(runs, "load_checkpoint", without_data)
@@ -174,7 +171,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, trained_run):
 
     # same metadata, weights of another architecture
     ckpt = load_checkpoint(path)
-    meta = dict(ckpt.meta)
+    meta = ckpt.meta.to_dict()
     meta["config"] = json.loads(json.dumps(meta["config"]))
     meta["config"]["model"]["embed_dim"] = 192
     other = tmp_path / "other.safetensors"

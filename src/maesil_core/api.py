@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import build_from_checkpoint
 from .config import RunConfig, preset
-from .threads import torch_threads
-from .errors import Cancelled, ConfigError, DataError
+from .errors import ConfigError, DataError
+from .models.registry import build_from_checkpoint
 from .probe import probe
 from .progress import CancelFlag, ProgressFn, cancel_fn
 from .runs import prepare_run_dir, resume_from, resumed_config
 from .segmentation import evaluate, finetune, segment
+from .threads import torch_threads
 from .train import FitResult, fit
 from .train import distributed as D
 
@@ -85,7 +85,7 @@ def pretrain(
     from .data.batch_augment import BatchAugment, to_device
     from .data.datasets import augment_on_device, describe_scans
     from .models import build_model
-    from .train.loop import data_seed, seed_everything
+    from .train.seeding import data_seed, seed_everything
 
     run_dir = Path(run_dir)
     start_step = 0
@@ -93,7 +93,7 @@ def pretrain(
         last = resume_from(run_dir)
         cfg, start_step = resumed_config(last.config, cfg), last.step
         if not data:  # the run's own scans, not the phantom
-            extra = last.meta.get("extra") or {}
+            extra = last.meta.extra
             if "data" not in extra:
                 raise ConfigError(
                     f"{run_dir} does not record which scans it was trained on (it was made by "
@@ -316,15 +316,15 @@ def describe_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
 
     path = resolve_checkpoint(checkpoint)
     meta = read_meta(path)
-    cfg = RunConfig.from_dict(meta["config"])
+    cfg = meta.config
     with safe_open(str(path), framework="pt") as f:
         n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
     return {
         "path": str(path),
-        "kind": meta.get("kind"),
-        "method": meta.get("method"),
-        "preset": meta.get("preset"),
-        "step": meta.get("step"),
+        "kind": meta.kind,
+        "method": meta.method,
+        "preset": meta.preset,
+        "step": meta.step,
         "superpatch": list(cfg.model.superpatch),
         "patch": list(cfg.model.patch),
         "width x depth": f"{cfg.model.embed_dim} x {cfg.model.depth}",
@@ -333,10 +333,10 @@ def describe_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
         "hu_window": list(cfg.data.window()),
         "intensity": cfg.data.intensity,
         "parameters": n_params,
-        "metrics": meta.get("metrics", {}),
-        "extra": meta.get("extra", {}),
-        "package_version": meta.get("package_version"),
-        "created": meta.get("created"),
+        "metrics": meta.metrics,
+        "extra": meta.extra,
+        "package_version": meta.package_version,
+        "created": meta.created,
     }
 
 

@@ -8,18 +8,20 @@ A run directory looks like::
       checkpoints/
         step_000100.safetensors        weights (the JSON below is also in its header)
         step_000100.json               kind, method, RunConfig, step, versions, extras
-        step_000100.state.pt           optimiser + RNG state, for --resume
+        step_000100.state.safetensors  optimiser + RNG state for --resume (no pickle:
+                                       :mod:`maesil_core.resume_state`)
 
-Writes are atomic (temporary file, then ``os.replace``) and the JSON is written last, so a
+The metadata is a :class:`CheckpointMeta` (kind, method, RunConfig, step, extras, metrics,
+versions). Writes are atomic (:mod:`maesil_core.files`) and the JSON is written last, so a
 run killed at any moment leaves only complete checkpoints. Anywhere a checkpoint is asked
 for, a run directory (its newest checkpoint), a ``.safetensors`` file or its ``.json`` work.
+Rebuilding a model from a checkpoint is the model registry's job
+(:func:`maesil_core.models.registry.build_from_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ from torch import nn
 from . import __version__
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError
+from .files import atomic_write, atomic_write_text
+from .resume_state import OLD_SUFFIX, SUFFIX, save_resume_state
 
 FORMAT = "maesil-checkpoint"
 FORMAT_VERSION = 1
@@ -40,50 +44,102 @@ CKPT_DIR = "checkpoints"
 
 
 @dataclass
+class CheckpointMeta:
+    """What a checkpoint says about itself (its ``.json``, also in the safetensors header)."""
+
+    kind: str  #: "pretrain", "segmentation" or "classification"
+    method: str  #: the model's method (``cfg.model.method``)
+    config: RunConfig  #: everything needed to rebuild the model and its preprocessing
+    step: int  #: optimiser steps taken when it was written
+    preset: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  #: the task's own record (labels, data)
+    metrics: dict[str, float] = field(default_factory=dict)  #: the log row at that step
+    package_version: str = __version__
+    torch_version: str = torch.__version__
+    created: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout (the same keys, in the same order, as format version 1), as it
+        reads back from the file."""
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "kind": self.kind,
+            "method": self.method,
+            "preset": self.preset,
+            "step": self.step,
+            "config": json.loads(json.dumps(self.config.to_dict())),  # tuples as JSON lists
+            "extra": self.extra,
+            "metrics": self.metrics,
+            "package_version": self.package_version,
+            "torch_version": self.torch_version,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str | Path) -> CheckpointMeta:
+        """Parse and check the JSON of ``source``; CheckpointError naming what is wrong."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: its metadata is not a JSON object; it is corrupt.")
+        if d.get("format") != FORMAT or int(d.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source} has checkpoint format {d.get('format')} v{d.get('format_version')}; "
+                f"this maesil ({__version__}) reads {FORMAT} v{FORMAT_VERSION}: upgrade "
+                "napari-maesil."
+            )
+        if not isinstance(d.get("config"), dict):
+            raise CheckpointError(
+                f"{source}: its metadata has no config to rebuild the model from; it is corrupt."
+            )
+        try:
+            config = RunConfig.from_dict(d["config"])
+            return cls(
+                kind=str(d.get("kind", "pretrain")),
+                method=str(d.get("method", config.model.method)),
+                config=config,
+                step=int(d.get("step", 0)),
+                preset=str(d.get("preset") or ""),
+                extra=dict(d.get("extra") or {}),
+                metrics=dict(d.get("metrics") or {}),
+                package_version=str(d.get("package_version", "")),
+                torch_version=str(d.get("torch_version", "")),
+                created=str(d.get("created", "")),
+                format=d["format"],
+                format_version=int(d["format_version"]),
+            )
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{source} carries a config this version cannot read ({exc}); it is corrupt or "
+                "from another version."
+            ) from exc
+
+
+@dataclass
 class Checkpoint:
-    """A loaded checkpoint: where it is, what it is, and its weights."""
+    """A loaded checkpoint: where it is, what it is (:class:`CheckpointMeta`), its weights."""
 
     path: Path  #: the .safetensors file
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     state_dict: dict[str, torch.Tensor] = field(repr=False)
 
     @property
     def config(self) -> RunConfig:
-        return RunConfig.from_dict(self.meta["config"])
+        """A fresh copy of the run's config (callers may change it)."""
+        return RunConfig.from_dict(self.meta.config.to_dict())
 
     @property
     def kind(self) -> str:
         """``"pretrain"`` or ``"segmentation"`` (or another task)."""
-        return self.meta.get("kind", "pretrain")
+        return self.meta.kind
 
     @property
     def step(self) -> int:
-        return int(self.meta.get("step", 0))
-
-    @property
-    def state_path(self) -> Path:
-        return self.path.with_suffix(".state.pt")
+        return self.meta.step
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -109,30 +165,29 @@ def save_checkpoint(
     metrics: dict[str, float] | None = None,
     rng: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``checkpoints/step_{step:06d}.*`` in ``run_dir``; return the .safetensors path."""
+    """Write ``checkpoints/step_{step:06d}.*`` in ``run_dir``; return the .safetensors path.
+
+    With ``optimizer`` the resume state (its state and ``rng``) goes beside the weights.
+    """
     ckpt_dir = Path(run_dir) / CKPT_DIR
     stem = ckpt_dir / f"step_{step:06d}"
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "method": cfg.model.method,
-        "preset": cfg.preset,
-        "step": int(step),
-        "config": cfg.to_dict(),
-        "extra": extra or {},
-        "metrics": metrics or {},
-        "package_version": __version__,
-        "torch_version": torch.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    meta = CheckpointMeta(
+        kind=kind,
+        method=cfg.model.method,
+        config=cfg,
+        step=int(step),
+        preset=cfg.preset,
+        extra=extra or {},
+        metrics=metrics or {},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    ).to_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     header = {"maesil": json.dumps(meta)}
     weights = stem.with_suffix(".safetensors")
     atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=header))
     if optimizer is not None:
-        resume_state = {"step": int(step), "optimizer": optimizer.state_dict(), "rng": rng or {}}
-        atomic_write(stem.with_suffix(".state.pt"), lambda tmp: torch.save(resume_state, tmp))
+        resume = {"step": int(step), "optimizer": optimizer.state_dict(), "rng": rng or {}}
+        save_resume_state(weights, resume)
     atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=2))
     return weights
 
@@ -141,12 +196,13 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints of a run."""
     found = list_checkpoints(run_dir)
     for weights in found[:-keep] if keep > 0 else []:
-        for suffix in (".json", ".state.pt", ".safetensors"):
+        for suffix in (".json", SUFFIX, OLD_SUFFIX, ".safetensors"):
             weights.with_suffix(suffix).unlink(missing_ok=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run (JSON written), oldest first."""
+    """Complete checkpoints of a run (JSON written), oldest first (by the step number in
+    their names, which only orders them: a checkpoint's step is in its metadata)."""
     ckpt_dir = Path(run_dir) / CKPT_DIR
     if not ckpt_dir.is_dir():
         return []
@@ -189,8 +245,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's JSON (from the safetensors header), without loading the weights."""
+def read_meta(path: str | Path) -> CheckpointMeta:
+    """The checkpoint's metadata (from the safetensors header), without loading the weights."""
     weights = resolve_checkpoint(path)
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -205,13 +261,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             f"{weights} is a safetensors file without maesil metadata; it was not written by "
             "maesil and cannot be rebuilt."
         )
-    meta = json.loads(header["maesil"])
-    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{weights} has checkpoint format {meta.get('format')} v{meta.get('format_version')}; "
-            f"this maesil ({__version__}) reads {FORMAT} v{FORMAT_VERSION}: upgrade napari-maesil."
-        )
-    return meta
+    try:
+        meta = json.loads(header["maesil"])
+    except ValueError as exc:
+        raise CheckpointError(f"{weights}: its metadata is not valid JSON; it is corrupt.") from exc
+    return CheckpointMeta.from_dict(meta, weights)
 
 
 def load_checkpoint(
@@ -224,9 +278,9 @@ def load_checkpoint(
     """
     weights = resolve_checkpoint(path)
     meta = read_meta(weights)
-    if kind is not None and meta.get("kind", "pretrain") != kind:
+    if kind is not None and meta.kind != kind:
         raise CheckpointError(
-            f"{weights} is a {meta.get('kind')} checkpoint ({meta.get('method')}), but a {kind} "
+            f"{weights} is a {meta.kind} checkpoint ({meta.method}), but a {kind} "
             f"checkpoint is needed here."
         )
     if not weights_too:
@@ -281,32 +335,3 @@ def load_vit_encoder(encoder: nn.Module, state_dict: dict[str, torch.Tensor], so
         )
     load_weights(encoder, enc, source)
     return len(enc)
-
-
-def build_from_checkpoint(path: str | Path | Checkpoint) -> tuple[nn.Module, Checkpoint]:
-    """Rebuild a pretraining model from its checkpoint (eval mode, on the CPU)."""
-    from .models import build_model
-
-    ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
-    try:
-        cfg = ckpt.config
-        model = build_model(cfg.model)
-    except ConfigError as exc:
-        raise CheckpointError(
-            f"{ckpt.path} carries a config this version cannot build: {exc}"
-        ) from exc
-    load_weights(model, ckpt.state_dict, str(ckpt.path))
-    return model.eval(), ckpt
-
-
-def load_resume_state(weights: Path) -> dict[str, Any] | None:
-    """Optimiser and RNG state saved beside ``weights``, or None."""
-    state_path = weights.with_suffix(".state.pt")
-    if not state_path.is_file():
-        return None
-    try:
-        return torch.load(state_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # corrupt pickle: any exception type
-        raise CheckpointError(
-            f"{state_path} is corrupt ({exc}); delete it to resume from the weights alone."
-        ) from exc

@@ -70,7 +70,9 @@ class DataConfig:
     #: "device" (torch on the batch on the training device, data.batch_augment) or "auto"
     #: (the device when it is a GPU, else the loader)
     augment_on: str = "auto"
-    cache: str = "memory"  #: "memory" (CacheDataset) | "disk" (PersistentDataset) | "none"
+    #: "memory" (CacheDataset) | "disk" (PersistentDataset, read with torch.load(weights_only=True):
+    #: a .pt planted in the cache folder is refused and recomputed, never run) | "none"
+    cache: str = "memory"
     cache_dir: str | None = None  #: for cache="disk"; default <run_dir>/cache
     #: DataLoader worker processes (0 = in the main process); None: from the CPU cores this
     #: process may use (data.datasets.default_workers: none when training on the CPU)

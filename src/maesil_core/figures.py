@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 #: screen-left / screen-right patient directions of each view, as drawn on the figure
 VIEW_SIDES = {"axial": ("R", "L"), "coronal": ("R", "L"), "sagittal": ("A", "P")}

@@ -448,7 +448,7 @@ def probe(
     (``random_inits`` of them, averaged). Returns per-class Dice of ``encoder``,
     ``random_init`` and ``patch_stats``.
     """
-    from .checkpoint import build_from_checkpoint
+    from .models.registry import build_from_checkpoint
     from .train import distributed as D
 
     if max_voxels < 100:

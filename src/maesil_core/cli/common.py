@@ -343,12 +343,11 @@ def resume_config(args: argparse.Namespace):
     ``--device`` and ``--threads`` taken from the command line; the preset's step count must
     not stretch the schedule. None when ``--out`` has no checkpoint (the API then says so)."""
     from ..checkpoint import list_checkpoints, read_meta
-    from ..config import RunConfig
 
     found = list_checkpoints(args.out)
     if not found:
         return None
-    cfg = RunConfig.from_dict(read_meta(found[-1])["config"])
+    cfg = read_meta(found[-1]).config
     return cfg.override(
         "train",
         steps=args.steps,

@@ -527,6 +527,28 @@ def augment_on_device(data_cfg: DataConfig, device: torch.device | str | None = 
     return device.type != "cpu"
 
 
+def _safe_persistent_dataset(data, transform, folder: Path) -> _PersistentDataset:
+    """MONAI's disk cache, read with ``torch.load(weights_only=True)`` only.
+
+    A cache folder is user-writable, so a ``.pt`` planted there must not run code when a
+    run reads it: with ``weights_only=True`` torch refuses anything but tensors and plain
+    containers, and MONAI then deletes the file and recomputes it (tests/test_train.py
+    plants one). MONAI 1.4 read the cache with ``weights_only=False`` and had no option to
+    change it: with it, ``cache="disk"`` is refused.
+    """
+    import inspect
+
+    if "weights_only" not in inspect.signature(PersistentDataset.__init__).parameters:
+        import monai
+
+        raise DataError(
+            f"cache='disk' needs MONAI 1.5 or newer (MONAI {monai.__version__} unpickles its "
+            "disk cache, which can run code planted in the cache folder): upgrade MONAI, or "
+            "use cache='memory'."
+        )
+    return _PersistentDataset(data, transform, cache_dir=folder, weights_only=True)
+
+
 def make_pretrain_loader(
     files: Sequence[str | Path],
     data_cfg: DataConfig,
@@ -554,7 +576,8 @@ def make_pretrain_loader(
     are not to be augmented on the device (:func:`augment_on_device`).
     ``data_cfg.cache``: ``"memory"`` caches the deterministic part (load, RAS, spacing,
     intensity, foreground crop, pad) in RAM (CacheDataset), ``"disk"`` in ``cache_dir``
-    (PersistentDataset, one subfolder per preprocessing setting), ``"none"`` recomputes.
+    (PersistentDataset, one subfolder per preprocessing setting, read with
+    ``weights_only=True``: never unpickled), ``"none"`` recomputes.
     The memory cache is not copied per item: the crops are views into the cached volume
     (nothing between cropping and collating writes in place) and collating copies them.
     With ``world_size > 1`` a DistributedSampler shards the volumes; loop with
@@ -591,7 +614,7 @@ def make_pretrain_loader(
             raise DataError("cache='disk' needs a cache folder: pass cache_dir or set cache_dir.")
         folder = Path(root) / f"pretrain-{_cache_key(data_cfg, superpatch)}"
         folder.mkdir(parents=True, exist_ok=True)
-        dataset = _PersistentDataset(data, transform, cache_dir=folder)
+        dataset = _safe_persistent_dataset(data, transform, folder)
     else:
         dataset = _Dataset(data, transform)
 

@@ -9,8 +9,6 @@ one line that names the file, the problem and the fix.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import DataError
+from ..files import atomic_write
 
 #: file name endings read as NIfTI / NRRD
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -557,17 +556,6 @@ def save_volume(
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if low.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{strip_suffix(path.name)}.", suffix=suffix, dir=path.parent
-    )
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
     return path

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import atomic_write
 from ..errors import DataError
+from ..files import atomic_write
 
 #: words that make a class a lesion rather than an anatomical structure
 _LESION_WORDS = ("tumor", "tumour", "lesion", "nodule", "neoplasm", "cancer", "metastas")

@@ -47,8 +47,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, atomic_write, atomic_write_text, load_checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint
 from ..errors import CheckpointError, ConfigError
+from ..files import atomic_write, atomic_write_text
 
 #: the JSON schema MONAI's verify_metadata validates metadata.json against
 SCHEMA_URL = (
@@ -72,7 +73,7 @@ def _segmentation_checkpoint(checkpoint: str | Path | Checkpoint) -> Checkpoint:
             "fine-tune it first (maesil finetune --pretrained ...), or export the encoder with "
             "--format monai-vit."
         )
-    extra = ckpt.meta.get("extra", {})
+    extra = ckpt.meta.extra
     if "segmentation" not in extra or "labels" not in extra:
         raise CheckpointError(f"{ckpt.path} lacks its label set / segmentation settings.")
     return ckpt
@@ -83,8 +84,8 @@ def network_def(ckpt: Checkpoint) -> dict[str, Any]:
     from ..models.segmenter import is_conv
 
     cfg = ckpt.config.model
-    seg = ckpt.meta["extra"]["segmentation"]
-    classes = ckpt.meta["extra"]["labels"]["classes"]
+    seg = ckpt.meta.extra["segmentation"]
+    classes = ckpt.meta.extra["labels"]["classes"]
     model_cfg = {"_target_": "maesil_core.config.ModelConfig", **_jsonable(dataclasses.asdict(cfg))}
     net: dict[str, Any] = {"num_classes": len(classes), "feature_size": int(seg["feature_size"])}
     net["norm_name"] = seg.get("norm", "instance")
@@ -133,9 +134,9 @@ def _intensity(data_cfg: Any) -> dict[str, Any]:
 def _settings(ckpt: Checkpoint) -> tuple[Any, dict[str, Any], list[dict[str, Any]], list[int]]:
     """The run config, segmentation settings, classes and inference window of ``ckpt``."""
     cfg = ckpt.config
-    seg = ckpt.meta["extra"]["segmentation"]
+    seg = ckpt.meta.extra["segmentation"]
     roi = list(seg["roi"]) if seg.get("roi") else list(cfg.model.superpatch)
-    return cfg, seg, ckpt.meta["extra"]["labels"]["classes"], roi
+    return cfg, seg, ckpt.meta.extra["labels"]["classes"], roi
 
 
 def inference_config(ckpt: Checkpoint) -> dict[str, Any]:
@@ -271,9 +272,7 @@ def metadata(ckpt: Checkpoint) -> dict[str, Any]:
     ids = {str(c["id"]): str(c["name"]) for c in classes}
     required = {"napari-maesil": __version__, "nibabel": _version("nibabel")}
     required["pytorch-ignite"] = _version("pytorch-ignite")
-    metrics = {
-        k: float(v) for k, v in (ckpt.meta.get("metrics") or {}).items() if k.startswith("val_")
-    }
+    metrics = {k: float(v) for k, v in ckpt.meta.metrics.items() if k.startswith("val_")}
     return {
         "schema": SCHEMA_URL,
         "version": BUNDLE_VERSION,
@@ -294,7 +293,7 @@ def metadata(ckpt: Checkpoint) -> dict[str, Any]:
         ),
         "authors": "exported with napari-maesil; the weights are the exporting user's",
         "copyright": "Copyright (c) the exporting user",
-        "data_source": ", ".join(ckpt.meta["extra"].get("train_images", [])[:5]) or "not recorded",
+        "data_source": ", ".join(ckpt.meta.extra.get("train_images", [])[:5]) or "not recorded",
         "data_type": "nibabel",
         "image_classes": f"single-channel CT, {scaling}",
         "label_classes": json.dumps(ids),

@@ -50,16 +50,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (
-    Checkpoint,
-    atomic_write,
-    atomic_write_text,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
+from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from ..config import ModelConfig, RunConfig, as_int3
 from ..errors import CheckpointError, ConfigError
+from ..files import atomic_write, atomic_write_text
 from ..models.vit3d import pos_embed_3d_sincos, resize_pos_embed
 
 #: LayerNorm epsilon of every MONAI ViT (``nn.LayerNorm(hidden_size)``)
@@ -312,14 +306,14 @@ def export_unetr(
 
 def segmentation_extra(ckpt: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
     """A segmentation checkpoint's stored settings and label set (plain dicts)."""
-    extra = ckpt.meta.get("extra", {})
+    extra = ckpt.meta.extra
     if "segmentation" not in extra or "labels" not in extra:
         raise CheckpointError(f"{ckpt.path} lacks its label set / segmentation settings.")
     return extra["segmentation"], extra["labels"]
 
 
 def _default_size(ckpt: Checkpoint) -> tuple[int, int, int]:
-    roi = (ckpt.meta.get("extra", {}).get("segmentation") or {}).get("roi")
+    roi = (ckpt.meta.extra.get("segmentation") or {}).get("roi")
     return as_int3(roi) if roi else tuple(ckpt.config.model.superpatch)  # type: ignore[return-value]
 
 

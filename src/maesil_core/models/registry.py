@@ -3,16 +3,19 @@
 Every pretraining model takes a :class:`~maesil_core.config.ModelConfig` and returns a
 :class:`~maesil_core.models.base.PretrainOutput` from ``forward(x)`` with x (B, C, D, H, W)
 in [0, 1]. Models with a ViT encoder expose it as ``model.encoder`` for fine-tuning.
+:func:`build_from_checkpoint` rebuilds the model a checkpoint describes.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from torch import nn
 
+from ..checkpoint import Checkpoint, load_checkpoint, load_weights
 from ..config import ModelConfig
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 # method name -> "module:Class" (imported lazily so one broken method cannot break the others)
 _METHODS: dict[str, str] = {
@@ -48,3 +51,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """Validate ``cfg`` and build the model it describes."""
     cfg.validate()
     return model_class(cfg.method)(cfg)
+
+
+def build_from_checkpoint(path: str | Path | Checkpoint) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild a pretraining model from its checkpoint (run dir, file or loaded
+    :class:`~maesil_core.checkpoint.Checkpoint`), in eval mode on the CPU."""
+    ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
+    try:
+        model = build_model(ckpt.config.model)
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"{ckpt.path} carries a config this version cannot build: {exc}"
+        ) from exc
+    load_weights(model, ckpt.state_dict, str(ckpt.path))
+    return model.eval(), ckpt

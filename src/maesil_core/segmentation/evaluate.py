@@ -76,7 +76,7 @@ class Evaluation:
         return "\n".join(lines)
 
     def save_csv(self, path: str | Path) -> Path:
-        from ..checkpoint import atomic_write_text
+        from ..files import atomic_write_text
 
         path = Path(path)
         lines = ["case,class,id,dice,hd95_mm"]

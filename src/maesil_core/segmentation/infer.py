@@ -29,6 +29,7 @@ from ..config import RunConfig
 from ..data.io import Volume, load_volume, save_volume, strip_suffix
 from ..data.labels import LabelSet
 from ..errors import Cancelled, CheckpointError, ConfigError, DataError
+from ..files import atomic_write_text
 from ..models.segmenter import make_segmenter
 from ..progress import CancelFlag, ProgressFn, cancel_fn
 from ..train import distributed as D
@@ -170,8 +171,6 @@ class Segmentation:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
         """Write ``path`` (.nii.gz, uint8/int16) and, same stem, ``.json`` ``{id: name}``."""
-        from ..checkpoint import atomic_write_text
-
         path = Path(path)
         names_path = path.with_name(strip_suffix(path.name) + ".json")
         if names_path.exists() and not overwrite:
@@ -212,12 +211,12 @@ class Segmenter:
             if "checkpoint is needed" in str(exc):
                 meta = read_meta(path)
                 raise CheckpointError(
-                    f"{path} is a {meta.get('kind', 'pretrain')} ({meta.get('method')}) "
+                    f"{path} is a {meta.kind} ({meta.method}) "
                     "checkpoint, not a segmentation model; fine-tune it first: maesil finetune "
                     "--pretrained ... --images ... --labels ... --out RUN"
                 ) from exc
             raise
-        extra = ckpt.meta.get("extra", {})
+        extra = ckpt.meta.extra
         if "labels" not in extra or "segmentation" not in extra:
             raise CheckpointError(f"{path} lacks its label set / segmentation settings.")
         cfg = ckpt.config

@@ -154,10 +154,10 @@ def finetune(
     if resume:
         last = resume_from(run_dir, kind=KIND)
         cfg = resumed_config(last.config, cfg)  # steps, device and threads from ``cfg``
-        seg = SegmentationConfig.from_dict(last.meta["extra"]["segmentation"])
+        seg = SegmentationConfig.from_dict(last.meta.extra["segmentation"])
         pretrained = None  # the run's own weights are loaded by fit(resume=True)
-        pretrained_from = last.meta["extra"].get("pretrained")  # kept as the run's provenance
-        labels_map = last.meta["extra"]["labels"]
+        pretrained_from = last.meta.extra.get("pretrained")  # kept as the run's provenance
+        labels_map = last.meta.extra["labels"]
         start_step = last.step
     pre_ckpt = load_checkpoint(pretrained) if pretrained is not None else None
     if pre_ckpt is not None:
@@ -199,7 +199,7 @@ def finetune(
         prepare_run_dir(run_dir, resume=False, force=force)
     D.barrier()
 
-    from ..train.loop import data_seed, seed_everything
+    from ..train.seeding import data_seed, seed_everything
 
     seed_everything(cfg.train.seed)  # same seed, same decoder initialisation in every arm
     model = build_segmenter(cfg, seg, len(labelset))

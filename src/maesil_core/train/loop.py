@@ -14,29 +14,30 @@ import csv
 import functools
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..checkpoint import (
     list_checkpoints,
-    load_resume_state,
+    load_checkpoint,
     load_weights,
     prune_checkpoints,
     save_checkpoint,
 )
 from ..config import RunConfig, TrainConfig
 from ..errors import CheckpointError
-from ..threads import torch_threads
+from ..files import atomic_write, atomic_write_text
 from ..progress import CancelFlag, ProgressFn, cancel_fn
+from ..resume_state import load_resume_state
+from ..threads import torch_threads
 from . import distributed as D
+from .seeding import resume_rng, rng_state, seed_everything
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -60,6 +61,14 @@ def pretrain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     valid = batch.get("valid")
     out = model(batch["image"]) if valid is None else model(batch["image"], valid=valid)
     return out.loss, dict(out.logs)
+
+
+def has_trained_buffers(model: nn.Module) -> bool:
+    """True when the model has persistent buffers, which training may change (VQ-VAE's EMA
+    codebook); non-persistent ones (position embeddings) are constants derived from the
+    config."""
+    saved = set(model.state_dict())
+    return any(name in saved for name, _ in model.named_buffers())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -106,41 +115,6 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        np.random.set_state(state["numpy"])
-    if "python" in state:
-        random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def data_seed(seed: int, start_step: int = 0) -> int:
-    """Seed of the batch stream of a run that starts at ``start_step``: ``seed`` for a new
-    run; a resumed run gets a fresh stream instead of replaying the crops of steps 0, 1, ...
-    (the data loader's state is not saved: with worker processes it cannot be, exactly)."""
-    return seed if start_step == 0 else (seed + 1_000_003 * start_step) % 2**31
-
-
 class MetricsLog:
     """``metrics.csv`` (always) and TensorBoard (when installed), written on rank 0."""
 
@@ -170,8 +144,6 @@ class MetricsLog:
                     self._tb.add_scalar(k, v, int(row["step"]))
 
     def flush(self) -> None:
-        from ..checkpoint import atomic_write_text
-
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
@@ -202,8 +174,6 @@ def plot_loss(rows: list[dict[str, float]], path: Path) -> None:
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
-
-    from ..checkpoint import atomic_write
 
     fig = Figure(figsize=(6, 3.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
@@ -281,22 +251,25 @@ def fit(
             raise CheckpointError(
                 f"--resume: {run_dir} has no checkpoint to resume from; start without --resume."
             )
-        from safetensors.torch import load_file
-
-        load_weights(model, load_file(str(found[-1])), str(found[-1]))
-        resume_state = load_resume_state(found[-1])
-        start_step = int(found[-1].stem.split("_")[1])
+        last = load_checkpoint(found[-1])
+        load_weights(model, last.state_dict, str(last.path))
+        resume_state = load_resume_state(last.path)
+        start_step = last.step  # from the metadata, not the file name
         if resume_state is not None:
             optimizer.load_state_dict(resume_state["optimizer"])
-            if resume_state.get("rng"):
-                _set_rng_state(resume_state["rng"])
+        saved_rng = resume_state.get("rng") if resume_state is not None else None
+        resume_rng(saved_rng, tc.seed, dist_info.rank, dist_info.world_size, start_step)
     else:
         seed_everything(tc.seed + dist_info.rank)
 
     train_model: nn.Module = model
     if dist_info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # constant buffers (position embeddings) need no broadcast before every forward;
+            # a model whose training changes its buffers (VQ-VAE's EMA codebook) keeps it
+            broadcast_buffers=has_trained_buffers(model),
         )
     if tc.compile:
         train_model = torch.compile(train_model)
@@ -304,8 +277,6 @@ def fit(
 
     log = MetricsLog(run_dir, start_step if resume else None) if main else None
     if main:
-        from ..checkpoint import atomic_write_text
-
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
     def emit(info: dict[str, Any]) -> None:
@@ -324,7 +295,7 @@ def fit(
                 optimizer=optimizer,
                 extra=extra_meta,
                 metrics=metrics,
-                rng=_rng_state(),
+                rng=rng_state(),
             )
             prune_checkpoints(run_dir, tc.keep_checkpoints)
             log.flush()
@@ -461,7 +432,7 @@ def _read_best(run_dir: Path, metric: str) -> tuple[float | None, Path | None]:
     best = run_dir / "best.safetensors"
     if not (best.is_file() and best.with_suffix(".json").is_file()):
         return None, None
-    value = read_meta(best).get("metrics", {}).get(metric)
+    value = read_meta(best).metrics.get(metric)
     return (float(value), best) if value is not None else (None, None)
 
 

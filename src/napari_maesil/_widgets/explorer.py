@@ -93,9 +93,10 @@ class ModelGrid:
 
 def _load_job(checkpoint: str, array: np.ndarray, affine: np.ndarray, *, progress, cancel):
     """Model + the CT on the model grid. Runs in a worker thread."""
-    from maesil_core.checkpoint import build_from_checkpoint, load_checkpoint
+    from maesil_core.checkpoint import load_checkpoint
     from maesil_core.data import inference_transforms
     from maesil_core.data.io import Volume, looks_like_hu
+    from maesil_core.models.registry import build_from_checkpoint
 
     progress({"phase": "load", "message": "loading the checkpoint"})
     ckpt = load_checkpoint(checkpoint, kind="pretrain")

@@ -82,7 +82,7 @@ class SegmentWidget(JobWidget):
             meta = read_meta(resolve_segmentation_checkpoint(ckpt))
         except (MaesilError, OSError, ValueError):
             return  # not (yet) a segmentation model: Segment will say so
-        seg = meta.get("extra", {}).get("segmentation", {})
+        seg = meta.extra.get("segmentation", {})
         self.largest.value = bool(seg.get("largest_component", False))
 
     def start(self, *_: Any) -> None:
