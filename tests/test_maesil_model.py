@@ -76,8 +76,12 @@ def test_forward_shapes_and_output(model):
     out = model(x)
     assert isinstance(out, PretrainOutput)
     assert out.loss.ndim == 0 and out.loss.requires_grad
-    assert out.pred.shape == x.shape and out.mask.shape == (2, 1, 32, 32, 32)
-    assert out.mask.mean().item() == pytest.approx(round(0.75 * 64) / 64)
+    # the training step returns patch space and the token mask; voxels only when asked
+    assert out.pred.shape == (2, 64, 8**3) and out.mask.mask.shape == (2, 64)
+    assert model.to_voxels(x, out.pred).shape == x.shape
+    vox = out.mask.to_voxels(model.patch)
+    assert vox.shape == (2, 1, 32, 32, 32)
+    assert vox.mean().item() == pytest.approx(round(0.75 * 64) / 64)
     assert out.logs == {}
 
 
@@ -132,7 +136,7 @@ def test_loss_leaves_out_padding(model):
     # and through forward(), where the batch's "valid" arrives
     out = model(x, mask, valid=valid)
     m = mask_to_voxels(mask, model.grid, model.patch) * valid
-    expected = ((out.pred - x) ** 2 * m).sum() / m.sum()
+    expected = ((model.to_voxels(x, out.pred) - x) ** 2 * m).sum() / m.sum()
     torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-6)
 
 

@@ -459,3 +459,24 @@ def test_classifier_finetunes_from_pretrained_encoder(trained, tmp_path):
     clf = EncoderClassifier(trained["mae"][0].cfg, 2)
     with pytest.raises(Exception, match="no ViT encoder"):
         clf.load_encoder(load_checkpoint(trained["ae"][1].checkpoint).state_dict, "ae")
+
+
+def test_method_options_are_typed_and_checked_before_a_run(tmp_path):
+    """``ModelConfig.extra`` becomes the method's options dataclass: a misspelt key or a bad
+    value is refused by validate() (exit 2 from the CLI) before anything is built; a
+    checkpoint whose config carries an extra dict rebuilds with those options."""
+    from maesil_core.checkpoint import save_checkpoint
+    from maesil_core.errors import ConfigError
+
+    cfg = preset("tiny").override("model", method="gl-mae", extra={"n_local": 1})
+    assert cfg.model.options.n_local == 1 and cfg.model.options.global_scale == 2
+    for bad, needle in (({"n_locals": 1}, "n_locals"), ({"n_local": 1.5}, "n_local")):
+        with pytest.raises(ConfigError, match=needle):
+            preset("tiny").override("model", method="gl-mae", extra=bad).validate()
+    with pytest.raises(ConfigError, match="simmim_loss"):
+        preset("tiny").override("model", method="simmim", extra={"simmim_loss": "l3"}).validate()
+    model = build_model(cfg.model)
+    assert model.n_local == 1
+    reloaded, ckpt = build_from_checkpoint(save_checkpoint(tmp_path, model, cfg, 1))
+    assert ckpt.meta.to_dict()["config"]["model"]["extra"] == {"n_local": 1}
+    assert reloaded.n_local == 1

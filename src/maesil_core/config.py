@@ -146,7 +146,8 @@ class ModelConfig:
     block: Int3 = (2, 2, 2)
     coarse_fraction: float = 0.5
     norm_pix_loss: bool = False
-    #: free-form method-specific options (e.g. GL-MAE's global view size, VQ codebook size)
+    #: method options as written in configs and checkpoints (e.g. GL-MAE's global_scale,
+    #: VQ-VAE's codebook_size); typed and checked as :attr:`options`
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,6 +164,14 @@ class ModelConfig:
     def num_patches(self) -> int:
         d, h, w = self.grid
         return d * h * w
+
+    @property
+    def options(self) -> Any:
+        """The method's options from :attr:`extra`, typed and checked
+        (:mod:`maesil_core.model_options`); ConfigError on an unknown key or a bad value."""
+        from .model_options import parse_options
+
+        return parse_options(self.method, self.extra)
 
     def validate(self) -> None:
         for s, p in zip(self.superpatch, self.patch):
@@ -203,6 +212,7 @@ class ModelConfig:
                     )
         if round(self.mask_ratio * self.num_patches) >= self.num_patches:
             raise ConfigError("mask_ratio leaves no visible patch; lower it.")
+        self.options  # noqa: B018  (parse and check the method options now, not mid-run)
 
 
 @dataclass

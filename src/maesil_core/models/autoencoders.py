@@ -21,8 +21,9 @@ order as the matching MAESIL (see docs/method.md).
   (default 256) and dead-code restart (codes unused for a while are moved onto random encoder
   outputs of the batch), logs codebook usage and perplexity.
 
-These models see the whole input: ``PretrainOutput.mask`` and ``reconstruct``'s mask are all
-zeros, and ``recon`` is the model's output everywhere (there is nothing to paste back).
+These models see the whole input: ``PretrainOutput.mask`` is None, ``reconstruct``'s mask is
+all zeros, and ``recon`` is the model's output everywhere (there is nothing to paste back).
+Options (``ModelConfig.extra``) are typed in :mod:`maesil_core.model_options`.
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ def _stages(cfg: ModelConfig) -> int:
 
 
 def _channels(cfg: ModelConfig, n: int) -> list[int]:
-    chans = cfg.extra.get("ae_channels")
-    if chans is None:
+    opts = cfg.options  # ConvAEOptions (or VAE / VQ-VAE's)
+    if opts.ae_channels is None:
         # default: a quarter of the ViT width, which puts the parameter count in the range of
         # the MAESIL of the same preset (tiny 0.9M vs 0.6M, small ~14M vs 14M)
-        base = int(cfg.extra.get("ae_base_channels", max(8, cfg.embed_dim // 4)))
+        base = opts.ae_base_channels or max(8, cfg.embed_dim // 4)
         return [min(base * 2**i, 1024) for i in range(n)]
-    chans = [int(c) for c in chans]
+    chans = list(opts.ae_channels)
     if len(chans) != n:
         raise ConfigError(f"extra ae_channels needs {n} entries (log2 of the patch), got {chans}.")
     return chans
@@ -133,7 +134,7 @@ class _ConvAutoencoderBase(nn.Module):
         self.cfg = cfg
         n = _stages(cfg)
         chans = _channels(cfg, n)
-        self.latent_channels = int(cfg.extra.get("latent_channels", 16))
+        self.latent_channels = cfg.options.latent_channels
         self.enc = ConvEncoder3D(cfg.in_channels, chans, self.latent_factor * self.latent_channels)
         self.dec = ConvDecoder3D(self.latent_channels, chans, cfg.in_channels)
 
@@ -149,6 +150,10 @@ class _ConvAutoencoderBase(nn.Module):
         self, x, mask=None, *, generator=None, valid=None
     ) -> PretrainOutput:  # pragma: no cover
         raise NotImplementedError
+
+    def to_voxels(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The output is already in voxels (B, C, D, H, W)."""
+        return pred
 
     @torch.no_grad()
     def reconstruct(
@@ -185,9 +190,7 @@ class AE(_ConvAutoencoderBase):
         self._check_input(x)
         pred = self.dec(self.enc(x))
         loss = valid_mse(pred, x, valid)
-        return PretrainOutput(
-            loss=loss, pred=pred.detach(), mask=torch.zeros_like(x[:, :1]), logs={}
-        )
+        return PretrainOutput(loss=loss, pred=pred.detach(), logs={})
 
 
 class VAE(_ConvAutoencoderBase):
@@ -197,7 +200,7 @@ class VAE(_ConvAutoencoderBase):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.kl_weight = float(cfg.extra.get("kl_weight", 1e-3))
+        self.kl_weight = cfg.options.kl_weight
 
     def forward(self, x: torch.Tensor, mask=None, *, generator=None, valid=None) -> PretrainOutput:
         self._check_input(x)
@@ -215,7 +218,6 @@ class VAE(_ConvAutoencoderBase):
         return PretrainOutput(
             loss=loss,
             pred=pred.detach(),
-            mask=torch.zeros_like(x[:, :1]),
             logs={"rec": float(rec.detach()), "kl": float(kl.detach())},
         )
 
@@ -225,14 +227,15 @@ class VQVAE(_ConvAutoencoderBase):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.codebook_size = int(cfg.extra.get("codebook_size", 256))
-        self.restart_below = float(cfg.extra.get("vq_restart_below", 0.1))
+        opts = cfg.options  # VQVAEOptions
+        self.codebook_size = opts.codebook_size
+        self.restart_below = opts.vq_restart_below
         self.quantizer = EMAQuantizer(
             spatial_dims=3,
             num_embeddings=self.codebook_size,
             embedding_dim=self.latent_channels,
-            commitment_cost=float(cfg.extra.get("commitment_cost", 0.25)),
-            decay=float(cfg.extra.get("vq_decay", 0.99)),
+            commitment_cost=opts.commitment_cost,
+            decay=opts.vq_decay,
         )
 
     @torch.no_grad()
@@ -271,7 +274,6 @@ class VQVAE(_ConvAutoencoderBase):
         return PretrainOutput(
             loss=loss,
             pred=pred.detach(),
-            mask=torch.zeros_like(x[:, :1]),
             logs={
                 "rec": float(rec.detach()),
                 "commitment": float(commit.detach()),

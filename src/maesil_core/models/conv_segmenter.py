@@ -60,7 +60,7 @@ def conv_architecture(cfg: ModelConfig) -> dict[str, Any]:
     return {
         "in_channels": cfg.in_channels,
         "channels": _channels(cfg, n),
-        "latent_channels": int(cfg.extra.get("latent_channels", 16)),
+        "latent_channels": cfg.options.latent_channels,
         "latent_factor": LATENT_FACTOR.get(cfg.method, 1),
     }
 

@@ -49,25 +49,8 @@ from ..errors import ConfigError
 from .base import PretrainOutput
 from .losses import masked_patch_loss
 from .maesil import MAESIL
-from .masking import make_mask, mask_to_keep_indices, mask_to_voxels, paste_visible, random_mask
-from .vit3d import pos_embed_3d_sincos
-
-
-def _patchify(x: torch.Tensor, patch) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B, L, P) in C order over the grid (as :meth:`MAESIL.patchify`)."""
-    b, c, *sp = x.shape
-    (pd, ph, pw) = patch
-    gd, gh, gw = sp[0] // pd, sp[1] // ph, sp[2] // pw
-    x = x.reshape(b, c, gd, pd, gh, ph, gw, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
-    return x.reshape(b, gd * gh * gw, pd * ph * pw * c)
-
-
-def _unpatchify(tokens: torch.Tensor, grid, patch) -> torch.Tensor:
-    b = tokens.shape[0]
-    (gd, gh, gw), (pd, ph, pw) = grid, patch
-    c = tokens.shape[-1] // (pd * ph * pw)
-    x = tokens.reshape(b, gd, gh, gw, pd, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return x.reshape(b, c, gd * pd, gh * ph, gw * pw)
+from .masking import TokenMask, paste_visible
+from .patches import patchify, unpatchify
 
 
 def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -79,11 +62,11 @@ class GLMAE(MAESIL):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        ex = cfg.extra
-        self.scale = int(ex.get("global_scale", 2))
-        self.n_local = int(ex.get("n_local", 2))
-        self.momentum = float(ex.get("ema_momentum", 0.99))
-        self.consistency_weight = float(ex.get("consistency_weight", 1.0))
+        opts = cfg.options  # GLMAEOptions
+        self.scale = opts.global_scale
+        self.n_local = opts.n_local
+        self.momentum = opts.ema_momentum
+        self.consistency_weight = opts.consistency_weight
         unit = tuple(self.scale * p for p in cfg.patch)
         if self.scale < 1 or any(s % (self.scale * u) for s, u in zip(cfg.superpatch, unit)):
             raise ConfigError(
@@ -97,8 +80,8 @@ class GLMAE(MAESIL):
             raise ConfigError("GL-MAE: a view must hold at least 2 patches; lower global_scale.")
 
         e = cfg.embed_dim
-        proj_dim = int(ex.get("proj_dim", 128))
-        hidden = int(ex.get("proj_hidden", 2 * e))
+        proj_dim = opts.proj_dim
+        hidden = opts.proj_hidden or 2 * e
         self.projector = _mlp(e, hidden, proj_dim)
         self.predictor = _mlp(proj_dim, hidden, proj_dim)
         # EMA teacher (saved in checkpoints, never trained by the optimiser)
@@ -107,7 +90,6 @@ class GLMAE(MAESIL):
         for p in self._teacher_params():
             p.requires_grad_(False)
         self._student_version: int | None = None
-        self._dec_pos: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ---------------------------------------------------------------- EMA teacher
 
@@ -139,46 +121,14 @@ class GLMAE(MAESIL):
         self.teacher_encoder.eval()  # no dropout anyway; kept explicit
         return self
 
-    # ---------------------------------------------------------------- student MAE on a grid
-
-    def _decoder_pos(self, grid, device, dtype) -> torch.Tensor:
-        grid = tuple(grid)
-        if grid == self.grid:
-            return self.decoder_pos_embed
-        if grid not in self._dec_pos:
-            self._dec_pos[grid] = pos_embed_3d_sincos(self.cfg.decoder_embed_dim, grid)[None]
-        return self._dec_pos[grid].to(device=device, dtype=dtype)
-
-    def decode(self, latent: torch.Tensor, mask: torch.Tensor, grid) -> torch.Tensor:
-        """latent (B, L_keep, E), mask (B, L) on ``grid`` -> pred (B, L, P)."""
-        b, n_keep, _ = latent.shape
-        ids_keep, ids_masked = mask_to_keep_indices(mask, mask.shape[1] - n_keep)
-        x = self.decoder_embed(latent)
-        filler = self.mask_token.to(x.dtype).expand(b, ids_masked.shape[1], -1)
-        ids_all = torch.cat([ids_keep, ids_masked], dim=1)
-        values = torch.cat([x, filler], dim=1)
-        x = torch.empty_like(values).scatter(
-            1, ids_all.unsqueeze(-1).expand(-1, -1, values.shape[-1]), values
-        )
-        x = x + self._decoder_pos(grid, x.device, x.dtype)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))
-
-    def encode_visible(self, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Student encoder on the visible tokens of view v; (B, 0, E) when nothing is visible."""
-        n_keep = mask.shape[1] - int(mask[0].sum())
-        if n_keep == 0:
-            return v.new_zeros(v.shape[0], 0, self.cfg.embed_dim)
-        ids_keep, _ = mask_to_keep_indices(mask)
-        return self.encoder(v, ids_keep)
+    # ---------------------------------------------------------------- student MAE on a view
 
     def _masked_mse(
-        self, v: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None
+        self, v: torch.Tensor, pred: torch.Tensor, mask: TokenMask, valid: torch.Tensor | None
     ) -> torch.Tensor:
         """MSE on the masked patches of view v (B, C, *V), weighted by valid (B, 1, *V)."""
-        w = None if valid is None else _patchify(valid.expand_as(v), self.patch)
-        return masked_patch_loss(pred, _patchify(v, self.patch), mask, w)
+        w = None if valid is None else patchify(valid.expand_as(v), self.patch)
+        return masked_patch_loss(pred, patchify(v, self.patch), mask.mask, w)
 
     def _embed_pred(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.predictor(self.projector(tokens.mean(dim=1)))
@@ -200,13 +150,16 @@ class GLMAE(MAESIL):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: TokenMask | torch.Tensor | None = None,
         *,
         generator=None,
         valid: torch.Tensor | None = None,
     ) -> PretrainOutput:
         """``mask`` (B, L) on the view grid, if given, is used for the global view; ``valid``
-        (B, 1, *S) 0.0 on padding, left out of both reconstruction terms (None: all counts)."""
+        (B, 1, *S) 0.0 on padding, left out of both reconstruction terms (None: all counts).
+
+        Returns the loss, the global view's prediction (B, Lg, P) with its TokenMask
+        (:meth:`to_voxels` draws it on the superpatch) and the four loss terms as logs."""
         self._check_input(x)
         b = x.shape[0]
         if self.training and torch.is_grad_enabled():
@@ -218,13 +171,12 @@ class GLMAE(MAESIL):
         gvalid = valid if valid is None or self.scale == 1 else F.avg_pool3d(valid, self.scale)
 
         # global view: masked reconstruction + student embedding
-        gmask = (
-            mask
-            if mask is not None
-            else random_mask(b, self.view_grid, ratio, device=x.device, generator=generator)
-        )
-        g_lat = self.encode_visible(gview, gmask)
-        g_pred = self.decode(g_lat, gmask, self.view_grid)
+        if mask is None:
+            gmask = TokenMask.random(b, self.view_grid, ratio, device=x.device, generator=generator)
+        else:
+            gmask = TokenMask.of(mask, self.view_grid)
+        g_lat = self.forward_encoder(gview, gmask)
+        g_pred = self.forward_decoder(g_lat, gmask)
         rec_global = self._masked_mse(gview, g_pred, gmask, gvalid)
         s_global = self._embed_pred(g_lat)
 
@@ -251,11 +203,11 @@ class GLMAE(MAESIL):
                                 t0[2] : t0[2] + sub[2]]  # fmt: skip
                 anchors.append(region.flatten(1).mean(dim=1))
             lv = torch.stack(crops)  # (B, C, *V)
-            lmask = random_mask(b, self.view_grid, ratio, device=x.device, generator=generator)
-            l_lat = self.encode_visible(lv, lmask)
+            lmask = TokenMask.random(b, self.view_grid, ratio, device=x.device, generator=generator)
+            l_lat = self.forward_encoder(lv, lmask)
             rec_local = rec_local + self._masked_mse(
                 lv,
-                self.decode(l_lat, lmask, self.view_grid),
+                self.forward_decoder(l_lat, lmask),
                 lmask,
                 torch.stack(valids) if valids else None,
             )
@@ -267,18 +219,22 @@ class GLMAE(MAESIL):
         g2g = (1 - F.cosine_similarity(s_global, t_global, dim=-1)).mean()
         loss = rec_local + rec_global + self.consistency_weight * (g2g + g2l)
 
-        with torch.no_grad():
-            g_vox = _unpatchify(g_pred.detach().to(x.dtype), self.view_grid, self.patch)
-            pred = F.interpolate(g_vox, size=tuple(self.cfg.superpatch), mode="trilinear")
-            gm = mask_to_voxels(gmask, self.view_grid, self.patch).to(x.dtype)
-            vox_mask = F.interpolate(gm, size=tuple(self.cfg.superpatch), mode="nearest")
-        logs = {
-            "rec_local": float(rec_local.detach()),
-            "rec_global": float(rec_global.detach()),
-            "g2g": float(g2g.detach()),
-            "g2l": float(g2l.detach()),
+        logs = {  # read when a log row is written
+            "rec_local": rec_local.detach(),
+            "rec_global": rec_global.detach(),
+            "g2g": g2g.detach(),
+            "g2l": g2l.detach(),
         }
-        return PretrainOutput(loss=loss, pred=pred, mask=vox_mask, logs=logs)
+        return PretrainOutput(loss=loss, pred=g_pred, mask=gmask, logs=logs)
+
+    def to_voxels(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """A prediction on the global view's grid (B, Lg, P) -> (B, C, *S), trilinear up to
+        the superpatch (the display of ``forward``'s output); on the superpatch's own grid as
+        :meth:`MAESIL.to_voxels`."""
+        if pred.shape[1] == self.num_patches:
+            return super().to_voxels(x, pred)
+        g_vox = unpatchify(pred.to(x.dtype), self.view_grid, self.patch)
+        return F.interpolate(g_vox, size=tuple(self.cfg.superpatch), mode="trilinear")
 
     # ---------------------------------------------------------------- reconstruction
 
@@ -296,9 +252,9 @@ class GLMAE(MAESIL):
         """Same contract as :meth:`MAESIL.reconstruct`, through the V^3 local-view crops."""
         self._check_input(x)
         if mask is None:
-            mask = make_mask(
-                self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
-            )
+            mask = self.draw_mask(
+                x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
+            ).mask
         b = x.shape[0]
         grid_mask = mask.view(b, *self.grid)
         raw = torch.zeros_like(x)
@@ -308,9 +264,11 @@ class GLMAE(MAESIL):
             ts = [slice(k * n, (k + 1) * n) for k, n in zip(ci, g)]
             for j in range(b):
                 crop = x[j : j + 1, :, vs[0], vs[1], vs[2]]
-                m = grid_mask[j : j + 1, ts[0], ts[1], ts[2]].reshape(1, -1)
-                pred = self.decode(self.encode_visible(crop, m), m, g)
-                raw[j : j + 1, :, vs[0], vs[1], vs[2]] = _unpatchify(
-                    pred.to(x.dtype), g, self.patch
-                )
+                m = TokenMask.of(grid_mask[j : j + 1, ts[0], ts[1], ts[2]].reshape(1, -1), g)
+                if m.n_keep == 0:  # this crop of the full-grid mask is hidden entirely
+                    latent = crop.new_zeros(1, 0, self.cfg.embed_dim)
+                else:
+                    latent = self.forward_encoder(crop, m)
+                pred = self.forward_decoder(latent, m)
+                raw[j : j + 1, :, vs[0], vs[1], vs[2]] = unpatchify(pred.to(x.dtype), g, self.patch)
         return paste_visible(x, raw, mask, self.grid, self.patch, return_raw)

@@ -9,23 +9,23 @@
   the loss (L1, SimMIM's choice; ``extra["simmim_loss"] = "mse"`` switches) is on masked patches.
 
 Both expose ``.encoder`` (:class:`~.vit3d.ViTEncoder3D`) for segmentation fine-tuning, and
-``reconstruct`` with the signature of :meth:`MAESIL.reconstruct`.
+``forward`` / ``to_voxels`` / ``reconstruct`` with the contract of :class:`~.maesil.MAESIL`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ConfigError
 from .base import PretrainOutput
 from .losses import masked_patch_loss
 from .maesil import MAESIL
-from .masking import make_mask, mask_to_voxels, paste_visible
+from .masking import TokenMask, paste_visible
+from .patches import patchify, unpatchify
 from .vit3d import ViTEncoder3D, init_vit_weights
 
 
@@ -46,32 +46,24 @@ class SimMIM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        # reuse MAESIL's patch helpers without its decoder: a tiny shim keeps one implementation
-        self._patches = _PatchHelper(cfg)
         self.grid = tuple(cfg.grid)
         self.patch = tuple(cfg.patch)
         self.encoder = ViTEncoder3D(cfg)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.head = nn.Linear(cfg.embed_dim, self._patches.patch_dim)
+        self.head = nn.Linear(cfg.embed_dim, math.prod(cfg.patch) * cfg.in_channels)
         init_vit_weights(self.head)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.loss_kind = str(cfg.extra.get("simmim_loss", "l1"))
-        if self.loss_kind not in ("l1", "mse"):
-            raise ConfigError(f"extra simmim_loss must be l1 or mse, got {self.loss_kind!r}.")
+        self.loss_kind = cfg.options.simmim_loss
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        expected = (self.cfg.in_channels, *self.cfg.superpatch)
-        if x.ndim != 5 or tuple(x.shape[1:]) != expected:
-            raise ConfigError(
-                f"SimMIM expects input (B, {', '.join(map(str, expected))}) = the superpatch "
-                f"{list(self.cfg.superpatch)}, got {tuple(x.shape)}: crop or resample the input."
-            )
+    _check_input = MAESIL._check_input
+    draw_mask = MAESIL.draw_mask
 
-    def forward_encoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, C, D, H, W), mask (B, L) bool -> (B, L, E) over the whole grid."""
+    def forward_encoder(self, x: torch.Tensor, mask: TokenMask | torch.Tensor) -> torch.Tensor:
+        """x (B, C, D, H, W), mask (B, L) bool / TokenMask -> (B, L, E) over the whole grid."""
+        m = mask.mask if isinstance(mask, TokenMask) else mask
         enc = self.encoder
         tokens = enc.patch_embed(x)  # (B, L, E)
-        w = mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
+        w = m.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
         tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
         tokens = tokens + enc.pos_embed_for(enc.grid_of(x))
         for blk in enc.blocks:
@@ -82,32 +74,35 @@ class SimMIM(nn.Module):
         self,
         x: torch.Tensor,
         pred: torch.Tensor,
-        mask: torch.Tensor,
+        mask: TokenMask | torch.Tensor,
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """L1 or L2 over the masked patches' voxels, padding (valid == 0) left out."""
-        patchify = self._patches.patchify
-        v = None if valid is None else patchify(valid.expand_as(x))
-        return masked_patch_loss(pred, patchify(x), mask, v, kind=self.loss_kind)
+        m = mask.mask if isinstance(mask, TokenMask) else mask
+        v = None if valid is None else patchify(valid.expand_as(x), self.patch)
+        return masked_patch_loss(pred, patchify(x, self.patch), m, v, kind=self.loss_kind)
+
+    def to_voxels(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """pred (B, L, P) -> (B, C, D, H, W)."""
+        return unpatchify(pred, self.grid, self.patch)
 
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: TokenMask | torch.Tensor | None = None,
         *,
         generator=None,
         valid: torch.Tensor | None = None,
     ) -> PretrainOutput:
         self._check_input(x)
         if mask is None:
-            mask = make_mask(self.cfg, x.shape[0], device=x.device, generator=generator)
+            mask = self.draw_mask(x.shape[0], device=x.device, generator=generator)
+        mask = TokenMask.of(mask, self.grid)
         pred = self.head(self.forward_encoder(x, mask))  # (B, L, P)
         loss = self.forward_loss(x, pred, mask, valid)
-        with torch.no_grad():
-            recon = self._patches.unpatchify(pred.detach().to(x.dtype))
-            vox = mask_to_voxels(mask, self.grid, self.patch).to(x.dtype)
-            l1 = F.l1_loss(recon * vox, x * vox, reduction="sum") / vox.sum().clamp(min=1)
-        return PretrainOutput(loss=loss, pred=recon, mask=vox, logs={"masked_l1": float(l1)})
+        with torch.no_grad():  # mean |error| over the masked voxels, read at log time
+            l1 = masked_patch_loss(pred.detach(), patchify(x, self.patch), mask.mask, kind="l1")
+        return PretrainOutput(loss=loss, pred=pred, mask=mask, logs={"masked_l1": l1})
 
     @torch.no_grad()
     def reconstruct(
@@ -123,20 +118,9 @@ class SimMIM(nn.Module):
         """Same contract as :meth:`MAESIL.reconstruct`: input on visible, prediction on masked."""
         self._check_input(x)
         if mask is None:
-            mask = make_mask(
-                self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
+            mask = self.draw_mask(
+                x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
             )
-        raw = self._patches.unpatchify(self.head(self.forward_encoder(x, mask)).to(x.dtype))
-        return paste_visible(x, raw, mask, self.grid, self.patch, return_raw)
-
-
-class _PatchHelper:
-    """patchify / unpatchify of :class:`MAESIL` for a config, without building a model."""
-
-    def __init__(self, cfg: ModelConfig):
-        self.grid = tuple(cfg.grid)
-        self.patch = tuple(cfg.patch)
-        self.patch_dim = int(torch.tensor(cfg.patch).prod()) * cfg.in_channels
-
-    patchify = MAESIL.patchify
-    unpatchify = MAESIL.unpatchify
+        m = mask.mask if isinstance(mask, TokenMask) else mask
+        raw = self.to_voxels(x, self.head(self.forward_encoder(x, m)).to(x.dtype))
+        return paste_visible(x, raw, m, self.grid, self.patch, return_raw)

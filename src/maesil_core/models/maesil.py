@@ -1,11 +1,18 @@
-"""MAESIL: a 3D masked autoencoder on superpatches, in the style of MAE's ``models_mae.py``.
+"""MAESIL: a 3D masked autoencoder on superpatches, shaped like MAE's ``models_mae.py``.
 
 A superpatch (B, C, D, H, W) of ``cfg.superpatch`` voxels is cut into patches of
-``cfg.patch`` voxels, L = gd * gh * gw tokens. A mask (B, L) hides round(ratio * L) of
-them (dual masking by default, see :mod:`.masking`); the encoder (:class:`ViTEncoder3D`)
-sees only the visible tokens; a light decoder gets the encoded visible tokens back in place
-with a learnable mask token everywhere else and predicts the voxels of every patch; the
-loss is the MSE on the masked patches only (leaving out voxels that are padding).
+``cfg.patch`` voxels, L = gd * gh * gw tokens. A :class:`~.masking.TokenMask` hides
+round(ratio * L) of them (dual masking by default, see :mod:`.masking`). Then, as in MAE:
+
+- :meth:`MAESIL.forward_encoder`: the encoder (:class:`ViTEncoder3D`) sees only the visible
+  tokens;
+- :meth:`MAESIL.forward_decoder`: a light decoder gets the encoded visible tokens back in
+  place, with a learnable mask token everywhere else, and predicts every patch;
+- :meth:`MAESIL.forward_loss`: the MSE on the masked patches only (padding left out).
+
+``forward`` returns the loss, the prediction in patch space (B, L, P) and the mask: what the
+training step needs and nothing more. Voxel pictures are built only when asked for
+(:meth:`MAESIL.to_voxels`, :meth:`MAESIL.reconstruct`).
 
 Shapes: P = prod(patch) * C values per patch, E = encoder width, E' = decoder width.
 """
@@ -13,6 +20,7 @@ Shapes: P = prod(patch) * C values per patch, E = encoder width, E' = decoder wi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -21,7 +29,8 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import PretrainOutput
 from .losses import masked_patch_loss
-from .masking import make_mask, mask_to_keep_indices, mask_to_voxels, num_masked, paste_visible
+from .masking import TokenMask, paste_visible
+from .patches import patchify, unpatchify
 from .vit3d import Block, ViTEncoder3D, init_vit_weights, pos_embed_3d_sincos
 
 
@@ -45,6 +54,7 @@ class MAESIL(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         pos = pos_embed_3d_sincos(dd, self.grid)[None]  # (1, L, E') fixed, not saved
         self.register_buffer("decoder_pos_embed", pos, persistent=False)
+        self._other_grid_pos: dict[tuple[int, ...], torch.Tensor] = {}
         self.decoder_blocks = nn.ModuleList(
             [Block(dd, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)]
         )
@@ -57,21 +67,12 @@ class MAESIL(nn.Module):
     # ---------------------------------------------------------------- patches <-> voxels
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> (B, L, P); each row is one patch flattened as (pd, ph, pw, C)."""
-        b, c = x.shape[:2]
-        (gd, gh, gw), (pd, ph, pw) = self.grid, self.patch
-        x = x.reshape(b, c, gd, pd, gh, ph, gw, pw)
-        x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, gd, gh, gw, pd, ph, pw, C)
-        return x.reshape(b, gd * gh * gw, pd * ph * pw * c)
+        """(B, C, D, H, W) -> (B, L, P) (:func:`~.patches.patchify`)."""
+        return patchify(x, self.patch)
 
-    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, P) -> (B, C, D, H, W); the exact inverse of :meth:`patchify`."""
-        b = tokens.shape[0]
-        (gd, gh, gw), (pd, ph, pw) = self.grid, self.patch
-        c = tokens.shape[-1] // (pd * ph * pw)
-        x = tokens.reshape(b, gd, gh, gw, pd, ph, pw, c)
-        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, gd, pd, gh, ph, gw, pw)
-        return x.reshape(b, c, gd * pd, gh * ph, gw * pw)
+    def unpatchify(self, tokens: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """(B, L, P) -> (B, C, D, H, W) on ``grid`` (default the superpatch's)."""
+        return unpatchify(tokens, self.grid if grid is None else grid, self.patch)
 
     # ---------------------------------------------------------------- the three stages
 
@@ -79,40 +80,54 @@ class MAESIL(nn.Module):
         expected = (self.cfg.in_channels, *self.cfg.superpatch)
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
             raise ConfigError(
-                f"MAESIL expects input (B, {expected[0]}, {', '.join(map(str, expected[1:]))}) = the "
-                f"superpatch {list(self.cfg.superpatch)}, got {tuple(x.shape)}: crop or resample "
-                "the input to the superpatch size."
+                f"{type(self).__name__} expects input (B, {expected[0]}, "
+                f"{', '.join(map(str, expected[1:]))}) = the superpatch "
+                f"{list(self.cfg.superpatch)}, got {tuple(x.shape)}: crop or resample the "
+                "input to the superpatch size."
             )
 
-    def forward_encoder(
-        self, x: torch.Tensor, mask: torch.Tensor, n_masked: int | None = None
-    ) -> torch.Tensor:
-        """x (B, C, D, H, W), mask (B, L) bool -> latent (B, L_keep, E) of the visible tokens."""
-        ids_keep, _ = mask_to_keep_indices(mask, n_masked)
-        return self.encoder(x, ids_keep)
+    def draw_mask(
+        self,
+        batch: int,
+        *,
+        mode: str | None = None,
+        ratio: float | None = None,
+        device=None,
+        generator=None,
+    ) -> TokenMask:
+        """A new mask on the superpatch's grid (``cfg.mask_mode`` / ``cfg.mask_ratio``)."""
+        return TokenMask.draw(
+            self.cfg, batch, mode=mode, ratio=ratio, device=device, generator=generator
+        )
 
-    def forward_decoder(
-        self, latent: torch.Tensor, mask: torch.Tensor, ids_all: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """latent (B, L_keep, E), mask (B, L) -> pred (B, L, P) for every patch.
+    def forward_encoder(self, x: torch.Tensor, mask: TokenMask | torch.Tensor) -> torch.Tensor:
+        """x (B, C, D, H, W), mask on x's patch grid -> latent (B, L_keep, E) of the visible
+        tokens."""
+        mask = TokenMask.of(mask, self.grid)
+        return self.encoder(x, mask.ids_keep)
 
-        ``ids_all`` (B, L) = cat(ids_keep, ids_masked) of ``mask`` may be passed to skip
-        recomputing it.
-        """
+    def _decoder_pos(self, grid: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+        if grid == self.grid:
+            return self.decoder_pos_embed
+        if grid not in self._other_grid_pos:  # GL-MAE's views: fixed sin-cos, built once
+            self._other_grid_pos[grid] = pos_embed_3d_sincos(self.cfg.decoder_embed_dim, grid)[None]
+        return self._other_grid_pos[grid].to(device=x.device, dtype=x.dtype)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: TokenMask | torch.Tensor) -> torch.Tensor:
+        """latent (B, L_keep, E) of the visible tokens -> pred (B, L, P) for every patch of
+        the mask's grid (a bool mask (B, L) is taken to lie on the superpatch's grid)."""
+        mask = TokenMask.of(
+            mask, self.grid, mask.shape[1] - latent.shape[1] if torch.is_tensor(mask) else None
+        )
         b, n_keep, _ = latent.shape
-        if ids_all is None:
-            ids_all = torch.cat(mask_to_keep_indices(mask, self.num_patches - n_keep), dim=1)
         x = self.decoder_embed(latent)  # (B, L_keep, E')
-        filler = self.mask_token.to(x.dtype).expand(
-            b, self.num_patches - n_keep, -1
-        )  # (B, L_mask, E')
-        # put visible tokens and mask tokens back into grid order with one scatter;
-        # ids_all is a permutation of 0..L-1: visible positions first, then masked ones
+        filler = self.mask_token.to(x.dtype).expand(b, mask.mask.shape[1] - n_keep, -1)
+        # visible tokens and mask tokens back into grid order with one scatter; ids_all is a
+        # permutation of 0..L-1: visible positions first, then masked ones
         values = torch.cat([x, filler], dim=1)  # (B, L, E')
-        x = torch.empty_like(values).scatter(
-            1, ids_all.unsqueeze(-1).expand(-1, -1, values.shape[-1]), values
-        )  # (B, L, E') in grid order
-        x = x + self.decoder_pos_embed
+        ids = mask.ids_all.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+        x = torch.empty_like(values).scatter(1, ids, values)  # (B, L, E') in grid order
+        x = x + self._decoder_pos(tuple(mask.grid), x)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))  # (B, L, P)
@@ -130,17 +145,18 @@ class MAESIL(nn.Module):
         self,
         x: torch.Tensor,
         pred: torch.Tensor,
-        mask: torch.Tensor,
+        mask: TokenMask | torch.Tensor,
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean squared error over the masked patches only.
 
-        x (B, C, D, H, W), pred (B, L, P), mask (B, L); valid (B, 1, D, H, W) 0 / False on
-        padding, which is left out (None: every voxel counts).
+        x (B, C, D, H, W), pred (B, L, P), mask (B, L) or TokenMask; valid (B, 1, D, H, W)
+        0 / False on padding, which is left out (None: every voxel counts).
         """
         target, _, _ = self._target(x)
+        m = mask.mask if isinstance(mask, TokenMask) else mask
         v = None if valid is None else self.patchify(valid.expand_as(x))  # (B, L, P)
-        return masked_patch_loss(pred, target, mask, v)
+        return masked_patch_loss(pred, target, m, v)
 
     def to_voxels(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """pred (B, L, P) -> (B, C, D, H, W) in image intensities.
@@ -160,30 +176,24 @@ class MAESIL(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: TokenMask | torch.Tensor | None = None,
         *,
         generator=None,
         valid: torch.Tensor | None = None,
     ) -> PretrainOutput:
-        """x (B, C, *superpatch) in [0, 1]; mask (B, L) bool or None (drawn on x.device);
-        valid (B, 1, *superpatch) 0 / False on padding the loss leaves out, or None.
+        """x (B, C, *superpatch) in [0, 1]; mask (B, L) bool / TokenMask or None (drawn on
+        x.device); valid (B, 1, *superpatch) 0 / False on padding the loss leaves out.
 
-        Returns loss, pred (B, C, D, H, W) reconstruction in voxel space (detached, for
-        display) and mask (B, 1, D, H, W) float, 1.0 on masked voxels.
+        Returns the loss, pred (B, L, P) in patch space and the TokenMask.
         """
         self._check_input(x)
-        n_masked = None
         if mask is None:
-            mask = make_mask(self.cfg, x.shape[0], device=x.device, generator=generator)
-            n_masked = num_masked(self.grid, self.cfg.mask_ratio)
-        ids_keep, ids_masked = mask_to_keep_indices(mask, n_masked)
-        latent = self.encoder(x, ids_keep)  # (B, L_keep, E): visible tokens only
-        pred = self.forward_decoder(latent, mask, torch.cat([ids_keep, ids_masked], 1))  # (B, L, P)
+            mask = self.draw_mask(x.shape[0], device=x.device, generator=generator)
+        mask = TokenMask.of(mask, self.grid)
+        latent = self.forward_encoder(x, mask)  # (B, L_keep, E): visible tokens only
+        pred = self.forward_decoder(latent, mask)  # (B, L, P)
         loss = self.forward_loss(x, pred, mask, valid)
-        with torch.no_grad():
-            recon = self.to_voxels(x, pred.detach().to(x.dtype))
-            vox_mask = mask_to_voxels(mask, self.grid, self.patch).to(x.dtype)
-        return PretrainOutput(loss=loss, pred=recon, mask=vox_mask, logs={})
+        return PretrainOutput(loss=loss, pred=pred, mask=mask, logs={})
 
     @torch.no_grad()
     def reconstruct(
@@ -204,12 +214,11 @@ class MAESIL(nn.Module):
         A given ``mask`` (B, L) overrides ``mode``/``ratio``.
         """
         self._check_input(x)
-        n_masked = None
         if mask is None:
-            mask = make_mask(
-                self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
+            mask = self.draw_mask(
+                x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
             )
-            n_masked = num_masked(self.grid, self.cfg.mask_ratio if ratio is None else ratio)
-        latent = self.forward_encoder(x, mask, n_masked)
+        mask = TokenMask.of(mask, self.grid)
+        latent = self.forward_encoder(x, mask)
         raw = self.to_voxels(x, self.forward_decoder(latent, mask).to(x.dtype))
-        return paste_visible(x, raw, mask, self.grid, self.patch, return_raw)
+        return paste_visible(x, raw, mask.mask, self.grid, self.patch, return_raw)

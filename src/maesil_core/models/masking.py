@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -203,3 +204,66 @@ def paste_visible(
     vox = mask_to_voxels(mask, grid, patch).to(x.dtype)
     recon = x * (1 - vox) + raw * vox
     return (recon, vox, raw) if return_raw else (recon, vox)
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """A token mask with the index views the encoder and decoder need, computed once.
+
+    ``mask`` (B, L) bool, True = hidden; ``ids_keep`` (B, L_keep) and ``ids_masked``
+    (B, L_mask) the visible and hidden tokens, each ascending; ``grid`` the patch grid the
+    L tokens lie on. Build it with :meth:`draw` (a new random mask) or :meth:`of` (from a
+    bool mask or another TokenMask).
+    """
+
+    mask: torch.Tensor
+    ids_keep: torch.Tensor
+    ids_masked: torch.Tensor
+    grid: tuple[int, int, int]
+
+    @classmethod
+    def of(
+        cls, mask: torch.Tensor | TokenMask, grid: Sequence[int], n_masked: int | None = None
+    ) -> TokenMask:
+        """``mask`` as a TokenMask; ``n_masked``, when known, saves reading the mask back."""
+        if isinstance(mask, TokenMask):
+            return mask
+        ids_keep, ids_masked = mask_to_keep_indices(mask, n_masked)
+        return cls(mask, ids_keep, ids_masked, tuple(int(g) for g in grid))  # type: ignore[arg-type]
+
+    @classmethod
+    def draw(
+        cls,
+        cfg: ModelConfig,
+        batch: int,
+        *,
+        mode: str | None = None,
+        ratio: float | None = None,
+        device=None,
+        generator=None,
+    ) -> TokenMask:
+        """A new mask on ``cfg.grid`` (:func:`make_mask`); the count is known, no sync."""
+        mask = make_mask(cfg, batch, mode=mode, ratio=ratio, device=device, generator=generator)
+        n = num_masked(cfg.grid, cfg.mask_ratio if ratio is None else float(ratio))
+        return cls.of(mask, cfg.grid, n)
+
+    @classmethod
+    def random(
+        cls, batch: int, grid: Sequence[int], ratio: float, *, device=None, generator=None
+    ) -> TokenMask:
+        """Uniformly random tokens on ``grid`` (:func:`random_mask`, MAE's masking)."""
+        mask = random_mask(batch, grid, ratio, device=device, generator=generator)
+        return cls.of(mask, grid, num_masked(grid, ratio))
+
+    @property
+    def ids_all(self) -> torch.Tensor:
+        """(B, L): the visible tokens' ids, then the hidden ones' (a permutation of 0..L-1)."""
+        return torch.cat([self.ids_keep, self.ids_masked], dim=1)
+
+    @property
+    def n_keep(self) -> int:
+        return self.ids_keep.shape[1]
+
+    def to_voxels(self, patch: Sequence[int]) -> torch.Tensor:
+        """(B, 1, D, H, W) float, 1.0 on the voxels of hidden patches."""
+        return mask_to_voxels(self.mask, self.grid, patch)
