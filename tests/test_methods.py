@@ -319,19 +319,19 @@ def test_glmae_consistency_terms_nonzero_and_falling(trained):
     assert not torch.equal(t, s)
 
 
-def test_glmae_ema_once_per_optimiser_step():
+def test_glmae_ema_once_per_optimiser_step(tmp_path):
     cfg = tiny_cfg("gl-mae", 1).model
     torch.manual_seed(0)
     m = build_model(cfg).train()
     x = torch.rand(2, 1, 32, 32, 32)
     teacher0 = m.teacher_encoder.norm.weight.clone()
-    m(x)  # first call: records the student version, no update
-    m(x)  # no optimiser step in between: no update (gradient accumulation)
+    m(x)  # forwards never move the teacher (gradient accumulation runs several)
+    m(x)
     assert torch.equal(m.teacher_encoder.norm.weight, teacher0)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
     m(x).loss.backward()
     opt.step()
-    m(x)  # after a step: teacher = m * teacher + (1 - m) * student
+    m.after_optimizer_step()  # the loop's after-step hook: teacher = m * teacher + (1 - m) * student
     expected = m.momentum * teacher0 + (1 - m.momentum) * m.encoder.norm.weight
     torch.testing.assert_close(m.teacher_encoder.norm.weight, expected)
     with torch.no_grad():
@@ -340,6 +340,15 @@ def test_glmae_ema_once_per_optimiser_step():
         before = m.teacher_encoder.norm.weight.clone()
         m(x)
     assert torch.equal(m.teacher_encoder.norm.weight, before)
+
+    # fit() calls the hook once per optimiser step, not once per micro-batch
+    from maesil_core.train import fit
+
+    calls = []
+    m.after_optimizer_step = lambda: calls.append(1)  # noqa: E731  (instance attribute)
+    run = tiny_cfg("gl-mae", 3).override("train", accum_steps=2, batch_size=1)
+    batches = iter(lambda: {"image": torch.rand(1, 1, 32, 32, 32)}, None)
+    assert fit(m, batches, run, tmp_path / "run").step == 3 and len(calls) == 3
 
 
 def test_mae_masks_at_random_and_simmim_runs_encoder_on_full_grid():

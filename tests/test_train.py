@@ -231,3 +231,24 @@ def test_learning_rate_schedule_shape():
     assert lrs[0] < lrs[cfg.warmup_steps - 1] == pytest.approx(cfg.lr)
     assert lrs[-1] < 0.01 * cfg.lr + cfg.min_lr
     assert all(a >= b for a, b in zip(lrs[cfg.warmup_steps :], lrs[cfg.warmup_steps + 1 :]))
+
+
+def test_bf16_where_the_device_has_none_is_a_clear_error(monkeypatch):
+    """--precision bf16 runs on the CPU (PyTorch's CPU autocast); on a GPU without bf16 it is
+    a ConfigError naming the setting, not a silent fp32 run ("auto" still falls back)."""
+    from maesil_core.train.optim import autocast_dtype
+
+    cfg = tiny_cfg(1).train
+    cfg.precision = "bf16"
+    assert autocast_dtype(cfg, torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    with pytest.raises(ConfigError, match="Tesla T4 has no bf16") as info:
+        autocast_dtype(cfg, torch.device("cuda", 0))
+    assert info.value.option == "precision"
+    with pytest.raises(ConfigError, match="not available on device mps"):
+        autocast_dtype(cfg, torch.device("mps"))
+    cfg.precision = "auto"
+    assert autocast_dtype(cfg, torch.device("cuda", 0)) is None
+    cfg.precision = "fp32"
+    assert autocast_dtype(cfg, torch.device("cpu")) is None

@@ -4,11 +4,45 @@ Every problem a user can fix (a missing file, a 2D image, an impossible setting,
 checkpoint of another architecture) is raised as :class:`MaesilError` with one line that
 names the problem and the fix. The CLI prints it and exits with status 2; the napari
 widgets show it as a notification. Anything else is a bug and keeps its traceback.
+
+An error about a setting carries it: ``option`` is the setting's name in the Python API and
+the config dataclasses (``"lr"``, ``"n_labelled"``, ``"run_dir"``), and the message writes
+the settings it names as ```name``` (backticks). Each front end renders those in its own
+words: :meth:`MaesilError.render` with ``{"n_labelled": "--n-labelled"}`` in the CLI, with
+field labels in a widget; ``str(error)`` shows the Python names, as the API takes them.
 """
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+_OPTION = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")
 
 
 class MaesilError(Exception):
-    """A problem in the user's input or settings, with a message that says how to fix it."""
+    """A problem in the user's input or settings, with a message that says how to fix it.
+
+    ``option``: the setting the problem is about (None when it is about an input file).
+    """
+
+    def __init__(self, message: str = "", *, option: str | None = None):
+        self.template = str(message)
+        self.option = option
+        super().__init__(self.render())
+
+    def render(self, names: Mapping[str, str] | Callable[[str], str | None] | None = None) -> str:
+        """The message with every ```name``` written as ``names[name]`` (or ``names(name)``);
+        a name without an entry is written as it is."""
+
+        def sub(match: re.Match) -> str:
+            name = match.group(1)
+            if names is None:
+                return name
+            got = names(name) if callable(names) else names.get(name)
+            return got or name
+
+        return _OPTION.sub(sub, self.template)
 
 
 class CheckpointError(MaesilError):

@@ -114,3 +114,29 @@ def reconstruction_figure(
     meta = {"Title": title, "Software": "napari-maesil"} if title else None
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", metadata=meta))
     return Path(path)
+
+
+def plot_loss(rows: list[dict[str, float]], path: str | Path) -> None:
+    """Loss curve (log scale) of a run's metrics rows, written atomically as PNG."""
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2, label="train loss")
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if all(r["loss"] > 0 for r in rows):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))

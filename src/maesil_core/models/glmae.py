@@ -21,12 +21,10 @@ The input unit is the superpatch x (B, C, *S), as for every method. Per step:
 - ``loss = rec_local + rec_global + extra["consistency_weight"] (default 1) * (g2g + g2l)``,
   all four terms in ``logs``.
 
-**EMA timing.** The training loop has no post-step hook, so the teacher is updated at the START
-of a training-mode forward, BEFORE the anchor is computed, and only when the student weights
-changed since the last update (detected by the parameter's version counter, which the optimiser's
-in-place step bumps): the teacher used at step k is the EMA of the student weights up to
-step k-1. Gradient accumulation therefore gives one EMA update per optimiser step, and
-eval-mode or no-grad forwards never move the teacher.
+**EMA timing.** The teacher follows the student once per optimiser step: the training loop
+calls :meth:`GLMAE.after_optimizer_step` after each ``optimizer.step()`` (whatever the
+gradient accumulation), so the teacher used at step k is the EMA of the student weights up
+to step k-1. Forward passes (training, eval or no-grad) never move the teacher.
 
 **Reconstruction** (``reconstruct``, inference, benchmark): the mask is drawn on the full grid
 ``S // p`` exactly as for MAESIL, then the superpatch is cut into the s^3 aligned V^3 crops the
@@ -89,7 +87,6 @@ class GLMAE(MAESIL):
         self.teacher_projector = copy.deepcopy(self.projector)
         for p in self._teacher_params():
             p.requires_grad_(False)
-        self._student_version: int | None = None
 
     # ---------------------------------------------------------------- EMA teacher
 
@@ -102,19 +99,11 @@ class GLMAE(MAESIL):
         return itertools.chain(self.encoder.parameters(), self.projector.parameters())
 
     @torch.no_grad()
-    def ema_update(self) -> bool:
-        """teacher <- m * teacher + (1 - m) * student, once per change of the student weights.
-
-        Returns True when an update happened. Called by ``forward`` in training mode.
-        """
-        version = self.encoder.patch_embed.proj.weight._version
-        if self._student_version is None or version == self._student_version:
-            self._student_version = version
-            return False
+    def after_optimizer_step(self) -> None:
+        """teacher <- m * teacher + (1 - m) * student; the training loop calls it once after
+        every optimiser step."""
         for t, s in zip(self._teacher_params(), self._student_params()):
             t.mul_(self.momentum).add_(s.detach(), alpha=1.0 - self.momentum)
-        self._student_version = version
-        return True
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -162,8 +151,6 @@ class GLMAE(MAESIL):
         (:meth:`to_voxels` draws it on the superpatch) and the four loss terms as logs."""
         self._check_input(x)
         b = x.shape[0]
-        if self.training and torch.is_grad_enabled():
-            self.ema_update()
         ratio = self.cfg.mask_ratio
         gview = F.avg_pool3d(x, self.scale) if self.scale > 1 else x  # (B, C, *V)
         valid = None if valid is None else valid.to(x.dtype)  # bool from the loader

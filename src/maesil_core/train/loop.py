@@ -1,16 +1,17 @@
 """The one training loop: pretraining and fine-tuning, CLI, Python API and napari widgets.
 
-It owns the optimisation machinery (AdamW, warm-up + cosine, bf16 autocast, clipping,
-accumulation, DDP), the bookkeeping (CSV + TensorBoard logs, ``loss.png``, checkpoints every
-N steps / minutes, at the end and on cancel, ``--resume``) and the user contract (a
-``progress`` callback receiving plain dicts, and a ``cancel`` flag checked after each step).
-What a step computes is the task's business: ``loss_fn(model, batch) -> (loss, logs)``.
+:func:`fit` has the shape of nanoGPT's ``train.py``: prepare the state (model on the device,
+optimiser, resume, DDP, precision), then ``while step < steps``: set the learning rate, one
+train step (accumulation, autocast, clipping, optimiser, the model's after-step hook such as
+GL-MAE's EMA teacher), log (:class:`~.records.MetricsLog`, validation and
+:class:`~.records.BestCheckpoint`), checkpoint. The user contract: a ``progress`` callback
+receiving plain dicts and a ``cancel`` flag checked after each step. What a step computes is
+the task's business: ``loss_fn(model, batch) -> (loss, logs)``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import json
 import math
@@ -32,15 +33,19 @@ from ..checkpoint import (
 )
 from ..config import RunConfig, TrainConfig
 from ..errors import CheckpointError
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write_text
 from ..progress import CancelFlag, ProgressFn, cancel_fn
 from ..resume_state import load_resume_state
 from ..threads import torch_threads
 from . import distributed as D
+from .optim import autocast_dtype, lr_at, make_optimizer, set_lr
+from .records import BestCheckpoint, MetricsLog
 from .seeding import resume_rng, rng_state, seed_everything
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
+
+__all__ = ["FitResult", "autocast_dtype", "fit", "lr_at", "make_optimizer", "pretrain_loss"]
 
 
 @dataclass
@@ -71,124 +76,149 @@ def has_trained_buffers(model: nn.Module) -> bool:
     return any(name in saved for name, _ in model.named_buffers())
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``cfg.lr`` then cosine decay to ``cfg.min_lr`` at ``cfg.steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    t = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t))
+def after_optimizer_step(model: nn.Module) -> None:
+    """Call the model's ``after_optimizer_step()`` if it has one (GL-MAE: the EMA teacher
+    follows the student once per optimiser step, whatever the accumulation)."""
+    hook = getattr(model, "after_optimizer_step", None)
+    if hook is not None:
+        hook()
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases, norms, embeddings and tokens; fused on CUDA.
+# --------------------------------------------------------------------------- state
 
-    A model may carry ``param_lr_scale`` ({parameter name: factor}, e.g. layer-wise lr
-    decay when fine-tuning); each group then keeps an ``lr_scale`` applied to the schedule.
+
+@dataclass
+class TrainState:
+    """Everything a step changes or needs: the model (bare and as trained: DDP / compiled),
+    its optimiser, the step, the device, the ranks and the autocast dtype (None: fp32)."""
+
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int
+    start_step: int
+    device: torch.device
+    dist: D.DistInfo
+    amp_dtype: torch.dtype | None
+    last_checkpoint: Path | None = None
+
+
+def prepare_state(
+    model: nn.Module, cfg: RunConfig, run_dir: Path, *, resume: bool, device: torch.device
+) -> TrainState:
+    """Model on the device, optimiser, and for ``resume`` the newest checkpoint's weights,
+    optimiser state, step (from its metadata) and random streams; then DDP / compile."""
+    tc = cfg.train
+    amp_dtype = autocast_dtype(tc, device)  # a precision the device lacks: refused first
+    dist = D.init_distributed(device)
+    model = model.to(device)
+    optimizer = make_optimizer(model, tc, device)
+    start_step, last = 0, None
+    if resume:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(
+                f"--resume: {run_dir} has no checkpoint to resume from; start without --resume."
+            )
+        ckpt = load_checkpoint(found[-1])
+        load_weights(model, ckpt.state_dict, str(ckpt.path))
+        saved = load_resume_state(ckpt.path)
+        if saved is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        rng = saved.get("rng") if saved is not None else None
+        start_step, last = ckpt.step, ckpt.path  # the step from the metadata
+        resume_rng(rng, tc.seed, dist.rank, dist.world_size, start_step)
+    else:
+        seed_everything(tc.seed + dist.rank)
+
+    train_model: nn.Module = model
+    if dist.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # constant buffers (position embeddings) need no broadcast before every forward;
+            # a model whose training changes its buffers (VQ-VAE's EMA codebook) keeps it
+            broadcast_buffers=has_trained_buffers(model),
+        )
+    if tc.compile:
+        train_model = torch.compile(train_model)
+    return TrainState(
+        model, train_model, optimizer, start_step, start_step, device, dist, amp_dtype, last
+    )
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(
+    state: TrainState, batches: Iterator[dict[str, Any]], loss_fn: LossFn, tc: TrainConfig
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``tc.accum_steps`` micro-batches forward and backward (gradients synchronised across
+    ranks on the last one only), clipping, the optimiser step and the after-step hook.
+
+    Returns the summed loss of the micro-batches (a device tensor: no sync per step) and the
+    last micro-batch's logs (tensors are read at log time).
     """
-    scales = getattr(model, "param_lr_scale", None) or {}
-    buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_wd = p.ndim <= 1 or name.endswith("token") or "pos_embed" in name
-        buckets.setdefault((no_wd, float(scales.get(name, 1.0))), []).append(p)
-    groups = [
-        {
-            "params": params,
-            "weight_decay": 0.0 if no_wd else cfg.weight_decay,
-            "lr_scale": scale,
+    loss_sum = torch.zeros((), device=state.device)
+    logs: dict[str, Any] = {}
+    for micro in range(tc.accum_steps):
+        batch = {
+            k: v.to(state.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in next(batches).items()
         }
-        for (no_wd, scale), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], -kv[0][1]))
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+        sync = micro == tc.accum_steps - 1 or not state.dist.enabled
+        no_sync = state.train_model.no_sync() if not sync else contextlib.nullcontext()
+        amp = state.amp_dtype
+        with (
+            no_sync,
+            torch.autocast(state.device.type, dtype=amp or torch.float32, enabled=amp is not None),
+        ):
+            loss, logs = loss_fn(state.train_model, batch)
+            (loss / tc.accum_steps).backward()
+        loss_sum = loss_sum + loss.detach().float()
+    if tc.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
+        logs = {**logs, "grad_norm": grad_norm.detach()}
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    after_optimizer_step(state.model)
+    state.step += 1
+    return loss_sum, logs
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 on GPUs that support it (``auto``) or when asked; None means fp32."""
-    if cfg.precision == "fp32":
-        return None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if cfg.precision == "bf16" and device.type == "cpu":
-        return torch.bfloat16
-    return None
+class LossWindow:
+    """Mean loss and throughput since the last log row (summed on the device, read once)."""
+
+    def __init__(self, volumes_per_step: int, peak_lr: float):
+        self.volumes_per_step, self.peak_lr = volumes_per_step, peak_lr
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.t0, self.steps, self.loss_sum, self.losses = now, 0, 0.0, 0
+
+    def add(self, loss_sum: torch.Tensor, losses: int) -> None:
+        self.loss_sum = self.loss_sum + loss_sum
+        self.losses += losses
+        self.steps += 1
+
+    def row(self, step: int, lr: float, now: float, device: torch.device) -> dict[str, float]:
+        """``{"step", "loss", "lr", "volumes_per_s"}``; FloatingPointError when the mean loss
+        (across ranks) is not finite."""
+        mean_loss = D.mean_across_ranks(float(self.loss_sum) / max(1, self.losses), device)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"the loss became {mean_loss} by step {step}; lower the learning rate "
+                f"(now {self.peak_lr:g}) or check the input intensities."
+            )
+        elapsed = max(now - self.t0, 1e-9)
+        vps = self.volumes_per_step * self.steps / elapsed
+        return {"step": step, "loss": mean_loss, "lr": lr, "volumes_per_s": vps}
+
+    def steps_per_s(self, now: float) -> float:
+        return self.steps / max(now - self.t0, 1e-9)
 
 
-class MetricsLog:
-    """``metrics.csv`` (always) and TensorBoard (when installed), written on rank 0."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        self.path = run_dir / "metrics.csv"
-        self.rows: list[dict[str, float]] = []
-        if resume_step is not None and self.path.is_file():
-            with self.path.open() as f:
-                self.rows = [
-                    {k: float(v) for k, v in r.items() if v not in ("", None)}
-                    for r in csv.DictReader(f)
-                ]
-            self.rows = [r for r in self.rows if r.get("step", 0) <= resume_step]
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        except Exception:  # tensorboard not installed: CSV only
-            self._tb = None
-
-    def add(self, row: dict[str, float]) -> None:
-        self.rows.append(row)
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self._tb.add_scalar(k, v, int(row["step"]))
-
-    def flush(self) -> None:
-        keys: list[str] = []
-        for r in self.rows:
-            keys += [k for k in r if k not in keys]
-        lines = [",".join(keys)]
-        lines += [",".join(_fmt(r.get(k)) for k in keys) for r in self.rows]
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
-        if self._tb is not None:
-            self._tb.flush()
-        plot_loss(self.rows, self.path.parent / "loss.png")
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return ""
-    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:.6g}"
-
-
-def plot_loss(rows: list[dict[str, float]], path: Path) -> None:
-    """Loss curve (log scale) of a run, written atomically as PNG."""
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2, label="train loss")
-    val = [r for r in rows if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if all(r["loss"] > 0 for r in rows):
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+# --------------------------------------------------------------------------- the loop
 
 
 def _with_torch_threads(fn):
@@ -236,63 +266,34 @@ def fit(
     tc = cfg.train
     run_dir = Path(run_dir)
     is_cancelled = cancel_fn(cancel)
-    device = device or D.select_device(tc.device)
-    dist_info = D.init_distributed(device)
-    main = dist_info.is_main
 
-    # ---- resume: weights, optimiser, RNG, step
-    start_step = 0
-    resume_state = None
-    model = model.to(device)
-    optimizer = make_optimizer(model, tc, device)
-    if resume:
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise CheckpointError(
-                f"--resume: {run_dir} has no checkpoint to resume from; start without --resume."
-            )
-        last = load_checkpoint(found[-1])
-        load_weights(model, last.state_dict, str(last.path))
-        resume_state = load_resume_state(last.path)
-        start_step = last.step  # from the metadata, not the file name
-        if resume_state is not None:
-            optimizer.load_state_dict(resume_state["optimizer"])
-        saved_rng = resume_state.get("rng") if resume_state is not None else None
-        resume_rng(saved_rng, tc.seed, dist_info.rank, dist_info.world_size, start_step)
-    else:
-        seed_everything(tc.seed + dist_info.rank)
-
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            # constant buffers (position embeddings) need no broadcast before every forward;
-            # a model whose training changes its buffers (VQ-VAE's EMA codebook) keeps it
-            broadcast_buffers=has_trained_buffers(model),
-        )
-    if tc.compile:
-        train_model = torch.compile(train_model)
-    amp_dtype = autocast_dtype(tc, device)
-
-    log = MetricsLog(run_dir, start_step if resume else None) if main else None
+    # ---- prepare: state, logs, best checkpoint
+    state = prepare_state(
+        model, cfg, run_dir, resume=resume, device=device or D.select_device(tc.device)
+    )
+    main = state.dist.is_main
+    log = MetricsLog(run_dir, state.start_step if resume else None) if main else None
+    best = BestCheckpoint(run_dir, best_metric, resume=resume) if best_metric else None
     if main:
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    window = LossWindow(tc.batch_size * tc.accum_steps * state.dist.world_size, tc.lr)
+    t_start = t_last_ckpt = time.perf_counter()
+    last_row: dict[str, float] = {}
 
     def emit(info: dict[str, Any]) -> None:
         if progress is not None and main:
             progress(info)
 
-    def checkpoint(step: int, metrics: dict[str, float]) -> Path | None:
+    def checkpoint(metrics: dict[str, float]) -> Path | None:
         path = None
         if main:
             path = save_checkpoint(
                 run_dir,
-                model,
+                state.model,
                 cfg,
-                step,
+                state.step,
                 kind=kind,
-                optimizer=optimizer,
+                optimizer=state.optimizer,
                 extra=extra_meta,
                 metrics=metrics,
                 rng=rng_state(),
@@ -302,148 +303,74 @@ def fit(
         D.barrier()
         return path
 
-    step = start_step
-    last_ckpt: Path | None = list_checkpoints(run_dir)[-1] if resume else None
-    best_value: float | None = None
-    best_path: Path | None = None
-    if resume and best_metric:  # a resumed run keeps its best so far unless it beats it
-        best_value, best_path = _read_best(run_dir, best_metric)
-    volumes_per_step = tc.batch_size * tc.accum_steps * dist_info.world_size
-    t_start = time.perf_counter()
-    t_last_ckpt = t_start
-    t_window, window_steps, loss_sum, loss_n = t_start, 0, 0.0, 0
-    cancelled = False
-    last_row: dict[str, float] = {}
-    model.train()
-
-    def record(step: int, lr: float, now: float, logs: dict[str, float]) -> dict[str, float]:
-        """Log one row (mean loss since the last row) and report progress."""
-        nonlocal best_value, best_path
-        elapsed = now - t_window
-        mean_loss = D.mean_across_ranks(float(loss_sum) / max(1, loss_n), device)
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"the loss became {mean_loss} by step {step}; lower the learning rate "
-                f"(now {tc.lr:g}) or check the input intensities."
-            )
-        vps = volumes_per_step * window_steps / max(elapsed, 1e-9)
-        last_row = {
-            "step": step,
-            "loss": mean_loss,
-            "lr": lr,
-            "volumes_per_s": vps,
-            "elapsed_s": now - t_start,
-            **{k: float(v) for k, v in logs.items()},
-        }
-        if evaluate is not None and eval_every and (step % eval_every == 0 or step == tc.steps):
-            model.eval()
+    def record(lr: float, now: float, logs: dict[str, Any]) -> dict[str, float]:
+        """One log row (mean loss since the last), validation and the best checkpoint."""
+        row = window.row(state.step, lr, now, state.device)
+        row.update(elapsed_s=now - t_start, **{k: float(v) for k, v in logs.items()})
+        due = eval_every and (state.step % eval_every == 0 or state.step == tc.steps)
+        if evaluate is not None and due:
+            state.model.eval()
             with torch.no_grad():
-                last_row.update(evaluate(model) if main else {})
-            model.train()
-            if (
-                best_metric
-                and main
-                and best_metric in last_row
-                and (best_value is None or last_row[best_metric] > best_value)
-            ):
-                best_value = last_row[best_metric]
-                best_path = _save_best(run_dir, model, cfg, step, kind, extra_meta, last_row)
+                row.update(evaluate(state.model) if main else {})
+            state.model.train()
+            if best is not None and main:
+                best.offer(row, state.model, cfg, state.step, kind, extra_meta)
         if main:
-            log.add(last_row)
-        remaining = (tc.steps - step) / max(window_steps / max(elapsed, 1e-9), 1e-9)
-        emit({**last_row, "steps": tc.steps, "eta_s": remaining, "phase": "train"})
-        return last_row
+            log.add(row)
+        eta = (tc.steps - state.step) / max(window.steps_per_s(now), 1e-9)
+        emit({**row, "steps": tc.steps, "eta_s": eta, "phase": "train"})
+        window.reset(now)
+        return row
 
-    while step < tc.steps:
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        logs: dict[str, float] = {}
-        for micro in range(tc.accum_steps):
-            batch = {
-                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in next(batches).items()
-            }
-            sync = micro == tc.accum_steps - 1 or not dist_info.enabled
-            ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
-            with (
-                ctx,
-                torch.autocast(
-                    device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-                ),
-            ):
-                loss, logs = loss_fn(train_model, batch)
-                (loss / tc.accum_steps).backward()
-            loss_sum = loss_sum + loss.detach().float()  # stays on the device: no sync per step
-            loss_n += 1
-        if tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            logs = {**logs, "grad_norm": grad_norm.detach()}  # read at log time only
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
+    # ---- train
+    cancelled = False
+    state.model.train()
+    while state.step < tc.steps:
+        lr = lr_at(state.step, tc)
+        set_lr(state.optimizer, lr)
+        loss_sum, logs = train_step(state, batches, loss_fn, tc)
+        window.add(loss_sum, tc.accum_steps)
 
         now = time.perf_counter()
-        ckpt_due = step % tc.checkpoint_every == 0 or (
+        ckpt_due = state.step % tc.checkpoint_every == 0 or (
             tc.checkpoint_minutes > 0 and now - t_last_ckpt > 60 * tc.checkpoint_minutes
         )
-        ckpt_due = D.any_rank(ckpt_due, device)
-        logged = False
-        if step % tc.log_every == 0 or step == tc.steps or ckpt_due:
-            last_row = record(step, lr, now, logs)
-            t_window, window_steps, loss_sum, loss_n = now, 0, 0.0, 0
-            logged = True
+        ckpt_due = D.any_rank(ckpt_due, state.device)
+        logged = state.step % tc.log_every == 0 or state.step == tc.steps or ckpt_due
+        if logged:
+            last_row = record(lr, now, logs)
         # checked after the progress report, so a cancel asked for in a callback stops here
-        stop = D.any_rank(is_cancelled(), device)
-        if stop and not logged:
-            last_row = record(step, lr, now, logs)
-        if stop:
+        if D.any_rank(is_cancelled(), state.device):
+            if not logged:
+                last_row = record(lr, now, logs)
             cancelled = True
             break
-        if ckpt_due and step < tc.steps:
-            last_ckpt = checkpoint(step, last_row)
+        if ckpt_due and state.step < tc.steps:
+            state.last_checkpoint = checkpoint(last_row)
             t_last_ckpt = time.perf_counter()
             emit(
-                {**last_row, "steps": tc.steps, "phase": "checkpoint", "checkpoint": str(last_ckpt)}
+                {
+                    **last_row,
+                    "steps": tc.steps,
+                    "phase": "checkpoint",
+                    "checkpoint": str(state.last_checkpoint),
+                }
             )
 
-    if step > start_step or last_ckpt is None:
-        last_ckpt = checkpoint(step, last_row)
+    # ---- finish: the last checkpoint, the logs, the report
+    if state.step > state.start_step or state.last_checkpoint is None:
+        state.last_checkpoint = checkpoint(last_row)
     if main:
         log.close()
     emit(
         {
             **last_row,
-            "step": step,
+            "step": state.step,
             "steps": tc.steps,
             "phase": "cancelled" if cancelled else "done",
-            "checkpoint": str(last_ckpt),
+            "checkpoint": str(state.last_checkpoint),
         }
     )
     history = list(log.rows) if log is not None else []
-    return FitResult(run_dir, last_ckpt, step, cancelled, history, best_path)
-
-
-def _read_best(run_dir: Path, metric: str) -> tuple[float | None, Path | None]:
-    """The score and path of ``RUN_DIR/best.safetensors`` left by the run before a resume."""
-    from ..checkpoint import read_meta
-
-    best = run_dir / "best.safetensors"
-    if not (best.is_file() and best.with_suffix(".json").is_file()):
-        return None, None
-    value = read_meta(best).metrics.get(metric)
-    return (float(value), best) if value is not None else (None, None)
-
-
-def _save_best(run_dir, model, cfg, step, kind, extra, metrics) -> Path:
-    """Keep the best weights so far as ``RUN_DIR/best.safetensors`` (+ .json)."""
-    import shutil
-
-    tmp_dir = run_dir / ".best"
-    path = save_checkpoint(tmp_dir, model, cfg, step, kind=kind, extra=extra, metrics=metrics)
-    best = run_dir / "best.safetensors"
-    shutil.move(str(path), best)
-    shutil.move(str(path.with_suffix(".json")), best.with_suffix(".json"))
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    return best
+    best_path = best.path if best is not None else None
+    return FitResult(run_dir, state.last_checkpoint, state.step, cancelled, history, best_path)
