@@ -97,7 +97,7 @@ def pretrain(
             if "data" not in extra:
                 raise ConfigError(
                     f"{run_dir} does not record which scans it was trained on (it was made by "
-                    "an older version): resume it with --data and the same scans."
+                    "an older version): resume it with `data` and the same scans."
                 )
             data = extra["data"]  # None: the run trained on the phantom
     cfg = (cfg or preset("tiny")).validate()

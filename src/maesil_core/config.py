@@ -84,29 +84,43 @@ class DataConfig:
             if self.hu_window not in HU_WINDOWS:
                 raise ConfigError(
                     f"unknown HU window {self.hu_window!r}; use one of {sorted(HU_WINDOWS)} "
-                    "or two numbers LOW HIGH."
+                    "or two numbers LOW HIGH.",
+                    option="hu_window",
                 )
             return HU_WINDOWS[self.hu_window]
         low, high = (float(v) for v in self.hu_window)
         if not high > low:
-            raise ConfigError(f"HU window must have high > low, got {low}..{high}.")
+            raise ConfigError(
+                f"HU window must have high > low, got {low}..{high}.", option="hu_window"
+            )
         return low, high
 
     def validate(self) -> None:
         self.window()
         if self.intensity not in ("auto", "hu", "percentile"):
-            raise ConfigError(f"intensity must be auto, hu or percentile, got {self.intensity!r}.")
+            raise ConfigError(
+                f"intensity must be auto, hu or percentile, got {self.intensity!r}.",
+                option="intensity",
+            )
         if self.spacing is not None and any(float(s) <= 0 for s in self.spacing):
-            raise ConfigError(f"spacing must be positive millimetres, got {self.spacing}.")
+            raise ConfigError(
+                f"spacing must be positive millimetres, got {self.spacing}.", option="spacing"
+            )
         if self.crops_per_volume < 1:
-            raise ConfigError("crops_per_volume must be at least 1.")
+            raise ConfigError("crops_per_volume must be at least 1.", option="crops_per_volume")
         if self.cache not in ("memory", "disk", "none"):
-            raise ConfigError(f"cache must be memory, disk or none, got {self.cache!r}.")
+            raise ConfigError(
+                f"cache must be memory, disk or none, got {self.cache!r}.", option="cache"
+            )
         if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError("num_workers must be 0 or more (or None: from the CPU cores).")
+            raise ConfigError(
+                "num_workers must be 0 or more (or None: from the CPU cores).",
+                option="num_workers",
+            )
         if self.augment_on not in ("auto", "loader", "device"):
             raise ConfigError(
-                f"augment_on must be auto, loader or device, got {self.augment_on!r}."
+                f"augment_on must be auto, loader or device, got {self.augment_on!r}.",
+                option="augment_on",
             )
 
 
@@ -176,42 +190,55 @@ class ModelConfig:
     def validate(self) -> None:
         for s, p in zip(self.superpatch, self.patch):
             if p <= 0 or s <= 0:
-                raise ConfigError("superpatch and patch sizes must be positive.")
+                raise ConfigError("superpatch and patch sizes must be positive.", option="patch")
             if s % p:
                 raise ConfigError(
                     f"patch {list(self.patch)} does not divide superpatch {list(self.superpatch)}: "
-                    "choose a superpatch that is a multiple of the patch on every axis."
+                    "choose a superpatch that is a multiple of the patch on every axis.",
+                    option="superpatch",
                 )
         if self.embed_dim % self.num_heads:
             raise ConfigError(
-                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}."
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.",
+                option="num_heads",
             )
         if self.pos_embed not in ("sincos", "learned"):
-            raise ConfigError(f"pos_embed must be sincos or learned, got {self.pos_embed!r}.")
+            raise ConfigError(
+                f"pos_embed must be sincos or learned, got {self.pos_embed!r}.", option="pos_embed"
+            )
         if not float(self.norm_eps) > 0:
-            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}.")
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}.", option="norm_eps")
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ConfigError(
                 f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
-                f"decoder_num_heads {self.decoder_num_heads}."
+                f"decoder_num_heads {self.decoder_num_heads}.",
+                option="decoder_num_heads",
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(
-                f"mask_ratio must be between 0 and 1 (exclusive), got {self.mask_ratio}."
+                f"mask_ratio must be between 0 and 1 (exclusive), got {self.mask_ratio}.",
+                option="mask_ratio",
             )
         if self.mask_mode not in ("dual", "random", "block"):
-            raise ConfigError(f"mask_mode must be dual, random or block, got {self.mask_mode!r}.")
+            raise ConfigError(
+                f"mask_mode must be dual, random or block, got {self.mask_mode!r}.",
+                option="mask_mode",
+            )
         if not 0.0 <= self.coarse_fraction <= 1.0:
-            raise ConfigError(f"coarse_fraction must be in [0, 1], got {self.coarse_fraction}.")
+            raise ConfigError(
+                f"coarse_fraction must be in [0, 1], got {self.coarse_fraction}.",
+                option="coarse_fraction",
+            )
         if self.mask_mode in ("dual", "block"):
             for g, b in zip(self.grid, self.block):
                 if b <= 0 or g % b:
                     raise ConfigError(
                         f"mask block {list(self.block)} (in patches) does not divide the patch grid "
-                        f"{list(self.grid)}: pick a block that divides superpatch/patch on every axis."
+                        f"{list(self.grid)}: pick a block that divides superpatch/patch on every axis.",
+                        option="block",
                     )
         if round(self.mask_ratio * self.num_patches) >= self.num_patches:
-            raise ConfigError("mask_ratio leaves no visible patch; lower it.")
+            raise ConfigError("mask_ratio leaves no visible patch; lower it.", option="mask_ratio")
         self.options  # noqa: B018  (parse and check the method options now, not mid-run)
 
 
@@ -247,24 +274,30 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.steps < 1:
-            raise ConfigError("steps must be at least 1.")
+            raise ConfigError("steps must be at least 1.", option="steps")
         if self.batch_size < 1:
-            raise ConfigError("batch size must be at least 1.")
+            raise ConfigError("batch size must be at least 1.", option="batch_size")
         if self.accum_steps < 1:
-            raise ConfigError("accum_steps must be at least 1.")
+            raise ConfigError("accum_steps must be at least 1.", option="steps")
         if self.lr <= 0:
-            raise ConfigError("learning rate must be positive.")
+            raise ConfigError("learning rate must be positive.", option="lr")
         if self.warmup_steps < 0:
-            raise ConfigError("warmup_steps must be 0 or more.")
+            raise ConfigError("warmup_steps must be 0 or more.", option="steps")
         if self.checkpoint_every < 1:
-            raise ConfigError("checkpoint_every must be at least 1 step.")
+            raise ConfigError(
+                "checkpoint_every must be at least 1 step.", option="checkpoint_every"
+            )
         if self.threads < 0:
-            raise ConfigError("threads must be 0 (auto) or more.")
+            raise ConfigError("threads must be 0 (auto) or more.", option="threads")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}.")
+            raise ConfigError(
+                f"precision must be auto, bf16 or fp32, got {self.precision!r}.", option="precision"
+            )
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}.")
+            raise ConfigError(
+                f"device must be auto, cpu, cuda or cuda:N, got {dev!r}.", option="device"
+            )
 
 
 @dataclass
@@ -466,7 +499,9 @@ PRESETS = {
 def preset(name: str) -> RunConfig:
     """A fresh copy of a named preset (``tiny``, ``cpu``, ``small``, ``base``, ``mim-med3d``)."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        raise ConfigError(
+            f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.", option="preset"
+        )
     return PRESETS[name]()
 
 
@@ -477,15 +512,17 @@ def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; give the path of a JSON file.")
+        raise ConfigError(
+            f"config file {path} does not exist; give the path of a JSON file.", option="config"
+        )
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"config file {path} is not valid JSON ({exc}); fix or remove it."
+            f"config file {path} is not valid JSON ({exc}); fix or remove it.", option="config"
         ) from exc
     if not isinstance(d, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object.")
+        raise ConfigError(f"config file {path} must hold a JSON object.", option="config")
     start = base if base is not None else preset(d.get("preset", "base"))
     merged = start.to_dict()
     for section in ("data", "model", "train"):

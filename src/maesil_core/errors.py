@@ -7,9 +7,11 @@ widgets show it as a notification. Anything else is a bug and keeps its tracebac
 
 An error about a setting carries it: ``option`` is the setting's name in the Python API and
 the config dataclasses (``"lr"``, ``"n_labelled"``, ``"run_dir"``), and the message writes
-the settings it names as ```name``` (backticks). Each front end renders those in its own
-words: :meth:`MaesilError.render` with ``{"n_labelled": "--n-labelled"}`` in the CLI, with
-field labels in a widget; ``str(error)`` shows the Python names, as the API takes them.
+the settings it names as ```name``` (backticks) instead of a CLI flag. Each front end
+renders those in its own words with :meth:`MaesilError.render`: the CLI with its flags
+(``run_dir`` -> ``--out``), a widget with its field labels. ``str(error)`` writes them in the
+flag convention (``n_labelled`` -> ``--n-labelled``), which is what the command line and
+most readers of a log expect.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
-_OPTION = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")
+_OPTION = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 
 class MaesilError(Exception):
@@ -33,14 +35,14 @@ class MaesilError(Exception):
 
     def render(self, names: Mapping[str, str] | Callable[[str], str | None] | None = None) -> str:
         """The message with every ```name``` written as ``names[name]`` (or ``names(name)``);
-        a name without an entry is written as it is."""
+        a name without an entry is written in the flag convention, ``--name-with-dashes``."""
 
         def sub(match: re.Match) -> str:
             name = match.group(1)
-            if names is None:
-                return name
-            got = names(name) if callable(names) else names.get(name)
-            return got or name
+            got = None
+            if names is not None:
+                got = names(name) if callable(names) else names.get(name)
+            return got or "--" + name.replace("_", "-")
 
         return _OPTION.sub(sub, self.template)
 

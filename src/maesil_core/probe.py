@@ -1,5 +1,8 @@
 """A linear probe: what a frozen pretrained encoder has learnt, measured per organ.
 
+Longer than 500 lines because the probe is one experiment (the data on a model grid, the
+three feature extractors, the classifier, the report) whose parts only make sense together.
+
     from maesil_core import probe
 
     result = probe.probe("runs/ct", ["ct.nii.gz"], ["labels.nii.gz"], classes=["liver", "spleen"],

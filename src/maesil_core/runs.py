@@ -33,19 +33,21 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool, force: bool) -> Path:
     """Create ``run_dir``; refuse to overwrite an earlier run unless ``force`` (or ``resume``)."""
     run_dir = Path(run_dir).expanduser()
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is a file; --out needs a directory.")
+        raise ConfigError(f"{run_dir} is a file; `run_dir` needs a directory.", option="run_dir")
     has_run = run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_OUTPUTS)
     if resume:
         if not list_checkpoints(run_dir):
             raise ConfigError(
-                f"--resume: {run_dir} has no checkpoint to resume from; start without --resume."
+                f"`resume`: {run_dir} has no checkpoint to resume from; start without `resume`.",
+                option="resume",
             )
         return run_dir
     if has_run:
         if not force:
             raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it, --force to "
-                "overwrite it, or choose another --out."
+                f"{run_dir} already holds a run; pass `resume` to continue it, `force` to "
+                "overwrite it, or choose another `run_dir`.",
+                option="run_dir",
             )
         if D.launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:
             return run_dir

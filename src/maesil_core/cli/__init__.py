@@ -18,7 +18,8 @@ below (one line). Shared pieces (the progress line, Ctrl-C handling, the run opt
 ``pretrain`` / ``finetune``) are in :mod:`.common`. A command module imports the engine
 (``..api``, ``..segmentation``, ...) inside ``run``, so ``maesil --help`` stays fast, and never
 touches another command module's state. Errors: raise a
-:class:`~maesil_core.errors.MaesilError` (exit 2, one line); :func:`main` prints it.
+:class:`~maesil_core.errors.MaesilError` (exit 2, one line); :func:`main` prints it with the
+settings it names written as this command's flags (:func:`flag_names`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: settings whose name in the Python API / configs differs from their flag's ``dest``
+API_NAMES = {"run_dir": "out", "image": "input", "num_workers": "workers", "hu_window": "window"}
+
+
+def flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """``{setting: flag}`` of one command (``{"n_labelled": "--n-labelled", "run_dir":
+    "--out", ...}``): how the CLI writes the settings an error names
+    (:meth:`~maesil_core.errors.MaesilError.render`)."""
+    sub = parser._subparsers._group_actions[0].choices.get(command) if parser._subparsers else None
+    if sub is None:
+        return {}
+    flags = {a.dest: a.option_strings[-1] for a in sub._actions if a.option_strings}
+    flags.update({api: flags[dest] for api, dest in API_NAMES.items() if dest in flags})
+    return flags
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -68,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with plain_warnings(args.command):
             return args.func(args)
     except MaesilError as exc:
-        print(f"maesil {args.command}: error: {exc}", file=sys.stderr)
+        message = exc.render(flag_names(parser, args.command))
+        print(f"maesil {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except Cancelled:
         print(f"maesil {args.command}: cancelled", file=sys.stderr)
@@ -92,6 +110,7 @@ __all__ = [
     "add_command",
     "add_run_options",
     "build_parser",
+    "flag_names",
     "main",
     "resume_config",
     "run_config_from_args",

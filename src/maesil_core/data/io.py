@@ -539,7 +539,9 @@ def save_volume(
     if not low.endswith(NIFTI_SUFFIXES):
         raise DataError(f"{path}: output must end in .nii.gz or .nii.")
     if path.exists() and not overwrite:
-        raise DataError(f"{path} exists; pass --force / overwrite=True to replace it.")
+        raise DataError(
+            f"{path} exists; pass `force` / overwrite=True to replace it.", option="force"
+        )
     if hasattr(array, "detach"):  # torch tensor
         array = array.detach().cpu().numpy()
     array = np.asarray(array)

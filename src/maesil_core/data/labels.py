@@ -140,7 +140,7 @@ class LabelSet:
             if not found.intersection(c.source_ids):
                 raise DataError(
                     f"class {c.name!r} (source labels {list(c.source_ids)}) occurs in none of "
-                    f"the {len(names)} label maps; check --classes / the mapping file."
+                    f"the {len(names)} label maps; check `classes` / the mapping file."
                 )
 
 
@@ -168,7 +168,7 @@ def _resolve_source(item: Any, source_names: Mapping[int, str] | None, where: st
     if not source_names:
         raise DataError(
             f"{where}: the class name {item!r} needs the names of the source labels; put a "
-            "label_names.json beside the label maps or pass --label-names FILE (or use ids)."
+            "label_names.json beside the label maps or pass `label_names` FILE (or use ids)."
         )
     by_name = {v.lower(): k for k, v in source_names.items()}
     key = item.strip().lower()
@@ -187,10 +187,10 @@ def _id_range(names: Mapping[int, str]) -> str:
 def from_classes(
     wanted: Sequence[str | int], source_names: Mapping[int, str] | None = None
 ) -> LabelSet:
-    """``--classes liver spleen`` (names or ids) -> classes 1..K keeping the source names."""
+    """``classes=["liver", "spleen"]`` (names or ids) -> classes 1..K keeping the source names."""
     classes = []
     for i, item in enumerate(wanted, start=1):
-        sid = _resolve_source(item, source_names, "--classes")
+        sid = _resolve_source(item, source_names, "`classes`")
         name = source_names.get(sid, str(item)) if source_names else str(item)
         if not source_names:
             name = f"label_{sid}"

@@ -230,7 +230,9 @@ def write_phantom(
     if not overwrite:
         for p in (ct_path, lab_path, names_path):
             if p.exists():
-                raise DataError(f"{p} exists; pass --force / overwrite=True to replace it.")
+                raise DataError(
+                    f"{p} exists; pass `force` / overwrite=True to replace it.", option="force"
+                )
     save_volume(ph.ct, ph.affine, ct_path, overwrite=overwrite, dtype=np.int16)
     save_volume(ph.labels, ph.affine, lab_path, overwrite=overwrite, dtype=np.uint8)
     names_path.write_text(json.dumps({str(k): v for k, v in ph.names.items()}, indent=1))

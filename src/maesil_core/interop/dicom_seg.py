@@ -167,7 +167,9 @@ def save_dicom_seg(
     if path.is_dir():
         raise DataError(f"{path} is a folder; give a file name for the DICOM-SEG (e.g. seg.dcm).")
     if path.exists() and not overwrite:
-        raise DataError(f"{path} exists; pass --force / overwrite=True to replace it.")
+        raise DataError(
+            f"{path} exists; pass `force` / overwrite=True to replace it.", option="force"
+        )
     slices, series_affine = series_datasets(series_folder)
     labels = np.asarray(labels)
     shape = (int(slices[0].Columns), int(slices[0].Rows), len(slices))

@@ -70,8 +70,8 @@ def _segmentation_checkpoint(checkpoint: str | Path | Checkpoint) -> Checkpoint:
     if ckpt.kind != "segmentation":
         raise CheckpointError(
             f"{ckpt.path} is a {ckpt.kind} checkpoint; a MONAI Bundle here is a segmenter: "
-            "fine-tune it first (maesil finetune --pretrained ...), or export the encoder with "
-            "--format monai-vit."
+            "fine-tune it first (maesil finetune `pretrained` ...), or export the encoder with "
+            "`format` monai-vit."
         )
     extra = ckpt.meta.extra
     if "segmentation" not in extra or "labels" not in extra:
@@ -398,10 +398,11 @@ def export_bundle(
     """
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; a MONAI Bundle is a folder.")
+        raise ConfigError(f"`out` {out} is a file; a MONAI Bundle is a folder.", option="out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(
-            f"{out} is not empty; pass --force to overwrite the bundle or choose another --out."
+            f"{out} is not empty; pass `force` to overwrite the bundle or choose another `out`.",
+            option="force",
         )
     ckpt = _segmentation_checkpoint(checkpoint)
     meta = metadata(ckpt)

@@ -1,5 +1,9 @@
 """Encoder weights to and from MONAI's ``ViT`` (and, for the matching segmenter, ``UNETR``).
 
+Longer than 500 lines because the name mapping (ours <-> MONAI's ViT / UNETR keys, position
+embeddings, the qkv split) is one table read both ways: export and import stay together so
+they cannot drift apart.
+
     from maesil_core.interop import monai_vit
 
     out = monai_vit.export_vit("runs/ct", "vit.pt")          # + vit.json: ViT(**kwargs)
@@ -110,7 +114,8 @@ def _grid(cfg: ModelConfig, img_size: tuple[int, int, int]) -> tuple[int, int, i
     if any(s % p for s, p in zip(img_size, cfg.patch)):
         raise ConfigError(
             f"image size {list(img_size)} is not a multiple of the patch {list(cfg.patch)}: "
-            "give an --img-size that the patch divides on every axis."
+            "give an `img_size` that the patch divides on every axis.",
+            option="img_size",
         )
     return tuple(s // p for s, p in zip(img_size, cfg.patch))  # type: ignore[return-value]
 
@@ -198,14 +203,17 @@ def _write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
 def _check_out(path: Path, force: bool) -> Path:
     path = Path(path).expanduser()
     if path.suffix not in (".pt", ".pth", ".safetensors"):
-        raise ConfigError(f"--out {path} must end in .pt, .pth or .safetensors.")
+        raise ConfigError(f"`out` {path} must end in .pt, .pth or .safetensors.", option="out")
     kwargs_path = path.with_suffix(".json")
     for target in (path, kwargs_path):
         if target.is_dir():
-            raise ConfigError(f"--out {target} is a folder; give a file name ending in .pt.")
+            raise ConfigError(
+                f"`out` {target} is a folder; give a file name ending in .pt.", option="out"
+            )
         if target.exists() and not force:
             raise ConfigError(
-                f"{target} exists; pass --force to overwrite it or choose another --out."
+                f"{target} exists; pass `force` to overwrite it or choose another `out`.",
+                option="force",
             )
     return kwargs_path
 
@@ -268,7 +276,7 @@ def export_unetr(
     if ckpt.kind != "segmentation":
         raise CheckpointError(
             f"{ckpt.path} is a {ckpt.kind} checkpoint; MONAI's UNETR is a segmenter: fine-tune "
-            "first (maesil finetune), or export the encoder with --format monai-vit."
+            "first (maesil finetune), or export the encoder with `format` monai-vit."
         )
     cfg = _vit_encoder_config(ckpt)
     seg, labels = segmentation_extra(ckpt)
@@ -279,7 +287,7 @@ def export_unetr(
     if problem:
         raise CheckpointError(
             f"{ckpt.path} is not MONAI's UNETR shape ({problem}); export the encoder with "
-            "--format monai-vit, or the whole segmenter with --format monai-bundle."
+            "`format` monai-vit, or the whole segmenter with `format` monai-bundle."
         )
     size = as_int3(img_size, "img_size") if img_size else _default_size(ckpt)
     state = segmenter_to_unetr(ckpt.state_dict, cfg, size)
@@ -520,13 +528,14 @@ def imported_config(found: VitWeights, cfg: RunConfig, source: str) -> RunConfig
     if diffs:
         raise ConfigError(
             f"{source} is another ViT than the preset's ({'; '.join(diffs)}): choose a preset "
-            'of that shape or a --config with {"model": {' + _json_fields(theirs) + "}}."
+            'of that shape or a `config` with {"model": {' + _json_fields(theirs) + "}}."
         )
     if found.tokens != model.num_patches:
         raise ConfigError(
             f"{source}'s position embedding has {found.tokens} tokens but the superpatch "
-            f"{list(model.superpatch)} has {model.num_patches} patches: pass --img-size with "
-            "the img_size the ViT was built for."
+            f"{list(model.superpatch)} has {model.num_patches} patches: pass `img_size` with "
+            "the img_size the ViT was built for.",
+            option="img_size",
         )
     if model.embed_dim % model.num_heads:
         raise ConfigError(f"width {model.embed_dim} is not divisible by {model.num_heads} heads.")
@@ -589,12 +598,13 @@ def _prepare(run_dir: Path, force: bool) -> None:
     from ..checkpoint import CKPT_DIR
 
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is a file; --out needs a directory.")
+        raise ConfigError(f"{run_dir} is a file; `run_dir` needs a directory.", option="run_dir")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not force:
             raise ConfigError(
-                f"{run_dir} is not empty; pass --force to replace its checkpoints or choose "
-                "another --out."
+                f"{run_dir} is not empty; pass `force` to replace its checkpoints or choose "
+                "another `run_dir`.",
+                option="force",
             )
         import shutil
 

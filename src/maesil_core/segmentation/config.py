@@ -42,16 +42,23 @@ class SegmentationConfig:
         roi = self.roi_for(cfg)
         if any(r % p for r, p in zip(roi, cfg.model.patch)):
             raise ConfigError(
-                f"ROI {list(roi)} is not a multiple of the patch {list(cfg.model.patch)}."
+                f"ROI {list(roi)} is not a multiple of the patch {list(cfg.model.patch)}.",
+                option="roi",
             )
         if not 0 <= self.overlap < 1:
-            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}.")
+            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}.", option="overlap")
         if self.blend not in ("gaussian", "constant"):
-            raise ConfigError(f"blend must be gaussian or constant, got {self.blend!r}.")
+            raise ConfigError(
+                f"blend must be gaussian or constant, got {self.blend!r}.", option="blend"
+            )
         if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"layer decay must be in (0, 1], got {self.layer_decay}.")
+            raise ConfigError(
+                f"layer decay must be in (0, 1], got {self.layer_decay}.", option="layer_decay"
+            )
         if self.feature_size < 1 or self.sw_batch_size < 1:
-            raise ConfigError("feature_size and sw_batch_size must be positive.")
+            raise ConfigError(
+                "feature_size and sw_batch_size must be positive.", option="feature_size"
+            )
         return self
 
     def roi_for(self, cfg: RunConfig) -> Int3:

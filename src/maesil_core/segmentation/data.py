@@ -80,7 +80,7 @@ def load_pair(image: str | Volume, label: str | Volume, resample: bool) -> tuple
         if problem and not resample:
             raise DataError(
                 f"labels {label.path} do not match image {img.path}: {problem}; use labels "
-                "made on that image (or --resample-labels to align them in world coordinates)."
+                "made on that image (or `resample_labels` to align them in world coordinates)."
             )
         if problem:
             label = Volume(resample_labels_to(label, img), img.affine.copy(), label.path, False)
@@ -88,8 +88,8 @@ def load_pair(image: str | Volume, label: str | Volume, resample: bool) -> tuple
     try:
         lab = load_labels(label, reference=img, resample=resample)
     except DataError as exc:
-        msg = str(exc).replace("resample_labels_to() / resample=True", "--resample-labels")
-        raise DataError(msg) from exc
+        msg = exc.template.replace("resample_labels_to() / resample=True", "`resample_labels`")
+        raise DataError(msg, option="resample_labels") from exc
     return img, lab
 
 
@@ -127,11 +127,11 @@ def make_label_set(
     labels_map: str | Path | dict | None = None,
     source_names: dict[int, str] | None = None,
 ) -> LabelSet:
-    """The label set from ``--classes`` or ``--labels-map``, else every label present."""
+    """The label set from ``classes`` or ``labels_map``, else every label present."""
     from ..data.labels import from_mapping
 
     if classes and labels_map:
-        raise ConfigError("give either --classes or --labels-map, not both.")
+        raise ConfigError("give either `classes` or `labels_map`, not both.", option="classes")
     if labels_map is not None:
         if isinstance(labels_map, dict):
             labelset = from_mapping(labels_map, source_names)
@@ -148,7 +148,7 @@ def make_label_set(
         if unknown and classes is None and labels_map is None:
             raise DataError(
                 f"{name} holds label ids {unknown[:5]} that the label names do not list; "
-                "select classes with --classes or --labels-map."
+                "select classes with `classes` or `labels_map`."
             )
     return labelset
 

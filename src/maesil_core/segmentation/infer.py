@@ -174,7 +174,9 @@ class Segmentation:
         path = Path(path)
         names_path = path.with_name(strip_suffix(path.name) + ".json")
         if names_path.exists() and not overwrite:
-            raise DataError(f"{names_path} exists; pass --force / overwrite=True to replace it.")
+            raise DataError(
+                f"{names_path} exists; pass `force` / overwrite=True to replace it.", option="force"
+            )
         dtype = np.uint8 if max(self.classes, default=0) < 256 else np.int16
         written = save_volume(self.labels, self.affine, path, overwrite=overwrite, dtype=dtype)
         atomic_write_text(
@@ -213,7 +215,7 @@ class Segmenter:
                 raise CheckpointError(
                     f"{path} is a {meta.kind} ({meta.method}) "
                     "checkpoint, not a segmentation model; fine-tune it first: maesil finetune "
-                    "--pretrained ... --images ... --labels ... --out RUN"
+                    "`pretrained` ... `images` ... `labels` ... `run_dir` RUN"
                 ) from exc
             raise
         extra = ckpt.meta.extra

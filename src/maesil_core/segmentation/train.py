@@ -82,7 +82,7 @@ def check_same_encoder(ckpt: Checkpoint, cfg: ModelConfig) -> None:
         raise CheckpointError(
             f"{ckpt.path} has another encoder than this segmenter ({problem}; checkpoint vs "
             "segmenter): fine-tune with the pretrained run's preset/config, or leave "
-            "--preset out to take the architecture from the checkpoint."
+            "`preset` out to take the architecture from the checkpoint."
         )
 
 
@@ -173,10 +173,13 @@ def finetune(
     pairs = resolve_labelled(images, labels)
     if n_labelled is not None:
         if n_labelled < 1:
-            raise ConfigError(f"--n-labelled must be at least 1, got {n_labelled}.")
+            raise ConfigError(
+                f"`n_labelled` must be at least 1, got {n_labelled}.", option="n_labelled"
+            )
         if n_labelled > len(pairs):
             raise DataError(
-                f"--n-labelled {n_labelled} but only {len(pairs)} labelled volumes were given."
+                f"`n_labelled` {n_labelled} but only {len(pairs)} labelled volumes were given.",
+                option="n_labelled",
             )
         pairs = pairs[:n_labelled]
     val_pairs = resolve_labelled(val_images, val_labels, what="validation") if val_images else []

@@ -47,7 +47,8 @@ def select_device(name: str, local_rank: int | None = None) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(
-                "device cuda was asked for but no CUDA GPU is available; use --device cpu."
+                "device cuda was asked for but no CUDA GPU is available; use `device` cpu.",
+                option="device",
             )
         if name == "cuda":
             return torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -118,7 +118,8 @@ def prepare_state(
         found = list_checkpoints(run_dir)
         if not found:
             raise CheckpointError(
-                f"--resume: {run_dir} has no checkpoint to resume from; start without --resume."
+                f"`resume`: {run_dir} has no checkpoint to resume from; start without `resume`.",
+                option="resume",
             )
         ckpt = load_checkpoint(found[-1])
         load_weights(model, ckpt.state_dict, str(ckpt.path))

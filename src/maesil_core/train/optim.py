@@ -65,7 +65,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
         if cfg.precision == "bf16":
             raise ConfigError(
                 f"precision bf16 was asked for, but {torch.cuda.get_device_name(device)} has "
-                "no bf16; use --precision fp32 (or auto).",
+                "no bf16; use `precision` fp32 (or auto).",
                 option="precision",
             )
         return None
@@ -73,7 +73,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
         if device.type == "cpu":
             return torch.bfloat16
         raise ConfigError(
-            f"precision bf16 is not available on device {device.type}; use --precision fp32.",
+            f"precision bf16 is not available on device {device.type}; use `precision` fp32.",
             option="precision",
         )
     return None
