@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CORE = Path(__file__).resolve().parents[1] / "src" / "maesil_core"
 
 #: bottom to top; a module may import from its own layer and the layers below
@@ -207,3 +209,38 @@ def test_python_dash_m_maesil_core_is_the_command():
     for name in commands:
         assert f"    {name}" in result.stdout, (name, result.stdout)
     assert all(callable(getattr(module, "register", None)) for module in COMMANDS)
+
+
+@pytest.mark.parametrize("limit", [500])
+def test_no_source_file_over_the_limit_without_a_reason(limit):
+    """Files under src/ stay under ~500 lines, or say at their top why they do not
+    ("Longer than 500 lines because ...")."""
+    long = []
+    for path in sorted(CORE.parent.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        if len(lines) > limit and not any("Longer than 500 lines" in ln for ln in lines[:40]):
+            long.append(f"{path.relative_to(CORE.parent)}: {len(lines)} lines")
+    assert not long, long
+
+
+def test_readme_what_is_where_matches_the_tree():
+    """Every file and folder README's "What is where" names exists, and every module and
+    package of maesil_core is named there."""
+    root = CORE.parents[1]
+    text = (root / "README.md").read_text()
+    block = text.split("## What is where", 1)[1].split("```")[1]
+    named, missing = set(), []
+    for line in block.splitlines():
+        left = line[:30].strip()
+        if not left or line.startswith(" " * 30):
+            continue
+        base = CORE if line.startswith("  ") else root
+        for item in left.split(", "):
+            if item.endswith((".py", "/")):
+                named.add(item.rstrip("/"))
+                if not (base / item).exists():
+                    missing.append(item)
+    assert not missing, missing
+    top = {p.name for p in CORE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    unnamed = sorted(top - named - {"__init__.py", "__main__.py"})
+    assert not unnamed, f"not in README's What is where: {unnamed}"
