@@ -239,8 +239,8 @@ class GLMAE(MAESIL):
         """Same contract as :meth:`MAESIL.reconstruct`, through the V^3 local-view crops."""
         self._check_input(x)
         if mask is None:
-            mask = self.draw_mask(
-                x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
+            mask = TokenMask.draw(
+                self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
             ).mask
         b = x.shape[0]
         grid_mask = mask.view(b, *self.grid)

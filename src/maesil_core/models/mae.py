@@ -56,7 +56,6 @@ class SimMIM(nn.Module):
         self.loss_kind = cfg.options.simmim_loss
 
     _check_input = MAESIL._check_input
-    draw_mask = MAESIL.draw_mask
 
     def forward_encoder(self, x: torch.Tensor, mask: TokenMask | torch.Tensor) -> torch.Tensor:
         """x (B, C, D, H, W), mask (B, L) bool / TokenMask -> (B, L, E) over the whole grid."""
@@ -96,7 +95,7 @@ class SimMIM(nn.Module):
     ) -> PretrainOutput:
         self._check_input(x)
         if mask is None:
-            mask = self.draw_mask(x.shape[0], device=x.device, generator=generator)
+            mask = TokenMask.draw(self.cfg, x.shape[0], device=x.device, generator=generator)
         mask = TokenMask.of(mask, self.grid)
         pred = self.head(self.forward_encoder(x, mask))  # (B, L, P)
         loss = self.forward_loss(x, pred, mask, valid)
@@ -118,8 +117,8 @@ class SimMIM(nn.Module):
         """Same contract as :meth:`MAESIL.reconstruct`: input on visible, prediction on masked."""
         self._check_input(x)
         if mask is None:
-            mask = self.draw_mask(
-                x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
+            mask = TokenMask.draw(
+                self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
             )
         m = mask.mask if isinstance(mask, TokenMask) else mask
         raw = self.to_voxels(x, self.head(self.forward_encoder(x, m)).to(x.dtype))

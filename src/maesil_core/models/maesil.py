@@ -86,20 +86,6 @@ class MAESIL(nn.Module):
                 "input to the superpatch size."
             )
 
-    def draw_mask(
-        self,
-        batch: int,
-        *,
-        mode: str | None = None,
-        ratio: float | None = None,
-        device=None,
-        generator=None,
-    ) -> TokenMask:
-        """A new mask on the superpatch's grid (``cfg.mask_mode`` / ``cfg.mask_ratio``)."""
-        return TokenMask.draw(
-            self.cfg, batch, mode=mode, ratio=ratio, device=device, generator=generator
-        )
-
     def forward_encoder(self, x: torch.Tensor, mask: TokenMask | torch.Tensor) -> torch.Tensor:
         """x (B, C, D, H, W), mask on x's patch grid -> latent (B, L_keep, E) of the visible
         tokens."""
@@ -188,7 +174,7 @@ class MAESIL(nn.Module):
         """
         self._check_input(x)
         if mask is None:
-            mask = self.draw_mask(x.shape[0], device=x.device, generator=generator)
+            mask = TokenMask.draw(self.cfg, x.shape[0], device=x.device, generator=generator)
         mask = TokenMask.of(mask, self.grid)
         latent = self.forward_encoder(x, mask)  # (B, L_keep, E): visible tokens only
         pred = self.forward_decoder(latent, mask)  # (B, L, P)
@@ -215,8 +201,8 @@ class MAESIL(nn.Module):
         """
         self._check_input(x)
         if mask is None:
-            mask = self.draw_mask(
-                x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
+            mask = TokenMask.draw(
+                self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
             )
         mask = TokenMask.of(mask, self.grid)
         latent = self.forward_encoder(x, mask)
