@@ -26,7 +26,7 @@ CORE = Path(__file__).resolve().parents[1] / "src" / "maesil_core"
 
 #: bottom to top; a module may import from its own layer and the layers below
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "errors", "progress", "files", "model_options"),  # no project imports
+    ("__init__", "errors", "progress", "files", "model_options", "threads"),  # no project imports
     ("config",),  # dataclass configs and presets
     ("checkpoint", "resume_state", "data", "metrics", "figures"),  # files in and out
     ("models",),  # architectures, masking, the model registry

@@ -10,7 +10,7 @@ import pytest
 from maesil_core import segmentation as ft
 from maesil_core.checkpoint import load_checkpoint
 from maesil_core.config import preset
-from maesil_core.data.datasets import resolve_inputs, resolve_pairs
+from maesil_core.data.inputs import resolve_inputs, resolve_pairs
 from maesil_core.data.io import dataset_label_names, read_label_names
 from maesil_core.data.labels import find_label_names
 from maesil_core.errors import DataError

@@ -83,7 +83,8 @@ def pretrain(
     """
     from .data import check_inputs, infinite, make_pretrain_loader, resolve_inputs
     from .data.batch_augment import BatchAugment, to_device
-    from .data.datasets import augment_on_device, describe_scans
+    from .data.datasets import augment_on_device
+    from .data.inputs import describe_scans
     from .models import build_model
     from .train.seeding import data_seed, seed_everything
 

@@ -9,6 +9,9 @@ One dataclass per concern:
 
 Spatial sizes are voxel counts along the array axes (D, H, W) of the RAS-oriented volume
 (MONAI's channel-first layout ``(C, D, H, W)`` after ``Orientation("RAS")``).
+
+Longer than 500 lines: the four configs and the presets built from them are read together
+(a preset is only meaningful beside the fields it sets), so they stay in one file.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""CT data: readers/writers, MONAI transforms, datasets and loaders, phantom, downloads."""
+"""CT data: readers/writers, input files and pairing, MONAI transforms, datasets and loaders, phantom, downloads."""
 
-from .datasets import (
-    EndlessSampler,
-    check_inputs,
-    infinite,
-    make_pretrain_loader,
-    resolve_inputs,
-    resolve_pairs,
-)
+from .datasets import EndlessSampler, infinite, make_pretrain_loader
 from .download import PUBLIC_CT, cache_dir, fetch
+from .inputs import check_inputs, describe_scans, resolve_inputs, resolve_pairs
 from .io import (
     Volume,
     load_labels,
@@ -44,6 +38,7 @@ __all__ = [
     "SplitPaddingd",
     "Volume",
     "check_inputs",
+    "describe_scans",
     "inference_transforms",
     "infinite",
     "invert_to_input",

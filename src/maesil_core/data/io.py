@@ -4,6 +4,9 @@ Arrays are ``(X, Y, Z)`` in the file's own voxel order (as nibabel's ``get_fdata
 the ``affine`` maps voxel indices to world millimetres in RAS+ (nibabel convention).
 Every problem a user can fix is raised as :class:`~maesil_core.errors.DataError` with
 one line that names the file, the problem and the fix.
+
+Longer than 500 lines: three formats in and out, each with the checks a user's file needs
+(3D, finite, geometry, HU); one reader module keeps one set of rules for all of them.
 """
 
 from __future__ import annotations

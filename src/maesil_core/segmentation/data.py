@@ -54,7 +54,7 @@ def resolve_labelled(
     images: Any, labels: Any, *, what: str = "training"
 ) -> list[tuple[str | Volume, str | Volume]]:
     """Image/label pairs from paths (files, folders, globs, lists, dataset.json) or Volumes."""
-    from ..data.datasets import resolve_pairs
+    from ..data.inputs import resolve_pairs
 
     imgs, labs = _as_list(images), _as_list(labels)
     if not imgs:
