@@ -236,8 +236,10 @@ def test_two_process_ddp_on_cpu_writes_one_checkpoint(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.safetensors"))
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_??????.safetensors"))
     assert ckpts == ["step_000003.safetensors", "step_000006.safetensors"]
+    states = sorted(p.name for p in (run / "checkpoints").glob("*.state.safetensors"))
+    assert states == ["step_000003.state.safetensors", "step_000006.state.safetensors"]
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     steps = [line.split(",")[0] for line in rows[1:]]
     assert len(steps) == len(set(steps)), rows  # one writer, no duplicated rows
