@@ -151,6 +151,46 @@ def test_segment_a_dicom_series_keeps_its_geometry(finetuned_run, shared_data):
     assert set(np.unique(result.labels)) <= {0, 1, 2}
 
 
+def test_segment_cli_writes_dicom_seg_of_a_dicom_series(
+    finetuned_run, shared_data, tmp_path, capsys
+):
+    """--format dicom-seg: one named segment per class present, referencing the input series;
+    read back with pydicom it covers the voxels of the NIfTI output. Refused, before the model
+    runs, for a NIfTI input or a .nii.gz --out, and an existing file without --force."""
+    from maesil_core.interop.dicom_seg import read_dicom_seg
+
+    series = shared_data / "dicom_ct"
+    nifti, dcm = tmp_path / "seg.nii.gz", tmp_path / "seg.dcm"
+    common = ["segment", "--checkpoint", finetuned_run, "--input", series, "--overlap", "0"]
+    code, _, err = run_cli(capsys, *common, "--out", nifti)
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, *common, "--format", "dicom-seg", "--out", dcm)
+    assert code == 0, err
+    assert "DICOM-SEG" in stdout and "liver" in stdout
+    reference = np.asarray(nib.load(str(nifti)).dataobj)
+    back, names = read_dicom_seg(dcm, series)  # pydicom only
+    present = [int(i) for i in np.unique(reference) if i != 0]
+    assert present, "the tiny segmenter found no organ on the series"
+    classes = {1: "liver", 2: "spleen"}
+    assert sorted(names.values()) == sorted(classes[i] for i in present)
+    by_name = {name: number for number, name in names.items()}
+    for cid in present:
+        np.testing.assert_array_equal(back == by_name[classes[cid]], reference == cid)
+
+    before = dcm.read_bytes()
+    for argv, says in [
+        ([*common, "--format", "dicom-seg", "--out", dcm], "--force"),
+        ([*common, "--format", "dicom-seg", "--out", tmp_path / "x.nii.gz"], ".dcm"),
+        (
+            [*common[:4], shared_data / "abdomen_ct" / "ct.nii.gz", "--format", "dicom-seg"],
+            "--format nifti",
+        ),
+    ]:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and says in err and "Traceback" not in err, err
+    assert dcm.read_bytes() == before
+
+
 # --------------------------------------------------------------------------- the model
 
 

@@ -171,26 +171,46 @@ def finetune_config(args: argparse.Namespace, pre_ckpt):
     return cfg.validate()
 
 
-def _default_out(input_path: str) -> Path:
+def _default_out(input_path: str, fmt: str = "nifti") -> Path:
     from ..data.io import strip_suffix
 
     p = Path(input_path.rstrip("/"))
-    return Path.cwd() / f"{strip_suffix(p.name)}_seg.nii.gz"
+    suffix = "_seg.dcm" if fmt == "dicom-seg" else "_seg.nii.gz"
+    return Path.cwd() / f"{strip_suffix(p.name)}{suffix}"
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    from .. import segmentation as ft
-    from ..data.io import strip_suffix
+def _segment_outputs(args: argparse.Namespace) -> list[Path]:
+    """The files ``segment`` will write, checked before the model runs: the label map (NIfTI
+    with its class names beside it, or one DICOM-SEG that carries them)."""
+    from ..data.io import is_dicom_dir, strip_suffix
 
-    out = Path(args.out) if args.out else _default_out(args.input)
-    if not out.name.lower().endswith((".nii.gz", ".nii")):
-        raise ConfigError(f"--out {out} must end in .nii.gz or .nii.")
-    names = out.with_name(strip_suffix(out.name) + ".json")
-    for target in (out, names):
+    out = Path(args.out) if args.out else _default_out(args.input, args.format)
+    if args.format == "dicom-seg":
+        if not is_dicom_dir(args.input):
+            raise ConfigError(
+                f"--format dicom-seg needs a DICOM series folder as --input (a DICOM-SEG "
+                f"references the slices it segments); {args.input} is not one: use --format "
+                "nifti."
+            )
+        if out.suffix.lower() != ".dcm":
+            raise ConfigError(f"--out {out} must end in .dcm for --format dicom-seg.")
+        targets = [out]
+    else:
+        if not out.name.lower().endswith((".nii.gz", ".nii")):
+            raise ConfigError(f"--out {out} must end in .nii.gz or .nii.")
+        targets = [out, out.with_name(strip_suffix(out.name) + ".json")]
+    for target in targets:
         if target.exists() and not args.force:
             raise ConfigError(
                 f"{target} exists; pass --force to overwrite it or choose another --out."
             )
+    return targets
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .. import segmentation as ft
+
+    targets = _segment_outputs(args)
     segmenter = ft.Segmenter.load(args.checkpoint)  # a wrong checkpoint: refused before the CT
     result = segmenter.segment(
         args.input,
@@ -201,9 +221,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
         device=args.device or "auto",
         progress=Progress(),
     )
-    seg_path, names_path = result.save(out, overwrite=args.force)
-    print(f"labels: {seg_path}")
-    print(f"names:  {names_path}")
+    if args.format == "dicom-seg":
+        from ..interop.dicom_seg import save_dicom_seg
+
+        seg_path = save_dicom_seg(
+            targets[0],
+            result.labels,
+            result.affine,
+            result.classes,
+            args.input,
+            overwrite=args.force,
+        )
+        print(f"DICOM-SEG: {seg_path} (one segment per class present, referencing {args.input})")
+    else:
+        seg_path, names_path = result.save(targets[0], overwrite=args.force)
+        print(f"labels: {seg_path}")
+        print(f"names:  {names_path}")
     voxel_ml = abs(float(np.linalg.det(result.affine[:3, :3]))) / 1000.0
     for cid, name in result.classes.items():
         n = int((result.labels == cid).sum())
@@ -361,7 +394,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fine-tuning run dir (its best checkpoint) or .safetensors",
     )
     p.add_argument("--input", required=True, help="CT file or DICOM folder")
-    p.add_argument("--out", help="output label map .nii.gz (default: INPUT_seg.nii.gz here)")
+    p.add_argument(
+        "--out",
+        help="output label map: .nii.gz for nifti, .dcm for dicom-seg (default: INPUT_seg.nii.gz "
+        "or INPUT_seg.dcm here)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["nifti", "dicom-seg"],
+        default="nifti",
+        help="nifti (default: the label map + its class names as JSON) or dicom-seg (DICOM "
+        "Segmentation referencing the input series, one named segment per class; the input "
+        "must be a DICOM series folder)",
+    )
     p.add_argument(
         "--overlap", type=float, help="sliding-window overlap (default: the checkpoint's, 0.25)"
     )
