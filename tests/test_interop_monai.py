@@ -352,9 +352,10 @@ def _cli(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_cli_exports_and_imports_an_encoder(trained_run, tmp_path, capsys):
+def test_cli_exports_and_imports_an_encoder(trained_run, shared_data, tmp_path, capsys):
     """maesil export --format monai-vit, then maesil import of the same weights: the imported
-    run holds the same encoder and `maesil info` describes it."""
+    run holds the same encoder and `maesil info` describes it; `maesil reconstruct` refuses
+    it (its decoder was never trained) with one line that says what to do."""
     code, out, err = _cli(
         capsys, "export", "--checkpoint", trained_run, "--format", "monai-vit", "--out",
         tmp_path / "vit.pt",
@@ -373,6 +374,13 @@ def test_cli_exports_and_imports_an_encoder(trained_run, tmp_path, capsys):
             torch.testing.assert_close(imported.state_dict[key], value, msg=key)
     code, out, err = _cli(capsys, "info", tmp_path / "imported")
     assert code == 0 and "maesil" in out, err
+    ct = shared_data / "chest_ct" / "ct.nii.gz"
+    code, out, err = _cli(
+        capsys, "reconstruct", "--checkpoint", tmp_path / "imported", "--input", ct,
+        "--out", tmp_path / "recon",
+    )  # fmt: skip
+    assert code == 2 and "never trained" in err and "--resume" in err, err
+    assert "Traceback" not in err and not (tmp_path / "recon").exists()
 
 
 def test_cli_exports_a_bundle_and_never_overwrites_one(seg_run, tmp_path, capsys):

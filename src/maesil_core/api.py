@@ -223,6 +223,13 @@ def reconstruct(
 
     model, ckpt = build_from_checkpoint(checkpoint)
     cfg = ckpt.config
+    if ckpt.meta.extra.get("encoder_only"):
+        raise ConfigError(
+            f"{checkpoint} holds an imported encoder beside a decoder that was never trained "
+            "(maesil import): its reconstruction would be noise. Continue its pretraining first "
+            "(`resume` with more `steps`), or use it to fine-tune, probe or export.",
+            option="checkpoint",
+        )
     if mask_ratio is not None and not 0 < mask_ratio < 1:
         raise ConfigError(f"mask ratio must be between 0 and 1, got {mask_ratio}.")
     volume = load_volume(image)
