@@ -190,3 +190,22 @@ def test_resumed_ddp_ranks_draw_their_own_random_streams(tmp_path, shared_data):
     rank0, rank1 = np.load(out / "rank0.npy"), np.load(out / "rank1.npy")
     assert not np.array_equal(rank0, rank1)
     assert [p.name for p in list_checkpoints(run)][-1] == "step_000003.safetensors"
+
+
+def test_csv_outputs_read_back_whatever_the_case_names(tmp_path):
+    """evaluate's CSV goes through csv.DictWriter: a scan named with a comma or a quote (a
+    folder name a user chose) stays one cell, and the file reads back as written."""
+    import csv
+
+    from maesil_core.segmentation.evaluate import Evaluation
+
+    rows = [
+        {"case": 'ct, "late" phase', "class": "liver", "id": 1, "dice": 0.91, "hd95_mm": 4.25},
+        {"case": "ct_2", "class": "liver", "id": 1, "dice": float("nan"), "hd95_mm": None},
+    ]
+    path = Evaluation(rows, {1: "liver"}).save_csv(tmp_path / "eval.csv")
+    with path.open(newline="") as f:
+        back = list(csv.DictReader(f))
+    assert [r["case"] for r in back] == ['ct, "late" phase', "ct_2", "mean"]
+    assert back[0]["dice"] == "0.910000" and back[1]["dice"] == "nan"
+    assert back[2]["dice"] == "0.910000"  # the mean leaves out the case without a score

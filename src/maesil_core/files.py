@@ -10,9 +10,11 @@ a shared server can read a run as the umask allows.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -57,3 +59,15 @@ def atomic_write(
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text file."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_csv(
+    path: str | Path, fieldnames: Sequence[str], rows: Iterable[Mapping[str, object]]
+) -> Path:
+    """Write ``rows`` as CSV with a header (``csv.DictWriter``: a name with a comma or a quote
+    is quoted, a missing value is an empty cell), atomically as :func:`atomic_write_text`."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fieldnames), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

@@ -76,18 +76,16 @@ class Evaluation:
         return "\n".join(lines)
 
     def save_csv(self, path: str | Path) -> Path:
-        from ..files import atomic_write_text
+        from ..files import atomic_write_csv
 
-        path = Path(path)
-        lines = ["case,class,id,dice,hd95_mm"]
-        for r in self.rows:
-            lines.append(
-                f"{r['case']},{r['class']},{r['id']},{_f(r['dice'], 6)},{_f(r['hd95_mm'], 4)}"
-            )
+        rows = [{**r, "dice": _f(r["dice"], 6), "hd95_mm": _f(r["hd95_mm"], 4)} for r in self.rows]
         for cid, (name, s) in zip(self.classes, self.summary().items()):
-            lines.append(f"mean,{name},{cid},{_f(s['dice'], 6)},{_f(s['hd95'], 4)}")
-        atomic_write_text(path, "\n".join(lines) + "\n")
-        return path
+            rows.append(
+                {"case": "mean", "class": name, "id": cid, "dice": _f(s["dice"], 6),
+                 "hd95_mm": _f(s["hd95"], 4)}
+            )  # fmt: skip
+        fields = ["case", "class", "id", "dice", "hd95_mm"]
+        return atomic_write_csv(path, fields, ({k: r[k] for k in fields} for r in rows))
 
 
 def _nanmean(values: Sequence[float]) -> float:

@@ -12,7 +12,7 @@ from torch import nn
 from ..checkpoint import read_meta, save_checkpoint
 from ..config import RunConfig
 from ..figures import plot_loss
-from ..files import atomic_write_text
+from ..files import atomic_write_csv
 
 
 class MetricsLog:
@@ -51,9 +51,7 @@ class MetricsLog:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        lines = [",".join(keys)]
-        lines += [",".join(_fmt(r.get(k)) for k in keys) for r in self.rows]
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
+        atomic_write_csv(self.path, keys, ({k: _fmt(v) for k, v in r.items()} for r in self.rows))
         if self._tb is not None:
             self._tb.flush()
         plot_loss(self.rows, self.path.parent / "loss.png")
