@@ -71,7 +71,7 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
     save_small(grab(pw), "pretrain_widget.png", width=420)
     viewer.window.remove_dock_widget(pw_dock)
     ew = ExplorerWidget(viewer)
-    viewer.window.add_dock_widget(ew, name="Superpatch explorer")
+    ew_dock = viewer.window.add_dock_widget(ew, name="Superpatch explorer")
     ew.checkpoint.value = str(run)
     ew.image.value = ct
     ew.mode.value, ew.ratio.value = "random", 0.5
@@ -83,27 +83,38 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
     ew.tile.value = ew.tile_at(ct.data_to_world(body))
     click(qtbot, ew.start_button)
     wait_done(qtbot, ew)
-    for name in ("masked input", "|error|"):
-        viewer.layers[name].visible = False
-    viewer.layers["superpatch grid"].opacity = 0.25
-    viewer.layers["reconstruction"].opacity = 1.0
+    # shown first: the CT as the model sees it | masked input | reconstruction (grid mode)
+    assert viewer.canvas.grid.enabled
     viewer.reset_view()
     qtbot.wait(300)
     save_small(viewer.screenshot(canvas_only=False, flash=False), "explorer_viewer.png")
     save_small(grab(ew), "explorer_widget.png", width=420)
+    ew.side_by_side.value = False  # back to the layers over the CT for what follows
+    for name in ("original", "masked input", "reconstruction", "|error|", "mask"):
+        viewer.layers[name].visible = False
+    viewer.layers["superpatch grid"].visible = False
+    labels.visible = True
 
-    # Fine-tune + Segment
+    # Fine-tune + Segment; the viewer while fine-tuning: the Dice curve in napari's theme and
+    # the job in napari's activity dock
     fw = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(fw, name="Fine-tune")
-    fw.image.value, fw.labels.value = ct, labels
+    fw_dock = viewer.window.add_dock_widget(fw, name="Fine-tune")
+    fw.image.value, fw.labels_layer.value = ct, labels
     fw.pretrained.value = str(run)
     fw.classes.value = "liver, spleen, kidney_left, kidney_right"
-    fw.steps.value, fw.eval_every.value, fw.batch_size.value = 12, 4, 2
+    fw.steps.value, fw.eval_every.value, fw.batch_size.value = 16, 4, 2
     fw.device.value = "cpu"
     fw.out_dir.value = str(tmp_path / "seg")
+    ew_dock.setVisible(False)
     click(qtbot, fw.start_button)
+    qtbot.waitUntil(lambda: len(fw.dice_history) >= 2, timeout=900_000)
+    viewer.window._qt_window._activity_dialog.show()  # as the status bar's activity button does
+    qtbot.wait(500)
+    save_small(viewer.screenshot(canvas_only=False, flash=False), "finetune_viewer.png")
     wait_done(qtbot, fw, timeout=900_000)
+    viewer.window._qt_window._activity_dialog.hide()
     save_small(grab(fw), "finetune_widget.png", width=420)
+    viewer.window.remove_dock_widget(fw_dock)
 
     sw = SegmentWidget(viewer)
     viewer.window.add_dock_widget(sw, name="Segment")

@@ -864,3 +864,106 @@ def test_fill_from_visible_interpolates_real_ct(abdomen_ct):
         hidden_values = np.unique(per_tile[box][mask[box]])
         assert hidden_values.size == 1 and hidden_values[0] == vol[box][~mask[box]].mean()
     np.testing.assert_array_equal(fill_with_visible_mean(vol, mask)[mask], mean_fill[mask])
+
+
+# --------------------------------------------------------------------------- label names, cancel
+
+
+def test_label_names_beside_each_map_and_the_shared_folder_file(tmp_path, shared_data):
+    """One convention for writing and reading: ``<stem>.json`` beside each label map (two
+    maps in one folder keep their own names), a folder's ``label_names.json`` still read."""
+    from maesil_core.data.io import write_label_names
+    from maesil_core.data.labels import find_label_names
+
+    labels = load_labels(shared_data / "abdomen_ct" / "labels.nii.gz")
+    a = save_volume(labels.array, labels.affine, tmp_path / "a_seg.nii.gz", dtype=np.uint8)
+    b = save_volume(labels.array, labels.affine, tmp_path / "b_seg.nii.gz", dtype=np.uint8)
+    assert write_label_names(a, {0: "background", 5: "liver"}) == tmp_path / "a_seg.json"
+    write_label_names(b, {1: "spleen"})
+    assert read_label_names(a) == {5: "liver"} and read_label_names(b) == {1: "spleen"}
+    assert find_label_names(b) == {1: "spleen"}
+    assert oct(os.stat(tmp_path / "a_seg.json").st_mode & 0o777) == oct(0o666 & ~_umask())
+    # a sidecar that is not a names map is passed over for the folder's label_names.json
+    (tmp_path / "c_seg.json").write_text('{"Modality": "CT"}')
+    shutil.copy(shared_data / "abdomen_ct" / "label_names.json", tmp_path / "label_names.json")
+    assert read_label_names(tmp_path / "c_seg.nii.gz")[5] == "liver"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_downloaded_labels_arrive_with_their_organ_names(tmp_path, monkeypatch, shared_data):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    name = "totalseg_example_seg"
+    shutil.copy(shared_data / "abdomen_ct" / "labels.nii.gz", cache / PUBLIC_CT[name]["filename"])
+    monkeypatch.setenv("MAESIL_CACHEDIR", str(cache))
+    path = fetch(name)  # in the cache with the right hash: no network
+    names = read_label_names(path)
+    shared = json.loads((shared_data / "abdomen_ct" / "label_names.json").read_text())
+    assert names == {int(k): v for k, v in shared.items()}  # all 117, ids as TotalSegmentator's
+
+
+def test_loading_chain_stops_when_cancelled_but_the_memory_cache_keeps_it(shared_data):
+    """``cancel`` stops a volume's loading between steps; once cached, a set flag no longer
+    matters (the check is part of the deterministic, cached chain)."""
+    from maesil_core.errors import Cancelled
+
+    cfg = preset("tiny").data
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        inference_transforms(cfg, cancel=stop)({"image": shared_data / "abdomen_ct" / "ct.nii.gz"})
+    with pytest.raises(Cancelled):
+        make_pretrain_loader([shared_data / "abdomen_ct" / "ct.nii.gz"], cfg, (32,) * 3, 4,
+                             cancel=stop)  # fmt: skip
+    go = threading.Event()
+    loader = make_pretrain_loader(
+        [shared_data / "abdomen_ct" / "ct.nii.gz"], cfg, (32,) * 3, 4, endless=True, cancel=go
+    )
+    go.set()  # after the cache was filled: batches keep coming
+    batch = next(infinite(loader))
+    assert batch["image"].shape == (4, 1, 32, 32, 32)
+
+
+@pytest.mark.parametrize("case", ["chest_ct/ct.nii.gz", "abdomen_ct/ct.nii.gz", "dicom_ct"])
+def test_labels_to_input_matches_monai_inversion(case, shared_data):
+    """A label map on the model grid put back on the input grid by one gather per axis is
+    MONAI's nearest-neighbour inversion (Invertd), voxel for voxel, at the tiny preset's 3 mm."""
+    from maesil_core.data.inverse import labels_to_input
+
+    tr = inference_transforms(preset("tiny").data)
+    data = tr({"image": load_volume(shared_data / case)})
+    shape = data["image"].shape[1:]
+    labels = np.random.default_rng(0).integers(0, 6, size=shape).astype(np.uint8)
+    fast = labels_to_input(labels, data, tr)
+    ref = invert_to_input(torch.from_numpy(labels[None].astype(np.float32)), data, tr, nearest=True)
+    assert fast.dtype == np.uint8 and fast.shape == tuple(data["image"].meta["spatial_shape"])
+    np.testing.assert_array_equal(fast, np.rint(ref[0].numpy()).astype(np.uint8))
+
+
+def test_transposing_copy_in_slabs_is_exact_and_stops_when_cancelled(shared_data):
+    """c_order copies a file's Fortran-ordered volume one slab at a time (short GIL holds, a
+    cancel check between slabs): the same voxels as NumPy's copy; a check that raises stops
+    it (issue 14: Cancel while a full-size CT is being loaded)."""
+    from maesil_core.data.transforms import c_order
+    from maesil_core.errors import Cancelled
+
+    arr = np.asanyarray(nib.load(str(shared_data / "chest_ct" / "ct.nii.gz")).dataobj)
+    assert arr.ndim == 3 and not arr.flags.c_contiguous  # nibabel's voxel order
+    out = c_order(arr)
+    assert out.flags.c_contiguous and out.dtype == arr.dtype
+    np.testing.assert_array_equal(out, arr)
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        c_order(arr, check)
+    assert len(calls) == 3

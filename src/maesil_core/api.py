@@ -134,6 +134,7 @@ def pretrain(
         cache_dir=cfg.data.cache_dir or str(run_dir / "cache"),
         endless=True,  # one iterator for the whole run: workers never wait at epoch ends
         device=device,
+        cancel=cancel,
     )
     seed_everything(cfg.train.seed)  # the initial weights too, not only the batches
     model = build_model(cfg.model)

@@ -22,6 +22,7 @@ LPS chest CT and its labels, or a DICOM series (LPS) and a NIfTI label map (LAS)
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,22 @@ from nibabel.orientations import (
 FLIP_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _LPS_ORNT = axcodes2ornt(("L", "P", "S"))
 META_KEY = "maesil"
+#: what the layer axes (z, y, x) point to: LPS, indices grow towards these
+AXIS_LABELS = ("superior", "posterior", "left")
+
+
+@lru_cache(maxsize=1)
+def layer_units() -> dict[str, Any]:
+    """``units`` (mm) and ``axis_labels`` for layer kwargs, where the installed napari
+    supports them (0.6 and later); empty otherwise."""
+    import inspect
+
+    from napari.layers import Image
+
+    params = inspect.signature(Image.__init__).parameters
+    if "units" not in params or "axis_labels" not in params:
+        return {}
+    return {"units": ("mm", "mm", "mm"), "axis_labels": AXIS_LABELS}
 
 
 def to_lps(array: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -78,12 +95,28 @@ def volume_to_layer(
     lps_arr, lps_aff, _ = to_lps(array, affine_ras)
     data = np.ascontiguousarray(lps_arr.transpose(2, 1, 0))
     geo = layer_geometry(lps_arr.shape, FLIP_LPS @ lps_aff)
-    meta = {
-        "source_affine": np.asarray(affine_ras, dtype=np.float64).tolist(),
-        "source_shape": [int(s) for s in array.shape],
+    return data, geo, source_meta(array.shape, affine_ras)
+
+
+def volume_geometry(
+    shape_xyz: tuple[int, ...], affine_ras: np.ndarray
+) -> tuple[tuple[int, int, int], dict[str, Any], dict[str, Any]]:
+    """What :func:`volume_to_layer` gives without the voxels: ``(layer shape (z, y, x),
+    geometry kwargs, source meta)`` of a volume of ``shape_xyz`` (a file's header)."""
+    empty = np.broadcast_to(np.zeros((), np.uint8), tuple(int(s) for s in shape_xyz))
+    lps_arr, lps_aff, _ = to_lps(empty, affine_ras)  # views only: nothing allocated
+    geo = layer_geometry(lps_arr.shape, FLIP_LPS @ lps_aff)
+    return tuple(lps_arr.shape[::-1]), geo, source_meta(shape_xyz, affine_ras)
+
+
+def source_meta(shape_xyz: tuple[int, ...], affine_ras: np.ndarray) -> dict[str, Any]:
+    """The source file's affine, shape and orientation (kept in the layer's metadata)."""
+    affine_ras = np.asarray(affine_ras, dtype=np.float64)
+    return {
+        "source_affine": affine_ras.tolist(),
+        "source_shape": [int(s) for s in shape_xyz],
         "source_axcodes": "".join(aff2axcodes(affine_ras)),
     }
-    return data, geo, meta
 
 
 def layer_affine_ras(

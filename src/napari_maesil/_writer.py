@@ -5,12 +5,12 @@ When the layer was made by this plugin (reader, sample data, Segment widget), it
 put back in the source's voxel order and saved with exactly that affine, so a
 segmentation saved here lies voxel for voxel on the CT in 3D Slicer or ITK-SNAP. Other
 layers are saved from their ``scale`` / ``translate`` / ``rotate`` (world = LPS mm, see
-:mod:`napari_maesil._geometry`). Label names go to a ``label_names.json`` beside the file.
+:mod:`napari_maesil._geometry`). Label names go to ``<name>.json`` beside the file (``seg.nii.gz`` -> ``seg.json``), the
+convention ``maesil segment`` and the reader share.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,14 @@ def _nifti_path(path: str) -> Path:
 
 def volume_for_saving(data: Any, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """``(array in the file's voxel order, RAS affine)`` for layer ``data`` + layer kwargs."""
+    from maesil_core.errors import DataError
+
+    info = (meta.get("metadata") or {}).get(META_KEY) or {}
+    if info.get("loading"):
+        raise DataError("this layer is still being read from its file; save it once it shows.")
     data = np.asarray(data)
     if data.ndim != 3:
-        from maesil_core.errors import DataError
-
         raise DataError(f"only 3D layers can be saved as NIfTI, this one is {data.shape}.")
-    info = (meta.get("metadata") or {}).get(META_KEY) or {}
     scale = meta.get("scale", (1.0, 1.0, 1.0))
     translate = meta.get("translate", (0.0, 0.0, 0.0))
     rotate = meta.get("rotate")
@@ -53,7 +55,7 @@ def volume_for_saving(data: Any, meta: dict[str, Any]) -> tuple[np.ndarray, np.n
 
 
 def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str]:
-    from maesil_core.data.io import save_volume
+    from maesil_core.data.io import save_volume, write_label_names
 
     out = _nifti_path(path)
     array, affine = volume_for_saving(data, meta)
@@ -66,10 +68,8 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     written = [str(out)]
     if labels:
         names = _label_names(meta)
-        if names:
-            names_path = out.parent / "label_names.json"
-            names_path.write_text(json.dumps({str(k): v for k, v in sorted(names.items())}))
-            written.append(str(names_path))
+        if names:  # <stem>.json beside the label map: two maps in one folder keep theirs
+            written.append(str(write_label_names(out, names)))
     return written
 
 

@@ -178,6 +178,7 @@ def make_pretrain_loader(
     cache_dir: str | Path | None = None,
     endless: bool = False,
     device: torch.device | str | None = None,
+    cancel: Any = None,
 ) -> DataLoader:
     """A DataLoader of superpatch batches ``{"image": (B, 1, D, H, W), "valid": (B, 1, D, H,
     W)}``: the image float32 in [0, 1], ``valid`` bool, False on padding (volumes smaller
@@ -203,6 +204,8 @@ def make_pretrain_loader(
     :class:`EndlessSampler` over the same random or distributed sampler), so workers and
     prefetching run on across epochs; batches are then always full, and ``len(loader)``
     is undefined (``loader.sampler.base`` has the per-pass length).
+    ``cancel`` (an Event or a callable): filling the memory cache stops between the loading
+    steps of a volume once it is set (:class:`~maesil_core.errors.Cancelled`).
     """
     files = [str(f) for f in files]
     if not files:
@@ -216,6 +219,7 @@ def make_pretrain_loader(
         superpatch,
         num_samples=math.ceil(batch_size / volumes_per_batch),
         augment=data_cfg.augment and not augment_on_device(data_cfg, device),
+        cancel=cancel,
     )
     transform.set_random_state(seed=(seed + 1000 * rank) % (2**32))
     data = [{IMAGE_KEY: f} for f in files]

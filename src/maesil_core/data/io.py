@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import DataError
-from ..files import atomic_write
+from ..files import atomic_write, atomic_write_text
 
 #: file name endings read as NIfTI / NRRD
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -182,9 +182,10 @@ def _dicom_header(folder: Path) -> ScanHeader:
     return ScanHeader(str(folder), shape, (col_sp, row_sp, dz), "DICOM")
 
 
-def _read_any(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """Raw ``(array, affine RAS, path)`` of any supported input; array keeps the file's dtype
-    (float32 for DICOM after rescaling)."""
+def read_raw(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Raw ``(array, affine RAS, path)`` of any supported input, decoded once; the array keeps
+    the file's dtype (float32 for DICOM after rescaling). :func:`volume_from_raw` /
+    :func:`labels_from_raw` turn it into a CT or a label map."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist; check the path (and that the drive is mounted).")
@@ -369,17 +370,28 @@ def _check_finite(array: np.ndarray, path: str) -> None:
 
 def load_volume(path: str | Path) -> Volume:
     """Read a CT volume (NIfTI, NRRD or DICOM series folder) as ``array`` (X, Y, Z) float32."""
-    raw, affine, spath = _read_any(path)
+    return volume_from_raw(*read_raw(path))
+
+
+def volume_from_raw(
+    raw: np.ndarray, affine: np.ndarray, path: str, *, keep_integers: bool = False
+) -> Volume:
+    """A CT ``Volume`` from :func:`read_raw`'s output: float32, or with ``keep_integers``
+    an integer file's own dtype (an int16 CT stays half the size of float32)."""
     try:
-        array = np.asarray(raw, dtype=np.float32)
+        if keep_integers and np.issubdtype(raw.dtype, np.integer):
+            array = np.asarray(raw)
+        else:
+            array = np.asarray(raw, dtype=np.float32)
     except Exception as exc:
         raise DataError(
-            f"{spath} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)}); "
+            f"{path} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)}); "
             "re-copy or re-export the file."
         ) from exc
-    _check_finite(array, spath)
+    if not np.issubdtype(array.dtype, np.integer):
+        _check_finite(array, path)
     is_hu = not np.issubdtype(raw.dtype, np.unsignedinteger) and looks_like_hu(array)
-    return Volume(array=array, affine=affine, path=spath, is_hu=is_hu)
+    return Volume(array=array, affine=affine, path=path, is_hu=is_hu)
 
 
 def load_labels(
@@ -390,36 +402,45 @@ def load_labels(
     With ``reference``, shape and affine must match it (else DataError saying what
     differs), or with ``resample=True`` the labels are resampled onto its grid.
     """
-    raw, affine, spath = _read_any(path)
-    try:
-        array = np.asarray(raw)
-    except Exception as exc:
-        raise DataError(
-            f"{spath} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)}); "
-            "re-copy or re-export the file."
-        ) from exc
-    if not np.issubdtype(array.dtype, np.integer):
-        _check_finite(array, spath)
-        rounded = np.rint(array)
-        if np.abs(array - rounded).max(initial=0) > 1e-3:
-            raise DataError(
-                f"{spath} holds non-integer values, so it is not a label map; give the "
-                "segmentation file (integer ids per voxel)."
-            )
-        array = rounded
-    labels = Volume(array=array.astype(np.int32), affine=affine, path=spath, is_hu=False)
+    labels = labels_from_raw(*read_raw(path))
     if reference is not None:
         problem = geometry_mismatch(labels, reference)
         if problem:
             if not resample:
                 raise DataError(
-                    f"labels {spath} do not match image {reference.path}: {problem}; "
+                    f"labels {labels.path} do not match image {reference.path}: {problem}; "
                     "use labels made on that image, or resample_labels_to() / resample=True."
                 )
             labels = Volume(
-                resample_labels_to(labels, reference), reference.affine.copy(), spath, False
+                resample_labels_to(labels, reference), reference.affine.copy(), labels.path, False
             )
     return labels
+
+
+def labels_from_raw(
+    raw: np.ndarray, affine: np.ndarray, path: str, *, dtype: type | None = np.int32
+) -> Volume:
+    """A label-map ``Volume`` from :func:`read_raw`'s output: ``dtype`` (None: an integer
+    file keeps its own dtype); DataError if the values are not integers."""
+    try:
+        array = np.asarray(raw)
+    except Exception as exc:
+        raise DataError(
+            f"{path} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)}); "
+            "re-copy or re-export the file."
+        ) from exc
+    if not np.issubdtype(array.dtype, np.integer):
+        _check_finite(array, path)
+        rounded = np.rint(array)
+        if np.abs(array - rounded).max(initial=0) > 1e-3:
+            raise DataError(
+                f"{path} holds non-integer values, so it is not a label map; give the "
+                "segmentation file (integer ids per voxel)."
+            )
+        array = rounded.astype(np.int32)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    return Volume(array=array, affine=affine, path=path, is_hu=False)
 
 
 def geometry_mismatch(a: Volume, b: Volume, atol_mm: float = 0.01) -> str:
@@ -462,32 +483,61 @@ def resample_labels_to(labels: Volume, reference: Volume) -> np.ndarray:
     return out.astype(np.int32)
 
 
-def read_label_names(path_or_dir: str | Path) -> dict[int, str]:
-    """``{id: name}`` from a ``label_names.json`` (``{"1": "spleen", ...}``).
+def label_names_path(label_path: str | Path) -> Path:
+    """Where the names of label map ``label_path`` are: its own ``<stem>.json`` beside it
+    (what :func:`write_label_names` writes, so two label maps in one folder keep their own
+    names), else a ``label_names.json`` in its folder (the shared-folder convention)."""
+    p = Path(label_path)
+    own = p.with_name(strip_suffix(p.name) + ".json")
+    if own != p and own.is_file():
+        try:
+            _parse_label_names(own)
+            return own
+        except DataError:
+            pass  # e.g. a sidecar JSON of another kind: not label names
+    return p.parent / "label_names.json"
 
-    Accepts the json itself, the folder holding it, or a label file beside it.
-    """
-    p = Path(path_or_dir)
-    if p.is_dir():
-        p = p / "label_names.json"
-    elif not p.name.lower().endswith(".json"):
-        p = p.parent / "label_names.json"
-    if not p.is_file():
-        raise DataError(
-            f'{p} does not exist; put a label_names.json ({{"1": "liver", ...}}) '
-            "beside the label file."
-        )
+
+def _parse_label_names(p: Path) -> dict[int, str]:
     try:
         raw = json.loads(p.read_text())
         if isinstance(raw, dict) and isinstance(raw.get("labels"), dict):  # a dataset.json
             return dataset_label_names(p) or {}
-        names = {int(k): str(v) for k, v in raw.items()}
+        return {int(k): str(v) for k, v in raw.items()}
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         raise DataError(
             f"{p} is not a label-names JSON object ({_first_line(exc)}); "
             'write it as {"1": "liver", "2": "spleen"}.'
         ) from exc
-    return names
+
+
+def read_label_names(path_or_dir: str | Path) -> dict[int, str]:
+    """``{id: name}`` from a label-names JSON (``{"1": "spleen", ...}``).
+
+    Accepts the JSON itself, the folder holding a ``label_names.json``, or a label file
+    (its ``<stem>.json`` or the ``label_names.json`` beside it: :func:`label_names_path`).
+    """
+    p = Path(path_or_dir)
+    if p.is_dir():
+        p = p / "label_names.json"
+    elif not p.name.lower().endswith(".json"):
+        p = label_names_path(p)
+    if not p.is_file():
+        raise DataError(
+            f'{p} does not exist; put the names ({{"1": "liver", ...}}) in a JSON file beside '
+            "the label file: <label file name>.json, or label_names.json for the folder."
+        )
+    return _parse_label_names(p)
+
+
+def write_label_names(label_path: str | Path, names: dict[int, str]) -> Path:
+    """Write ``names`` to ``<stem>.json`` beside label map ``label_path`` (atomically);
+    returns its path. The reader finds it with :func:`read_label_names`."""
+    p = Path(label_path)
+    out = p.with_name(strip_suffix(p.name) + ".json")
+    text = json.dumps({str(k): v for k, v in sorted(names.items()) if int(k) != 0}, indent=2)
+    atomic_write_text(out, text)
+    return out
 
 
 def dataset_label_names(path: str | Path) -> dict[int, str] | None:

@@ -260,14 +260,15 @@ def from_label_maps(
 
 
 def find_label_names(label_file: str | Path) -> dict[int, str] | None:
-    """The names of a label map's ids: ``label_names.json`` beside ``label_file`` (or in the
-    folder), else the ``labels`` map of an MSD / nnU-Net ``dataset.json`` in that folder or the
-    one above (``Task/labelsTr/case.nii.gz`` -> ``Task/dataset.json``); None without either."""
-    from .io import dataset_label_names, read_label_names
+    """The names of a label map's ids: its own ``<stem>.json`` or the ``label_names.json``
+    beside ``label_file`` (:func:`~.io.label_names_path`; in the folder, for a folder), else
+    the ``labels`` map of an MSD / nnU-Net ``dataset.json`` in that folder or the one above
+    (``Task/labelsTr/case.nii.gz`` -> ``Task/dataset.json``); None without either."""
+    from .io import dataset_label_names, label_names_path, read_label_names
 
     p = Path(label_file)
     folder = p if p.is_dir() else p.parent
-    candidate = folder / "label_names.json"
+    candidate = folder / "label_names.json" if p.is_dir() else label_names_path(p)
     if candidate.is_file():
         return read_label_names(candidate)
     for where in (folder, folder.parent):

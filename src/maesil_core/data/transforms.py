@@ -8,15 +8,15 @@ Chain (see :func:`load_transforms` / :func:`pretrain_transforms`)::
 
 After loading, ``image`` is a MONAI ``MetaTensor`` ``(1, X, Y, Z)`` whose ``affine`` is RAS mm;
 after ``Orientationd("RAS")`` the spatial axes are the ``(D, H, W)`` of ``config.py``.
-Spatial transforms record themselves on the MetaTensor, so :func:`invert_to_input`
-(MONAI ``Invertd``) can put a result computed on the transformed grid back onto the
-input's voxel grid (orientation, spacing, shape).
+Spatial transforms record themselves on the MetaTensor, so :mod:`.inverse` can put a
+result computed on the transformed grid back onto the input's voxel grid (orientation,
+spacing, shape).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,6 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureTyped,
-    Invertd,
     MapTransform,
     Orientationd,
     RandAdjustContrastd,
@@ -38,10 +37,11 @@ from monai.transforms import (
     ScaleIntensityRangePercentiles,
     Spacingd,
     SpatialPadd,
+    Transform,
 )
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import Cancelled, DataError
 from .io import HU_MIN_THRESHOLD, Volume, load_labels, load_volume
 
 IMAGE_KEY = "image"
@@ -60,8 +60,10 @@ FOREGROUND_THRESHOLD = 0.02
 PERCENTILES = (0.5, 99.5)
 
 
-def volume_to_metatensor(vol: Volume) -> MetaTensor:
-    """``Volume`` -> channel-first ``MetaTensor`` (1, X, Y, Z) with RAS affine and metadata."""
+def volume_to_metatensor(vol: Volume, check: Callable[[], Any] | None = None) -> MetaTensor:
+    """``Volume`` -> channel-first ``MetaTensor`` (1, X, Y, Z) with RAS affine and metadata.
+
+    ``check`` is called between the slabs of a transposing copy (see :func:`c_order`)."""
     affine = torch.as_tensor(np.asarray(vol.affine), dtype=torch.float64)
     meta = {
         "filename_or_obj": vol.path,
@@ -71,9 +73,28 @@ def volume_to_metatensor(vol: Volume) -> MetaTensor:
         "space": "RAS",
         "is_hu": bool(vol.is_hu),
     }
-    return MetaTensor(
-        torch.from_numpy(np.ascontiguousarray(vol.array[None])), affine=affine, meta=meta
-    )
+    array = c_order(vol.array, check)
+    return MetaTensor(torch.from_numpy(array[None]), affine=affine, meta=meta)
+
+
+def c_order(array: np.ndarray, check: Callable[[], Any] | None = None) -> np.ndarray:
+    """``array`` C-contiguous. A transposed 3D volume (nibabel's Fortran order, a napari
+    layer's (z, y, x) seen as (X, Y, Z)) is copied one 2D slab of its middle axis at a time:
+    each slab fits in the cache, where one transposing copy of a 512 x 512 x 400 volume
+    jumps across 200 MB (2 s instead of 12 s on a busy 2-core machine; each slab is also a
+    short hold of the GIL, so a viewer's thread keeps running). ``check()`` is called
+    between slabs (it raises to stop: :class:`StopIfCancelled`)."""
+    array = np.asarray(array)
+    if array.flags.c_contiguous:
+        return array
+    if array.ndim != 3:
+        return np.ascontiguousarray(array)
+    out = np.empty(array.shape, dtype=array.dtype)
+    for j in range(array.shape[1]):
+        if check is not None and j % 16 == 0:
+            check()
+        out[:, j, :] = array[:, j, :]
+    return out
 
 
 class LoadVolumed(MapTransform):
@@ -92,9 +113,12 @@ class LoadVolumed(MapTransform):
         keys: KeysCollection = (IMAGE_KEY, LABEL_KEY),
         label_keys: Sequence[str] = (LABEL_KEY,),
         allow_missing_keys: bool = True,
+        cancel: Any = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_keys = set(label_keys)
+        #: checked while a transposed volume is copied (None: never stops)
+        self.stop = StopIfCancelled(cancel) if cancel is not None else None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -104,7 +128,8 @@ class LoadVolumed(MapTransform):
                 continue
             if isinstance(value, Volume):
                 vol = value
-                if key not in self.label_keys and not np.isfinite(vol.array).all():
+                integer = np.issubdtype(np.asarray(vol.array[:0]).dtype, np.integer)
+                if key not in self.label_keys and not integer and not np.isfinite(vol.array).all():
                     n = int((~np.isfinite(vol.array)).sum())
                     raise DataError(
                         f"{vol.path} contains {n} NaN/infinite voxels; replace them "
@@ -114,8 +139,12 @@ class LoadVolumed(MapTransform):
                 vol = load_labels(value)
             else:
                 vol = load_volume(value)
-            d[key] = volume_to_metatensor(vol)
+            d[key] = volume_to_metatensor(vol, self._check)
         return d
+
+    def _check(self) -> None:
+        if self.stop is not None:
+            self.stop(None)
 
 
 class CheckFinited(MapTransform):
@@ -227,19 +256,44 @@ class SplitPaddingd(MapTransform):
 
 
 def unwrap_data_error(exc: BaseException) -> BaseException:
-    """The DataError behind MONAI's ``RuntimeError("applying transform ...")`` wrappers, else
-    ``exc`` itself."""
+    """The DataError (or Cancelled) behind MONAI's ``RuntimeError("applying transform ...")``
+    wrappers, else ``exc`` itself."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, DataError):
+        if isinstance(seen, (DataError, Cancelled)):
             return seen
         seen = seen.__cause__ or seen.__context__
     return exc
 
 
+class StopIfCancelled(Transform):
+    """A step between the long steps of a loading chain: raises
+    :class:`~maesil_core.errors.Cancelled` once ``cancel`` (an Event or a callable) is set, so
+    a 512 x 512 x 400 CT being loaded stops within one step. A deterministic MONAI
+    ``Transform`` (a plain callable would end what ``CacheDataset`` caches) and not an
+    invertible one (:func:`invert_to_input` passes over it)."""
+
+    def __init__(self, cancel: Any) -> None:
+        self.is_cancelled: Callable[[], bool] = getattr(cancel, "is_set", cancel)
+
+    def __call__(self, data: Any) -> Any:
+        if self.is_cancelled():
+            raise Cancelled()
+        return data
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a loader worker process gets a copy that never stops: an Event does not pickle,
+        # and cancelling is the main process's business (it stops asking for batches)
+        return {"is_cancelled": _never}
+
+
+def _never() -> bool:
+    return False
+
+
 class DataCompose(Compose):
-    """MONAI ``Compose`` that lets our DataError through unwrapped (MONAI wraps every
-    exception raised inside a transform in a RuntimeError)."""
+    """MONAI ``Compose`` that lets our DataError and Cancelled through unwrapped (MONAI wraps
+    every exception raised inside a transform in a RuntimeError)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -251,18 +305,25 @@ class DataCompose(Compose):
             raise err from None
 
 
-def load_transforms(data_cfg: DataConfig) -> list:
+def load_transforms(data_cfg: DataConfig, cancel: Any = None) -> list:
     """Deterministic loading chain: load, RAS, resample to ``data_cfg.spacing``, to [0, 1].
 
     Works on ``{"image": path}`` and ``{"image": path, "label": path}`` (a path may also be
     a :class:`Volume` already in memory); labels use nearest interpolation and are not
     intensity-scaled (they come out as float32 MetaTensors holding integer ids).
+    Resampling computes in float32 (MONAI's default float64 doubled the largest copy of a
+    full-size CT, 800 MB for 512 x 512 x 400 voxels). With ``cancel`` (an Event or a
+    callable) the chain stops between its steps once it is set (:class:`StopIfCancelled`).
     Output ``image``: MetaTensor (1, D, H, W) in [0, 1].
     """
     keys = (IMAGE_KEY, LABEL_KEY)
+    stop = [StopIfCancelled(cancel)] if cancel is not None else []
     chain: list = [
-        LoadVolumed(keys),
+        *stop,
+        LoadVolumed(keys, cancel=cancel),
+        *stop,
         Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
+        *stop,
     ]
     if data_cfg.spacing is not None:
         chain.append(
@@ -270,9 +331,11 @@ def load_transforms(data_cfg: DataConfig) -> list:
                 keys,
                 pixdim=tuple(float(s) for s in data_cfg.spacing),
                 mode=("bilinear", "nearest"),
+                dtype=torch.float32,
                 allow_missing_keys=True,
             )
         )
+        chain += stop
     chain.append(IntensityToUnitd.from_config(data_cfg))
     return chain
 
@@ -286,6 +349,7 @@ def pretrain_transforms(
     superpatch: Sequence[int],
     num_samples: int | None = None,
     augment: bool | None = None,
+    cancel: Any = None,
 ) -> Compose:
     """Load, crop the body, pad to ``superpatch``, draw ``num_samples`` (default
     ``crops_per_volume``) random crops and (``augment``, default ``data_cfg.augment``) flip,
@@ -297,7 +361,7 @@ def pretrain_transforms(
     padded.
     """
     roi = tuple(int(s) for s in superpatch)
-    chain = list(load_transforms(data_cfg))
+    chain = list(load_transforms(data_cfg, cancel))
     if data_cfg.foreground_crop:
         chain.append(
             CropForegroundd(
@@ -342,65 +406,11 @@ def augment_transforms(roi: Sequence[int]) -> list:
     return chain
 
 
-def inference_transforms(data_cfg: DataConfig) -> Compose:
+def inference_transforms(data_cfg: DataConfig, cancel: Any = None) -> Compose:
     """The deterministic loading chain only, so results can be inverted to the input grid.
 
     ``data = inference_transforms(cfg)({"image": path})``; ``data["image"]`` is a
-    MetaTensor (1, D, H, W) in RAS at ``cfg.spacing``; see :func:`invert_to_input`.
+    MetaTensor (1, D, H, W) in RAS at ``cfg.spacing``; see :func:`.inverse.invert_to_input`.
+    ``cancel``: see :func:`load_transforms`.
     """
-    return DataCompose(load_transforms(data_cfg))
-
-
-def invert_to_input(
-    pred: Any,
-    data: Mapping[Hashable, Any] | Compose | None = None,
-    transform: Compose | Mapping[Hashable, Any] | None = None,
-    *,
-    orig_key: str = IMAGE_KEY,
-    nearest: bool = False,
-) -> MetaTensor:
-    """Map ``pred`` (C, D, H, W) on the transformed grid back to the input voxel grid.
-
-    ``data`` is the dict that ``transform`` (from :func:`inference_transforms`) returned;
-    its ``orig_key`` MetaTensor carries the applied spatial operations. Also accepted:
-    ``invert_to_input(pred, transform)`` when ``pred`` is that MetaTensor itself (or
-    one carrying its ``applied_operations``), and ``invert_to_input(data, transform)``
-    with the prediction in ``data["pred"]``. Returns a MetaTensor (C, X, Y, Z) in the
-    file's own voxel order with the original affine (``nearest=True`` for label maps).
-    Intensity scaling is not undone. Equivalent to ``monai.transforms.Invertd(keys="pred",
-    transform=transform, orig_keys="image", nearest_interp=nearest)`` on
-    ``{"pred": pred, "image": data["image"]}``.
-    """
-    if isinstance(data, Compose):  # invert_to_input(pred, transform[, data])
-        data, transform = transform, data
-    if not isinstance(transform, Compose):
-        raise TypeError("invert_to_input needs the Compose that produced the data")
-    if isinstance(pred, Mapping):
-        data, pred = pred, pred["pred"]
-    orig = pred if data is None else data[orig_key]  # type: ignore[index]
-    if not isinstance(orig, MetaTensor) or not orig.applied_operations:
-        raise TypeError(
-            f"pass the dict returned by the transform (its {orig_key!r} MetaTensor records "
-            "the operations to invert)"
-        )
-    pred_t = torch.as_tensor(pred).as_subclass(torch.Tensor)
-    if pred_t.ndim == 3:
-        pred_t = pred_t[None]
-    if tuple(pred_t.shape[1:]) != tuple(orig.shape[1:]):
-        raise ValueError(
-            f"pred spatial shape {tuple(pred_t.shape[1:])} differs from the transformed "
-            f"image {tuple(orig.shape[1:])}"
-        )
-    inverter = Invertd(
-        keys="pred",
-        transform=transform,
-        orig_keys=orig_key,
-        nearest_interp=nearest,
-        to_tensor=True,
-    )
-    # Invertd silently skips plain tensors: give pred the image's metadata and operations
-    pred_mt = MetaTensor(pred_t.detach().cpu(), meta=dict(orig.meta))  # meta holds the affine
-    pred_mt.applied_operations = list(orig.applied_operations)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # a skipped inversion must not pass
-        return inverter({"pred": pred_mt, orig_key: orig})["pred"]
+    return DataCompose(load_transforms(data_cfg, cancel))

@@ -27,7 +27,8 @@ from ..data.labels import (
     from_label_maps,
     read_mapping_file,
 )
-from ..errors import ConfigError, DataError
+from ..errors import Cancelled, ConfigError, DataError
+from ..progress import CancelFlag, cancel_fn
 from .config import SegmentationConfig
 
 # --------------------------------------------------------------------------- data
@@ -154,14 +155,23 @@ def make_label_set(
 
 
 def prepare_cases(
-    pairs: Sequence[tuple[Volume, Volume]], labelset: LabelSet, cfg: RunConfig
+    pairs: Sequence[tuple[Volume, Volume]],
+    labelset: LabelSet,
+    cfg: RunConfig,
+    cancel: CancelFlag = None,
 ) -> list[Case]:
-    """Resample/normalise each pair like pretraining, labels mapped to 0..K (nearest)."""
+    """Resample/normalise each pair like pretraining, labels mapped to 0..K (nearest).
+
+    ``cancel``: checked between pairs and between the loading steps of each.
+    """
     from ..data.transforms import inference_transforms
 
-    transform = inference_transforms(cfg.data)
+    is_cancelled = cancel_fn(cancel)
+    transform = inference_transforms(cfg.data, cancel=is_cancelled)
     cases = []
     for img, lab in pairs:
+        if is_cancelled():
+            raise Cancelled()
         target = Volume(labelset.to_index(lab.array).astype(np.int32), img.affine, lab.path, False)
         out = transform({"image": img, "label": target})
         image = torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float()

@@ -13,7 +13,6 @@ the checkpoint's class ids.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +25,9 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, read_meta, resolve_checkpoint
 from ..config import RunConfig
-from ..data.io import Volume, load_volume, save_volume, strip_suffix
+from ..data.io import Volume, load_volume, save_volume, strip_suffix, write_label_names
 from ..data.labels import LabelSet
 from ..errors import Cancelled, CheckpointError, ConfigError, DataError
-from ..files import atomic_write_text
 from ..models.segmenter import make_segmenter
 from ..progress import CancelFlag, ProgressFn, cancel_fn
 from ..train import distributed as D
@@ -112,20 +110,22 @@ def sliding_window_logits(
     return torch.as_tensor(out).as_subclass(torch.Tensor)[0]
 
 
-def keep_largest_component(index: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
-    """An index map (D, H, W) of classes 0..K with each class 1..K reduced to its largest
-    connected component (full 26-connectivity), the rest set to background.
+def keep_largest_component(
+    index: np.ndarray | torch.Tensor, num_classes: int | Sequence[int]
+) -> np.ndarray:
+    """A label map (D, H, W) with each class reduced to its largest connected component
+    (full 26-connectivity), the rest set to background. ``num_classes`` K: the classes
+    1..K of an index map; a sequence: those label ids.
 
     MONAI's ``KeepLargestConnectedComponent`` (``independent=True``: each class on its own).
     """
     from monai.transforms import KeepLargestConnectedComponent
 
     arr = np.asarray(index)
-    if num_classes < 1 or not arr.any():
+    applied = list(range(1, num_classes + 1)) if isinstance(num_classes, int) else list(num_classes)
+    if not applied or not arr.any():
         return arr
-    keep = KeepLargestConnectedComponent(
-        applied_labels=list(range(1, num_classes + 1)), is_onehot=False, independent=True
-    )
+    keep = KeepLargestConnectedComponent(applied_labels=applied, is_onehot=False, independent=True)
     out = keep(torch.as_tensor(arr)[None])  # channel-first (1, D, H, W)
     return np.asarray(torch.as_tensor(out).as_subclass(torch.Tensor)[0]).astype(arr.dtype)
 
@@ -179,10 +179,7 @@ class Segmentation:
             )
         dtype = np.uint8 if max(self.classes, default=0) < 256 else np.int16
         written = save_volume(self.labels, self.affine, path, overwrite=overwrite, dtype=dtype)
-        atomic_write_text(
-            names_path, json.dumps({str(k): v for k, v in self.classes.items()}, indent=2)
-        )
-        return written, names_path
+        return written, write_label_names(written, self.classes)  # the reader's convention
 
 
 @dataclass
@@ -255,8 +252,10 @@ class Segmenter:
         checkpoint's settings (``largest_component`` off unless fine-tuned with it: a class
         may have two parts).
         """
-        from ..data.transforms import inference_transforms, invert_to_input
+        from ..data.inverse import labels_to_input
+        from ..data.transforms import inference_transforms
 
+        is_cancelled = cancel_fn(cancel)
         seg = self.seg
         overlap = seg.overlap if overlap is None else float(overlap)
         if not 0 <= overlap < 1:
@@ -267,8 +266,12 @@ class Segmenter:
         )
         if blend not in ("gaussian", "constant"):
             raise ConfigError(f"blend must be gaussian or constant, got {blend!r}.")
+        if is_cancelled():
+            raise Cancelled()
+        if progress is not None:
+            progress({"phase": "prepare", "message": "resampling the CT to the model grid"})
         vol = image if isinstance(image, Volume) else load_volume(image)
-        transform = inference_transforms(self.cfg.data)
+        transform = inference_transforms(self.cfg.data, cancel=is_cancelled)
         sample = transform({"image": vol})
         dev = D.select_device(device)
         model = self.model.to(dev).eval()
@@ -286,20 +289,27 @@ class Segmenter:
             sw_batch_size=sw_batch_size or seg.sw_batch_size,
             device=dev,
             progress=window_progress,
-            cancel=cancel_fn(cancel),
+            cancel=is_cancelled,
         )
-        index = logits.argmax(0, keepdim=True).float()  # (1, D, H, W)
+        # class ids on the model grid, in the smallest dtype that holds them: the full-size
+        # map on the input grid is then the only large array (100 MB in uint8 for 512x512x400)
+        ids = self.labels.index_to_ids(logits.argmax(0).numpy())  # (D, H, W)
         del logits
-        back = invert_to_input(index, sample, transform, nearest=True)
-        index_in = np.rint(np.asarray(back)[0]).astype(np.int64)
-        if index_in.shape != vol.array.shape:
+        top = max(self.labels.ids, default=0)
+        ids = ids.astype(np.uint8 if top < 256 else (np.uint16 if top < 65536 else np.int32))
+        if is_cancelled():
+            raise Cancelled()
+        if progress is not None:
+            progress({"phase": "finish", "message": "labels back on the CT's grid"})
+        labels_in = labels_to_input(ids, sample, transform)
+        if labels_in.shape != vol.array.shape:
             raise RuntimeError(
-                f"inverse geometry gave {index_in.shape}, input is {vol.array.shape}"
+                f"inverse geometry gave {labels_in.shape}, input is {vol.array.shape}"
             )
         if largest_component:  # on the output grid, so the saved map has one piece per class
-            index_in = keep_largest_component(index_in, len(self.labels))
+            labels_in = keep_largest_component(labels_in, self.labels.ids)
         return Segmentation(
-            labels=self.labels.index_to_ids(index_in),
+            labels=labels_in,
             affine=np.asarray(vol.affine),
             classes=self.labels.id_to_name(),
             source=vol.path,

@@ -184,8 +184,13 @@ def finetune(
         pairs = pairs[:n_labelled]
     val_pairs = resolve_labelled(val_images, val_labels, what="validation") if val_images else []
     source_names = label_names_for([lab for _, lab in pairs], label_names)
+    # validating on the training pairs themselves (the napari widget's default): load and
+    # resample them once
+    val_is_train = [tuple(map(id, p)) for p in val_pairs] == [tuple(map(id, p)) for p in pairs]
     loaded = [load_pair(i, lab, resample_labels) for i, lab in pairs]
-    val_loaded = [load_pair(i, lab, resample_labels) for i, lab in val_pairs]
+    val_loaded = (
+        loaded if val_is_train else [load_pair(i, b, resample_labels) for i, b in val_pairs]
+    )
     if isinstance(labels_map, dict) and "classes" in labels_map and is_stored_labelset(labels_map):
         labelset = LabelSet.from_dict(labels_map)
     else:
@@ -209,8 +214,8 @@ def finetune(
     if pre_ckpt is not None:
         load_pretrained_encoder(model, pre_ckpt)
     roi = seg.roi_for(cfg)
-    cases = prepare_cases(loaded, labelset, cfg)
-    val_cases = prepare_cases(val_loaded, labelset, cfg)
+    cases = prepare_cases(loaded, labelset, cfg, cancel)
+    val_cases = cases if val_is_train else prepare_cases(val_loaded, labelset, cfg, cancel)
     batches = crop_batches(
         cases,
         roi,

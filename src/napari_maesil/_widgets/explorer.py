@@ -5,178 +5,48 @@ spacing, intensities to [0, 1]: ``inference_transforms``). Superpatches are the 
 that grid from its first voxel (the tiling of ``reconstruct_volume``); the grid is drawn as
 a Labels layer (one id per superpatch, outlines in 2D) so clicking it, or its value under
 the cursor, picks a superpatch in 2D and in 3D. Results are added on the model grid, placed
-in world coordinates with the same convention as the CT (see ``napari_maesil._geometry``),
-so they overlay the CT exactly: the masked input, the reconstruction, |error| (in HU for
-HU scans) and the mask (Labels, 1 = hidden from the model).
+in world coordinates with the same convention as the CT (see ``napari_maesil._geometry``):
+the CT as the model sees it ("original"), the masked input, the reconstruction, |error| (in
+HU for HU scans) and the mask (Labels, 1 = hidden from the model).
+
+What is shown first: the original, the masked input and the reconstruction side by side
+(napari's grid mode, the other layers hidden until side by side is switched off), so the
+three compare at a glance; |error| is one checkbox away. Every array is computed in the
+job's thread; the Qt thread only puts finished layers in the viewer.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import napari
 import numpy as np
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    FileEdit,
-    FloatSlider,
-    Label,
-    PushButton,
-    SpinBox,
-)
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSlider, PushButton, SpinBox
 
-from .._geometry import META_KEY, volume_to_layer
-from ._base import LAST, JobWidget, layers_of, notify_error
+from .._geometry import META_KEY, layer_units
+from ._base import LAST, JobWidget, layers_of, notify_error, wrapped_label
+from .explorer_jobs import (
+    ExplorerOutput,
+    ModelGrid,
+    load_job,
+    superpatch_job,
+    volume_job,
+)
+from .layers_io import label_map_problem, layer_volume
+
+if TYPE_CHECKING:
+    import napari
 
 LAYER_NAMES = {
     "grid": "superpatch grid",
+    "original": "original",
     "masked": "masked input",
     "recon": "reconstruction",
     "error": "|error|",
     "mask": "mask",
 }
-
-
-class ModelGrid:
-    """A CT layer on a checkpoint's model grid: unit image, RAS affine, HU mapping, tiles."""
-
-    def __init__(self, model: Any, cfg: Any, unit: np.ndarray, affine: np.ndarray, hu: bool):
-        self.model, self.cfg = model, cfg
-        self.unit = unit  # (D, H, W) float32 in [0, 1], RAS
-        self.affine = affine  # RAS affine of the unit grid
-        self.hu = hu
-        self.tile = tuple(int(s) for s in cfg.model.superpatch)
-        self.counts = tuple(math.ceil(s / t) for s, t in zip(unit.shape, self.tile))
-        self.low, self.high = cfg.data.window() if hu else (0.0, 1.0)
-
-    @property
-    def n_tiles(self) -> int:
-        return int(np.prod(self.counts))
-
-    def corner(self, tile_id: int) -> tuple[int, int, int]:
-        """Voxel corner (on the unit grid) of superpatch ``tile_id`` (1-based)."""
-        i, j, k = np.unravel_index(int(tile_id) - 1, self.counts)
-        return int(i) * self.tile[0], int(j) * self.tile[1], int(k) * self.tile[2]
-
-    def tile_ids(self) -> np.ndarray:
-        """(D, H, W) uint16/32 map of superpatch ids (1..n)."""
-        idx = [np.arange(s) // t for s, t in zip(self.unit.shape, self.tile)]
-        ids = (
-            idx[0][:, None, None] * self.counts[1] * self.counts[2]
-            + idx[1][None, :, None] * self.counts[2]
-            + idx[2][None, None, :]
-            + 1
-        )
-        return ids.astype(np.uint16 if self.n_tiles < 65535 else np.uint32)
-
-    def crop(self, corner: tuple[int, int, int]) -> np.ndarray:
-        """The superpatch at ``corner`` (zero padded past the volume's end)."""
-        out = np.zeros(self.tile, dtype=np.float32)
-        sl = tuple(slice(c, min(c + t, s)) for c, t, s in zip(corner, self.tile, self.unit.shape))
-        part = self.unit[sl]
-        out[: part.shape[0], : part.shape[1], : part.shape[2]] = part
-        return out
-
-    def affine_at(self, corner: tuple[int, int, int]) -> np.ndarray:
-        shift = np.eye(4)
-        shift[:3, 3] = corner
-        return self.affine @ shift
-
-    def to_units(self, a: np.ndarray) -> np.ndarray:
-        return (self.low + a * (self.high - self.low)).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------- jobs (threads)
-
-
-def _load_job(checkpoint: str, array: np.ndarray, affine: np.ndarray, *, progress, cancel):
-    """Model + the CT on the model grid. Runs in a worker thread."""
-    from maesil_core.checkpoint import load_checkpoint
-    from maesil_core.data import inference_transforms
-    from maesil_core.data.io import Volume, looks_like_hu
-    from maesil_core.models.registry import build_from_checkpoint
-
-    progress({"phase": "load", "message": "loading the checkpoint"})
-    ckpt = load_checkpoint(checkpoint, kind="pretrain")
-    model, ckpt = build_from_checkpoint(ckpt)
-    cfg = ckpt.config
-    progress({"phase": "load", "message": "resampling the CT to the model grid"})
-    vol = Volume(array=np.asarray(array, dtype=np.float32), affine=affine, path="layer")
-    vol.is_hu = looks_like_hu(vol.array)
-    sample = inference_transforms(cfg.data)({"image": vol})
-    image = sample["image"]
-    unit = np.asarray(image[0], dtype=np.float32)
-    grid_affine = np.asarray(image.affine, dtype=np.float64)
-    hu = getattr(image, "meta", {}).get("intensity", "hu" if vol.is_hu else "percentile") == "hu"
-    return ModelGrid(model, cfg, unit, grid_affine, hu)
-
-
-def _superpatch_job(grid: ModelGrid, corner, mode, ratio, seed, *, progress, cancel):
-    """Mask + reconstruct one superpatch. Returns arrays on the tile and scores."""
-    import torch
-
-    from maesil_core.metrics import interpolation_scores, reconstruction_scores
-
-    x = torch.from_numpy(grid.crop(corner))[None, None]
-    gen = torch.Generator().manual_seed(int(seed))
-    progress({"phase": "reconstruct", "step": 0, "steps": 1})
-    recon, mask, raw = grid.model.reconstruct(
-        x, mode=mode, ratio=ratio, generator=gen, return_raw=True
-    )
-    progress({"phase": "reconstruct", "step": 1, "steps": 1})
-    target = x[0, 0].numpy()
-    m = mask[0, 0].numpy() > 0.5
-    pred = raw[0, 0].float().numpy()
-    scores = reconstruction_scores(pred, target, m)
-    # baselines: the hidden voxels interpolated from the visible ones (the score to beat;
-    # a barely trained model does not), or filled with the mean of the whole CT
-    base_scores = interpolation_scores(target, m, grid.model.cfg.patch)
-    volume_fill = np.full_like(target, float(grid.unit.mean()))
-    base_scores["volume_mean_mse"] = reconstruction_scores(volume_fill, target, m)["mse"]
-    return {
-        "corner": corner,
-        "target": target,
-        "recon": recon[0, 0].float().numpy(),
-        "pred": pred,
-        "mask": m,
-        "scores": scores,
-        "baseline": base_scores,
-    }
-
-
-def _volume_job(grid: ModelGrid, mode, ratio, seed, *, progress, cancel):
-    """Mask + reconstruct every superpatch of the CT (tile by tile, cancellable)."""
-    import torch
-
-    from maesil_core.inference import reconstruct_volume
-    from maesil_core.metrics import reconstruction_scores
-
-    def tick(done: int, total: int) -> None:
-        progress({"phase": "reconstruct", "step": done, "steps": total})
-
-    tiled = reconstruct_volume(
-        grid.model,
-        torch.from_numpy(grid.unit)[None],
-        mode=mode,
-        ratio=ratio,
-        seed=int(seed),
-        progress=tick,
-        cancel=cancel.is_set,
-    )
-    m = tiled.mask[0].numpy() > 0.5
-    target = grid.unit
-    pred = tiled.pred[0].numpy()
-    return {
-        "corner": (0, 0, 0),
-        "target": target,
-        "recon": tiled.recon[0].numpy(),
-        "pred": pred,
-        "mask": m,
-        "scores": reconstruction_scores(pred, target, m) if m.any() else {},
-        "baseline": {},
-    }
+#: the layers compared side by side, in grid order
+SIDE_BY_SIDE = ("original", "masked", "recon")
 
 
 # ---------------------------------------------------------------------------- widget
@@ -184,6 +54,9 @@ def _volume_job(grid: ModelGrid, mode, ratio, seed, *, progress, cancel):
 
 class ExplorerWidget(JobWidget):
     """Pick a checkpoint and a CT layer, then a superpatch; see what the model fills in."""
+
+    title = "Explorer"
+    option_fields: ClassVar[dict[str, str]] = {"mask_ratio": "ratio", "mask_mode": "mode"}
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, start_text="Mask and reconstruct superpatch")
@@ -203,29 +76,38 @@ class ExplorerWidget(JobWidget):
         self.ratio = FloatSlider(min=0.05, max=0.95, step=0.05, value=0.75, label="Mask ratio")
         self.seed = SpinBox(min=0, max=2**31 - 1, value=0, label="Seed")
         self.whole_button = PushButton(text="Whole volume (all superpatches)")
-        self.scores = Label(value="", label="Scores")
+        self.side_by_side = CheckBox(
+            value=True, text="Side by side: original | masked input | reconstruction"
+        )
+        self.side_by_side.tooltip = (
+            "napari's grid mode with the three result layers only; switch off to see the "
+            "results over the CT and to pick superpatches by clicking"
+        )
+        self.show_error = CheckBox(value=False, text="Show |error| (hidden voxels)")
+        self.scores = wrapped_label("Scores")
         self.extend(
             [
                 self.checkpoint, self.image, self.load_button, self.tile,
                 self.pick_by_click, self.cursor_button, self.mode, self.ratio, self.seed,
-                self.start_button, self.whole_button, self.cancel_button,
-                self.progress_bar, self.status, self.scores,
+                self.start_button, self.whole_button, self.side_by_side, self.show_error,
+                self.cancel_button, self.progress_bar, self.status, self.scores,
             ]
         )  # fmt: skip
         self._lock_while_running += [self.load_button, self.whole_button, self.cursor_button]
         self.grid: ModelGrid | None = None
         self._grid_key: tuple | None = None
         self.last_output: dict | None = None
+        self._hidden_for_grid: dict[str, bool] | None = None
 
         self.load_button.changed.connect(self.load)
         self.start_button.changed.connect(self.run_superpatch)
         self.whole_button.changed.connect(self.run_whole_volume)
         self.cursor_button.changed.connect(self.pick_from_cursor)
         self.tile.changed.connect(self._highlight)
-        v.layers.events.inserted.connect(lambda *_: self.image.reset_choices())
-        v.layers.events.removed.connect(lambda *_: self.image.reset_choices())
-        v.mouse_drag_callbacks.append(self._on_click)
-        v.dims.events.ndisplay.connect(self._style_grid)
+        self.side_by_side.changed.connect(self._apply_view)
+        self.show_error.changed.connect(self._apply_view)
+        self.add_mouse_callback(self._on_click)
+        self.connect_viewer(v.dims.events.ndisplay, self._style_grid)
 
     # ------------------------------------------------------------------ load
     def _key(self) -> tuple:
@@ -235,8 +117,6 @@ class ExplorerWidget(JobWidget):
     def load(self, *_: Any, then: Any = None) -> None:
         from maesil_core.errors import MaesilError
 
-        from .._geometry import layer_to_volume
-
         try:
             ckpt = str(self.checkpoint.value or "").strip()
             if not ckpt or ckpt == ".":
@@ -244,20 +124,24 @@ class ExplorerWidget(JobWidget):
             layer = self.image.value
             if layer is None:
                 raise MaesilError("open a CT first (File > Open, or File > Open Sample).")
-            array, affine = layer_to_volume(layer)
+            problem = label_map_problem(layer)
+            if problem:
+                raise MaesilError(problem)
+            volume = layer_volume(layer)
         except MaesilError as exc:
-            notify_error(str(exc))
+            self.notify_error(exc)
             return
         key = self._key()
         self.status.value = "loading..."
 
-        def done(grid: ModelGrid) -> None:
+        def done(result: tuple) -> None:
+            grid, (data, geo) = result
             self.grid, self._grid_key = grid, key
-            self._show_grid()
+            self._show_grid(data, geo)
             if then is not None:
                 then()
 
-        self.launch(_load_job, ckpt, array, affine, on_progress=self._on_progress, on_done=done)
+        self.launch(load_job, ckpt, volume, on_progress=self._on_progress, on_done=done)
 
     def _ensure_loaded(self, then: Any) -> None:
         if self.grid is None or self._grid_key != self._key():
@@ -265,9 +149,8 @@ class ExplorerWidget(JobWidget):
         else:
             then()
 
-    def _show_grid(self) -> None:
+    def _show_grid(self, data: np.ndarray, geo: dict) -> None:
         grid = self.grid
-        data, geo, _ = volume_to_layer(grid.tile_ids(), grid.affine)
         self._put_layer("grid", data, geo, "labels", opacity=0.35)
         self._style_grid()
         self.tile.max = grid.n_tiles
@@ -298,6 +181,8 @@ class ExplorerWidget(JobWidget):
     def tile_at(self, position: Any, view_direction: Any = None, dims_displayed: Any = None):
         """Superpatch id at a world position (3D: first along the view ray), or None."""
         name = LAYER_NAMES["grid"]
+        if view_direction is None:  # 2D: from the grid's geometry (the layer may be hidden)
+            return self.grid.tile_at_world(position) if self.grid is not None else None
         if name not in self.viewer.layers:
             return None
         layer = self.viewer.layers[name]
@@ -309,6 +194,8 @@ class ExplorerWidget(JobWidget):
     def _on_click(self, viewer: Any, event: Any):
         if not self.pick_by_click.value or self.grid is None or self.running:
             return
+        if self._grid_mode().enabled:
+            return  # side by side: positions belong to the grid's cells
         yield
         dragged = False
         while event.type == "mouse_move":
@@ -343,7 +230,7 @@ class ExplorerWidget(JobWidget):
             corner = self.grid.corner(int(self.tile.value))
             self.status.value = f"superpatch #{self.tile.value} at voxel {list(corner)}"
             self.launch(
-                _superpatch_job,
+                superpatch_job,
                 self.grid,
                 corner,
                 self.mode.value,
@@ -359,7 +246,7 @@ class ExplorerWidget(JobWidget):
         def go() -> None:
             self.status.value = f"reconstructing {self.grid.n_tiles} superpatches..."
             self.launch(
-                _volume_job,
+                volume_job,
                 self.grid,
                 self.mode.value,
                 float(self.ratio.value),
@@ -400,45 +287,70 @@ class ExplorerWidget(JobWidget):
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
-        return add(data, name=name, metadata=meta, **geo, **kwargs)
+        return add(data, name=name, metadata=meta, **geo, **layer_units(), **kwargs)
 
-    def _show_result(self, out: dict) -> None:
-        grid = self.grid
-        self.last_output = out
-        affine = grid.affine_at(out["corner"])
-        target, recon, pred, m = out["target"], out["recon"], out["pred"], out["mask"]
-        if grid.hu:
-            masked = np.where(m, grid.low, grid.to_units(target)).astype(np.float32)
-            shown = grid.to_units(recon)
-            error = np.abs(grid.to_units(pred) - grid.to_units(target)) * m
-            limits = [grid.low, grid.high]
-            err_limits = [0.0, (grid.high - grid.low) / 2]
-        else:
-            masked = np.where(m, 0.0, target).astype(np.float32)
-            shown, error = recon, np.abs(pred - target) * m
-            limits, err_limits = [0.0, 1.0], [0.0, 0.5]
+    def _show_result(self, out: ExplorerOutput) -> Iterator[None]:
+        """Put the result layers in the viewer, one per turn of the event loop (a generator:
+        see ``JobWidget.launch``), then arrange the view."""
+        self.last_output = out.raw
         layers = {}
-        for key, arr in (("masked", masked), ("recon", shown), ("error", error)):
-            data, geo, _ = volume_to_layer(arr.astype(np.float32), affine)
+        for key in ("original", "masked", "recon", "error"):
+            data, geo = out.layers[key]
             layers[key] = self._put_layer(
                 key,
                 data,
                 geo,
                 "image",
-                contrast_limits=err_limits if key == "error" else limits,
+                contrast_limits=out.error_limits if key == "error" else out.limits,
                 colormap="inferno" if key == "error" else "gray",
+                visible=False,  # _apply_view decides what shows
             )
-        data, geo, _ = volume_to_layer(m.astype(np.uint8), affine)
-        layers["mask"] = self._put_layer("mask", data, geo, "labels", opacity=0.3)
+            yield
+        data, geo = out.layers["mask"]
+        layers["mask"] = self._put_layer("mask", data, geo, "labels", opacity=0.3, visible=False)
+        yield
         self.layers_out = layers
-        s, b = out["scores"], out["baseline"]
-        text = ""
-        if s:
-            text = f"PSNR {s['psnr']:.1f} dB · SSIM {s['ssim']:.3f}"
-            if b:
-                text += (
-                    f" (interpolating the visible: PSNR {b['psnr']:.1f} dB · SSIM {b['ssim']:.3f})"
-                )
-        self.scores.value = text
-        self.status.value = f"done · {int(m.sum())} masked voxels ({100 * m.mean():.0f}%)"
+        self.scores.value = out.scores_text
+        self.status.value = out.status_text
         self.progress_bar.value = self.progress_bar.max
+        self._apply_view()
+        if self._grid_mode().enabled:
+            yield
+            self.viewer.reset_view()
+
+    # ------------------------------------------------------------------ view
+    def _grid_mode(self) -> Any:
+        """napari's grid-mode model (``viewer.canvas.grid`` since napari 0.9)."""
+        canvas = getattr(self.viewer, "canvas", None)
+        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self.viewer.grid
+
+    def _apply_view(self, *_: Any) -> None:
+        """Side by side (grid mode: original | masked input | reconstruction [| |error|]),
+        or the results over the CT; |error| shown only when asked."""
+        layers = self.viewer.layers
+        names = {key: LAYER_NAMES[key] for key in (*SIDE_BY_SIDE, "error", "mask")}
+        have = all(n in layers for n in names.values())
+        grid = self._grid_mode()
+        if not have:
+            return
+        error = names["error"]
+        if self.side_by_side.value:
+            shown = {names[k] for k in SIDE_BY_SIDE} | ({error} if self.show_error.value else set())
+            if self._hidden_for_grid is None:
+                self._hidden_for_grid = {layer.name: layer.visible for layer in layers}
+            for layer in layers:
+                layer.visible = layer.name in shown
+            grid.enabled = True
+            return
+        grid.enabled = False
+        saved, self._hidden_for_grid = self._hidden_for_grid, None
+        for layer in layers:
+            if layer.name in names.values():
+                continue
+            if saved is not None and layer.name in saved:
+                layer.visible = saved[layer.name]
+        layers[names["original"]].visible = False  # the CT itself is below
+        layers[names["masked"]].visible = False
+        layers[names["recon"]].visible = True
+        layers[names["mask"]].visible = True
+        layers[error].visible = bool(self.show_error.value)

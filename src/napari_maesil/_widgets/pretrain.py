@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import napari
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
     Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     Select,
     SpinBox,
 )
 
-from ._base import LAST, JobWidget, device_choices, fmt_seconds, layers_of, notify_error
+from ._base import (
+    LAST,
+    JobWidget,
+    device_choices,
+    fmt_seconds,
+    layers_of,
+    notify_info,
+    wrapped_label,
+)
+from ._plots import CurvePlot
+from .layers_io import label_map_problem
+
+if TYPE_CHECKING:
+    import napari
 
 SOURCES = ("Image layers", "Folder or file", "Phantom (built in)")
 
@@ -34,9 +44,11 @@ def _pretrain_job(
     progress: Any,
     cancel: Any,
 ) -> Any:
-    """Runs in a worker thread: write chosen layers to NIfTI, then ``api.pretrain``."""
+    """Runs in the job's thread: write the chosen layers (copies taken at Start) to NIfTI
+    in the run folder (so ``--resume`` finds them), then ``api.pretrain``."""
     from maesil_core import api
     from maesil_core.data.io import save_volume
+    from maesil_core.errors import Cancelled
 
     from .._writer import volume_for_saving
 
@@ -44,10 +56,14 @@ def _pretrain_job(
     if layer_snapshots:
         progress({"phase": "prepare", "message": "writing the chosen layers to NIfTI"})
         folder = Path(run_dir) / "layers"
-        for name, data, meta in layer_snapshots:
+        while layer_snapshots:
+            if cancel.is_set():
+                raise Cancelled()
+            name, data, meta = layer_snapshots.pop(0)  # drop each copy once written
             array, affine = volume_for_saving(data, meta)
             safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "layer"
             files.append(str(save_volume(array, affine, folder / f"{safe}.nii", overwrite=True)))
+            del data, array
     progress({"phase": "prepare", "message": "loading and caching the volumes"})
     return api.pretrain(
         files or None, run_dir, cfg, resume=resume, force=force, progress=progress, cancel=cancel
@@ -56,6 +72,14 @@ def _pretrain_job(
 
 class PretrainWidget(JobWidget):
     """Pretrain a MAESIL model: data, preset + main settings, Advanced, device, output."""
+
+    title = "Pretrain"
+    option_fields: ClassVar[dict[str, str]] = {
+        "run_dir": "out_dir",
+        "out": "out_dir",
+        "force": "overwrite",
+        "crops_per_volume": "crops",
+    }
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, start_text="Start pretraining")
@@ -115,7 +139,7 @@ class PretrainWidget(JobWidget):
             labels=True,
         )  # fmt: skip
         self.advanced.visible = False
-        self.metrics = Label(value="", label="")
+        self.metrics = wrapped_label("")
         self.extend(
             [
                 self.source, self.layers, self.folder, self.preset, self.steps,
@@ -126,18 +150,16 @@ class PretrainWidget(JobWidget):
             ]
         )  # fmt: skip
         self._lock_while_running += [self.preset, self.resume, self.source]
-        self._build_plot()
+        self.plot = CurvePlot(v, "step", "loss")
+        self.add_plot(self.plot)
 
         self.preset.changed.connect(self._apply_preset)
         self.source.changed.connect(self._update_source)
-        self.show_advanced.changed.connect(lambda on: setattr(self.advanced, "visible", on))
+        self.show_advanced.changed.connect(self._show_advanced)
         self.start_button.changed.connect(self.start)
-        v.layers.events.inserted.connect(lambda *_: self.layers.reset_choices())
-        v.layers.events.removed.connect(lambda *_: self.layers.reset_choices())
         self._apply_preset(self.preset.value)
         self._update_source(self.source.value)
         self.history: list[tuple[int, float]] = []
-        self._last_draw = 0.0
 
     # ------------------------------------------------------------------ settings
     def _apply_preset(self, name: str) -> None:
@@ -164,6 +186,9 @@ class PretrainWidget(JobWidget):
         self.augment.value = d.augment
         self.checkpoint_every.value, self.log_every.value = t.checkpoint_every, t.log_every
         self.precision.value = t.precision
+
+    def _show_advanced(self, on: bool) -> None:
+        self.advanced.visible = bool(on)
 
     def _update_source(self, source: str) -> None:
         self.layers.visible = source == SOURCES[0]
@@ -223,10 +248,10 @@ class PretrainWidget(JobWidget):
             if not run_dir or run_dir == ".":
                 raise MaesilError("choose an output folder for the run.")
         except MaesilError as exc:
-            notify_error(str(exc))
+            self.notify_error(exc)
             return
         self.history = []
-        self._draw(force=True)
+        self.plot.clear()
         self.progress_bar.value = 0
         self.status.value = "starting..."
         self.metrics.value = ""
@@ -260,13 +285,17 @@ class PretrainWidget(JobWidget):
         snaps = []
         for name in chosen:
             layer = self.viewer.layers[name]
+            problem = label_map_problem(layer)
+            if problem:
+                raise MaesilError(problem)
             meta = {
                 "scale": tuple(layer.scale),
                 "translate": tuple(layer.translate),
                 "rotate": layer.rotate,
                 "metadata": dict(layer.metadata),
             }
-            snaps.append((name, layer.data, meta))
+            # a copy: the job must not see later edits of the layer (or a freed array)
+            snaps.append((name, layer.data.copy(), meta))
         return snaps, []
 
     def _on_progress(self, info: dict) -> None:
@@ -288,13 +317,14 @@ class PretrainWidget(JobWidget):
             text += f" · ETA {fmt_seconds(info.get('eta_s'))}"
             if loss is not None and (not self.history or self.history[-1][0] != step):
                 self.history.append((step, float(loss)))
-                self._draw()
+                self.plot.set("loss", self.history)
+                self.plot.draw()
         elif phase == "checkpoint":
             text += " · checkpoint saved"
         self.status.value = text
 
     def _on_done(self, result: Any) -> None:
-        self._draw(force=True)
+        self.plot.draw(force=True)
         if result is None:
             return
         LAST["pretrain"] = str(result.run_dir)
@@ -305,32 +335,4 @@ class PretrainWidget(JobWidget):
         self.metrics.tooltip = str(result.checkpoint)
         if not result.cancelled:
             self.status.value = f"done · step {result.step}"
-            from napari.utils.notifications import show_info
-
-            show_info(f"Pretraining finished: checkpoint {result.checkpoint}")
-
-    # ------------------------------------------------------------------ loss curve
-    def _build_plot(self) -> None:
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(3.2, 1.8), dpi=90, tight_layout=True)
-        self._ax = fig.add_subplot(111)
-        self._canvas = FigureCanvasQTAgg(fig)
-        self._canvas.setMinimumHeight(150)
-        self.native.layout().addWidget(self._canvas)
-
-    def _draw(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_draw < 0.5:
-            return
-        self._last_draw = now
-        ax = self._ax
-        ax.clear()
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("loss", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if self.history:
-            xs, ys = zip(*self.history)
-            ax.plot(xs, ys, color="tab:orange", lw=1.5)
-        self._canvas.draw_idle()
+            notify_info(f"Pretraining finished: checkpoint {result.checkpoint}")

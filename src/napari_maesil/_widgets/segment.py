@@ -1,38 +1,108 @@
 """Segment widget: a fine-tuned checkpoint labels the CT layer (sliding window, cancellable);
 the result is a Labels layer whose features name the organs (hover shows them) and which
-the plugin's writer saves on the CT's own grid with its affine."""
+the plugin's writer saves on the CT's own grid with its affine.
+
+Everything heavy runs in the job's thread: the segmentation itself, and turning it into the
+layer's array (uint8 in napari's (z, y, x) order) with the list of organs found; the Qt
+thread only adds the finished layer.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import napari
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, PushButton
 
-from .._geometry import META_KEY
+from .._geometry import META_KEY, layer_units
 from .._reader import label_features
 from ._base import LAST, JobWidget, device_choices, layers_of, notify_error, notify_info
-from .layers_io import layer_volume
+from .layers_io import label_map_problem, layer_volume
+
+if TYPE_CHECKING:
+    import napari
+
+
+@dataclass
+class SegmentOutput:
+    """A segmentation ready for the viewer: ``data`` (z, y, x) on the CT layer's grid."""
+
+    data: np.ndarray
+    names: dict[int, str]
+    found: list[str]
+    features: dict[str, list]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _segment_job(checkpoint, volume, overlap, largest, device, *, progress, cancel):
+    """Runs in the job's thread: segment, then the layer's array, features and organs."""
+    import pandas  # noqa: F401  (napari builds the features table with it: import it here)
+
     from maesil_core.segmentation import segment
 
     progress({"phase": "prepare", "message": "loading the segmenter"})
-    return segment(
+    seg = segment(
         checkpoint,
         volume,
         overlap=overlap,
         largest_component=largest,
         device=device,
+        # on a CPU one window at a time: Cancel is checked between batches of windows, and
+        # batching buys a CPU nothing
+        sw_batch_size=1 if str(device).startswith("cpu") else None,
         progress=progress,
         cancel=cancel,
     )
+    progress({"phase": "finish", "message": "preparing the layer"})
+    labels = np.asarray(seg.labels)
+    seg.labels = None  # the (X, Y, Z) map goes once copied
+    top = int(max(seg.classes, default=0))
+    dtype = np.uint8 if top < 256 else (np.uint16 if top < 65536 else np.int32)
+    # (X, Y, Z) -> (z, y, x), narrowed, and the organs present, slab by slab: each numpy
+    # call holds the GIL for milliseconds only, so the viewer keeps painting meanwhile
+    data = np.empty(labels.shape[::-1], dtype=dtype)
+    present: set[int] = set()
+    for z0 in range(0, data.shape[0], _SLAB):
+        slab = data[z0 : z0 + _SLAB]
+        slab[...] = labels[:, :, z0 : z0 + _SLAB].transpose(2, 1, 0)
+        present.update(np.flatnonzero(np.bincount(slab.ravel().astype(np.intp, copy=False))))
+    del labels
+    names = {int(k): str(v) for k, v in seg.classes.items()}
+    found = [names[i] for i in sorted(names) if i in present]
+    top = max(top, max(present, default=0))
+    return SegmentOutput(data, names, found, label_features(names, top), dict(seg.extra))
+
+
+#: slices per slab when the result is turned into the layer's array
+_SLAB = 8
+
+
+def _segmentation_default_largest(checkpoint: str) -> bool | None:
+    """The chosen model's own 'largest component' setting, from its JSON metadata only (no
+    torch on the Qt thread); None if the path is not (yet) a segmentation checkpoint."""
+    p = Path(checkpoint).expanduser()
+    candidates = []
+    if p.is_dir():
+        candidates = [p / "best.json", *sorted((p / "checkpoints").glob("step_*.json"))[-1:]]
+    elif p.suffix == ".safetensors":
+        candidates = [p.with_suffix(".json")]
+    for meta_path in candidates:
+        try:
+            meta = json.loads(meta_path.read_text())
+            return bool(meta["extra"]["segmentation"].get("largest_component", False))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return None
 
 
 class SegmentWidget(JobWidget):
     """CT layer + segmentation checkpoint -> Labels layer with organ names."""
+
+    title = "Segment"
+    option_fields: ClassVar[dict[str, str]] = {"out": "save_path"}
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, start_text="Segment")
@@ -65,25 +135,16 @@ class SegmentWidget(JobWidget):
         self.checkpoint.changed.connect(self._follow_checkpoint)
         self._follow_checkpoint()
         self.save_button.changed.connect(self.save)
-        v.layers.events.inserted.connect(lambda *_: self.image.reset_choices())
-        v.layers.events.removed.connect(lambda *_: self.image.reset_choices())
         self.result_layer: Any = None
+        self._source: Any = None
 
     def _follow_checkpoint(self, *_: Any) -> None:
         """Start the largest-piece box from the chosen model's own setting (as the CLI does)."""
-        from maesil_core.checkpoint import read_meta
-        from maesil_core.errors import MaesilError
-        from maesil_core.segmentation import resolve_segmentation_checkpoint
-
         ckpt = str(self.checkpoint.value or "").strip()
-        if not ckpt or ckpt == ".":
-            return
-        try:
-            meta = read_meta(resolve_segmentation_checkpoint(ckpt))
-        except (MaesilError, OSError, ValueError):
-            return  # not (yet) a segmentation model: Segment will say so
-        seg = meta.extra.get("segmentation", {})
-        self.largest.value = bool(seg.get("largest_component", False))
+        if ckpt and ckpt != ".":
+            largest = _segmentation_default_largest(ckpt)
+            if largest is not None:
+                self.largest.value = largest
 
     def start(self, *_: Any) -> None:
         from maesil_core.errors import MaesilError
@@ -95,12 +156,16 @@ class SegmentWidget(JobWidget):
             layer = self.image.value
             if layer is None:
                 raise MaesilError("open a CT first (File > Open, or File > Open Sample).")
+            problem = label_map_problem(layer)
+            if problem:
+                raise MaesilError(problem)
             volume = layer_volume(layer)
         except MaesilError as exc:
-            notify_error(str(exc))
+            self.notify_error(exc)
             return
         self._source = layer
         self.progress_bar.value = 0
+        self.status.value = "loading the segmenter..."
         self.launch(
             _segment_job,
             ckpt,
@@ -113,40 +178,40 @@ class SegmentWidget(JobWidget):
         )
 
     def _on_progress(self, info: dict) -> None:
-        if info.get("phase") == "prepare":
-            self.status.value = info.get("message", "")
-            return
-        steps = max(1, int(info.get("steps", 1)))
-        self.progress_bar.max = steps
-        self.progress_bar.value = min(int(info.get("step", 0)), steps)
-        self.status.value = f"window {info.get('step')}/{steps}"
+        if info.get("message"):
+            self.status.value = info["message"]
+        if info.get("steps"):
+            steps = max(1, int(info["steps"]))
+            self.progress_bar.max = steps
+            self.progress_bar.value = min(int(info.get("step", 0)), steps)
+            self.status.value = f"window {info.get('step')}/{steps}"
 
-    def _on_done(self, seg: Any) -> None:
+    def _on_done(self, out: SegmentOutput) -> None:
         src = self._source
-        data = np.ascontiguousarray(np.asarray(seg.labels).transpose(2, 1, 0))
-        top = int(data.max(initial=0))
-        data = data.astype(np.uint8 if top < 256 else np.int32)
-        names = {int(k): str(v) for k, v in seg.classes.items()}
         meta = dict(src.metadata.get(META_KEY) or {})
         meta.update(
-            {"kind": "labels", "label_names": names, "checkpoint": seg.extra.get("checkpoint")}
+            {"kind": "labels", "label_names": out.names, "checkpoint": out.extra.get("checkpoint")}
         )
         name = f"{src.name} segmentation"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         self.result_layer = self.viewer.add_labels(
-            data,
+            out.data,
             name=name,
             scale=src.scale,
             translate=src.translate,
             rotate=src.rotate,
             metadata={META_KEY: meta},
-            features=label_features(names, top),
+            features=out.features,
+            **layer_units(),
         )
-        found = [names[i] for i in np.unique(data) if i in names]
-        self.status.value = f"done · {len(found)} organs: {', '.join(found) or 'none found'}"
+        self.status.value = (
+            f"done · {len(out.found)} organs: {', '.join(out.found) or 'none found'}"
+        )
 
     def save(self, *_: Any) -> None:
+        import napari
+
         path = str(self.save_path.value or "").strip()
         if self.result_layer is None or self.result_layer not in self.viewer.layers:
             notify_error("segment a CT first; the result layer is what gets saved.")

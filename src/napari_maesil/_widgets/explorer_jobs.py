@@ -1,0 +1,216 @@
+"""The superpatch explorer's jobs (each runs in the job's thread, off the Qt thread): the
+CT on a checkpoint's model grid (:class:`ModelGrid`, :func:`load_job`), one superpatch or
+the whole volume masked and reconstructed (:func:`superpatch_job`, :func:`volume_job`), and
+the finished layers with their scores (:class:`ExplorerOutput`): arrays in napari's
+(z, y, x) order, in HU for HU scans, placed by ``napari_maesil._geometry``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._geometry import volume_to_layer
+
+
+class ModelGrid:
+    """A CT layer on a checkpoint's model grid: unit image, RAS affine, HU mapping, tiles."""
+
+    def __init__(self, model: Any, cfg: Any, unit: np.ndarray, affine: np.ndarray, hu: bool):
+        self.model, self.cfg = model, cfg
+        self.unit = unit  # (D, H, W) float32 in [0, 1], RAS
+        self.affine = affine  # RAS affine of the unit grid
+        self.hu = hu
+        self.tile = tuple(int(s) for s in cfg.model.superpatch)
+        self.counts = tuple(math.ceil(s / t) for s, t in zip(unit.shape, self.tile))
+        self.low, self.high = cfg.data.window() if hu else (0.0, 1.0)
+
+    @property
+    def n_tiles(self) -> int:
+        return int(np.prod(self.counts))
+
+    def corner(self, tile_id: int) -> tuple[int, int, int]:
+        """Voxel corner (on the unit grid) of superpatch ``tile_id`` (1-based)."""
+        i, j, k = np.unravel_index(int(tile_id) - 1, self.counts)
+        return int(i) * self.tile[0], int(j) * self.tile[1], int(k) * self.tile[2]
+
+    def tile_ids(self) -> np.ndarray:
+        """(D, H, W) uint16/32 map of superpatch ids (1..n)."""
+        idx = [np.arange(s) // t for s, t in zip(self.unit.shape, self.tile)]
+        ids = (
+            idx[0][:, None, None] * self.counts[1] * self.counts[2]
+            + idx[1][None, :, None] * self.counts[2]
+            + idx[2][None, None, :]
+            + 1
+        )
+        return ids.astype(np.uint16 if self.n_tiles < 65535 else np.uint32)
+
+    def tile_at_world(self, world: Any) -> int | None:
+        """Superpatch id (1-based) at a napari world position ``(z, y, x)`` of LPS mm (the
+        nearest voxel of the model grid, as the grid layer's value would say), or None."""
+        z, y, x = (float(c) for c in np.asarray(world, dtype=np.float64)[-3:])
+        ras = np.array([-x, -y, z, 1.0])  # LPS (x, y, z) -> RAS
+        voxel = np.rint(np.linalg.solve(self.affine, ras)[:3]).astype(int)
+        if np.any(voxel < 0) or np.any(voxel >= np.asarray(self.unit.shape)):
+            return None
+        index = tuple(int(v) // t for v, t in zip(voxel, self.tile))
+        return int(np.ravel_multi_index(index, self.counts)) + 1
+
+    def crop(self, corner: tuple[int, int, int]) -> np.ndarray:
+        """The superpatch at ``corner`` (zero padded past the volume's end)."""
+        out = np.zeros(self.tile, dtype=np.float32)
+        sl = tuple(slice(c, min(c + t, s)) for c, t, s in zip(corner, self.tile, self.unit.shape))
+        part = self.unit[sl]
+        out[: part.shape[0], : part.shape[1], : part.shape[2]] = part
+        return out
+
+    def affine_at(self, corner: tuple[int, int, int]) -> np.ndarray:
+        shift = np.eye(4)
+        shift[:3, 3] = corner
+        return self.affine @ shift
+
+    def to_units(self, a: np.ndarray) -> np.ndarray:
+        return (self.low + a * (self.high - self.low)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- jobs (threads)
+
+
+@dataclass
+class ExplorerOutput:
+    """Finished layers ``{key: (data (z, y, x), geometry kwargs)}`` and the scores."""
+
+    layers: dict[str, tuple[np.ndarray, dict]]
+    limits: list[float]
+    error_limits: list[float]
+    scores_text: str
+    status_text: str
+    raw: dict[str, Any] = field(default_factory=dict)  #: arrays on the model grid (tests)
+
+
+def load_job(checkpoint: str, volume: Any, *, progress, cancel):
+    """Model + the CT on the model grid + the superpatch grid layer. Runs in a thread."""
+    from maesil_core.checkpoint import load_checkpoint
+    from maesil_core.data import inference_transforms
+    from maesil_core.errors import Cancelled
+    from maesil_core.models.registry import build_from_checkpoint
+
+    progress({"phase": "load", "message": "loading the checkpoint"})
+    ckpt = load_checkpoint(checkpoint, kind="pretrain")
+    model, ckpt = build_from_checkpoint(ckpt)
+    if cancel.is_set():
+        raise Cancelled()
+    cfg = ckpt.config
+    progress({"phase": "load", "message": "resampling the CT to the model grid"})
+    sample = inference_transforms(cfg.data, cancel=cancel)({"image": volume})
+    image = sample["image"]
+    unit = np.asarray(image[0], dtype=np.float32)
+    grid_affine = np.asarray(image.affine, dtype=np.float64)
+    hu = getattr(image, "meta", {}).get("intensity", "hu" if volume.is_hu else "percentile") == "hu"
+    grid = ModelGrid(model, cfg, unit, grid_affine, hu)
+    data, geo, _ = volume_to_layer(grid.tile_ids(), grid.affine)
+    return grid, (data, geo)
+
+
+def superpatch_job(grid: ModelGrid, corner, mode, ratio, seed, *, progress, cancel):
+    """Mask + reconstruct one superpatch; the layers on the tile, and scores."""
+    import torch
+
+    from maesil_core.metrics import interpolation_scores, reconstruction_scores
+
+    x = torch.from_numpy(grid.crop(corner))[None, None]
+    gen = torch.Generator().manual_seed(int(seed))
+    progress({"phase": "reconstruct", "step": 0, "steps": 1})
+    recon, mask, raw = grid.model.reconstruct(
+        x, mode=mode, ratio=ratio, generator=gen, return_raw=True
+    )
+    progress({"phase": "reconstruct", "step": 1, "steps": 1})
+    target = x[0, 0].numpy()
+    m = mask[0, 0].numpy() > 0.5
+    pred = raw[0, 0].float().numpy()
+    scores = reconstruction_scores(pred, target, m)
+    # baselines: the hidden voxels interpolated from the visible ones (the score to beat;
+    # a barely trained model does not), or filled with the mean of the whole CT
+    base_scores = interpolation_scores(target, m, grid.model.cfg.patch)
+    volume_fill = np.full_like(target, float(grid.unit.mean()))
+    base_scores["volume_mean_mse"] = reconstruction_scores(volume_fill, target, m)["mse"]
+    out = {
+        "corner": corner,
+        "target": target,
+        "recon": recon[0, 0].float().numpy(),
+        "pred": pred,
+        "mask": m,
+        "scores": scores,
+        "baseline": base_scores,
+    }
+    return finished(grid, out)
+
+
+def volume_job(grid: ModelGrid, mode, ratio, seed, *, progress, cancel):
+    """Mask + reconstruct every superpatch of the CT (tile by tile, cancellable)."""
+    import torch
+
+    from maesil_core.inference import reconstruct_volume
+    from maesil_core.metrics import reconstruction_scores
+
+    def tick(done: int, total: int) -> None:
+        progress({"phase": "reconstruct", "step": done, "steps": total})
+
+    tiled = reconstruct_volume(
+        grid.model,
+        torch.from_numpy(grid.unit)[None],
+        mode=mode,
+        ratio=ratio,
+        seed=int(seed),
+        progress=tick,
+        cancel=cancel.is_set,
+    )
+    m = tiled.mask[0].numpy() > 0.5
+    target = grid.unit
+    pred = tiled.pred[0].numpy()
+    out = {
+        "corner": (0, 0, 0),
+        "target": target,
+        "recon": tiled.recon[0].numpy(),
+        "pred": pred,
+        "mask": m,
+        "scores": reconstruction_scores(pred, target, m) if m.any() else {},
+        "baseline": {},
+    }
+    return finished(grid, out)
+
+
+def finished(grid: ModelGrid, out: dict) -> ExplorerOutput:
+    """The arrays of ``out`` as layers (in HU for HU scans), on the tile or the whole grid."""
+    affine = grid.affine_at(out["corner"])
+    target, recon, pred, m = out["target"], out["recon"], out["pred"], out["mask"]
+    if grid.hu:
+        original = grid.to_units(target)
+        masked = np.where(m, np.float32(grid.low), original)
+        shown = grid.to_units(recon)
+        error = np.abs(grid.to_units(pred) - original) * m
+        limits = [grid.low, grid.high]
+        err_limits = [0.0, (grid.high - grid.low) / 2]
+    else:
+        original = target
+        masked = np.where(m, np.float32(0.0), target)
+        shown, error = recon, np.abs(pred - target) * m
+        limits, err_limits = [0.0, 1.0], [0.0, 0.5]
+    layers = {}
+    arrays = (("original", original), ("masked", masked), ("recon", shown), ("error", error))
+    for key, arr in arrays:
+        data, geo, _ = volume_to_layer(arr.astype(np.float32), affine)
+        layers[key] = (data, geo)
+    data, geo, _ = volume_to_layer(m.astype(np.uint8), affine)
+    layers["mask"] = (data, geo)
+    s, b = out["scores"], out["baseline"]
+    text = ""
+    if s:
+        text = f"PSNR {s['psnr']:.1f} dB · SSIM {s['ssim']:.3f}"
+        if b:
+            text += f" (interpolating the visible: PSNR {b['psnr']:.1f} dB · SSIM {b['ssim']:.3f})"
+    status = f"done · {int(m.sum())} masked voxels ({100 * m.mean():.0f}%)"
+    return ExplorerOutput(layers, limits, err_limits, text, status, out)
