@@ -272,3 +272,74 @@ def test_short_training_lowers_masked_loss():
         opt.step()
     final = eval_loss()
     assert final < 0.6 * initial, (initial, final)
+
+
+def ct_halves(n_train: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """32^3 crops of the sample CT (windowed to [0, 1]): n_train from the first half of its
+    first axis, n_test from the other half (tissue never trained on)."""
+    nib = pytest.importorskip("nibabel")
+    vol = np.asarray(nib.load(str(CT)).dataobj, dtype=np.float32)
+    vol = np.clip((vol + 175.0) / 425.0, 0.0, 1.0)
+    vol = np.pad(vol, [(0, max(0, 32 - s)) for s in vol.shape])  # (122, 101, 32)
+    out = []
+    for half, n, seed in ((vol[: len(vol) // 2], n_train, 0), (vol[len(vol) // 2 :], n_test, 1)):
+        rng, crops = np.random.default_rng(seed), []
+        while len(crops) < n:
+            start = [int(rng.integers(0, s - 32 + 1)) for s in half.shape]
+            crop = half[tuple(slice(a, a + 32) for a in start)]
+            if crop.std() > 0.1:
+                crops.append(crop)
+        out.append(torch.from_numpy(np.stack(crops))[:, None])
+    return out[0], out[1]
+
+
+def masked_scores(m: MAESIL, x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Masked-voxel MSE of ``m`` on crops x (B, 1, 32, 32, 32) under mask (B, L), as a ratio
+    to the visible-mean fill and to the interpolation reference (metrics)."""
+    from maesil_core.metrics import interpolation_scores, mse
+
+    with torch.no_grad():
+        recon, vox = m.reconstruct(x, mask=mask)
+    target, hidden = x[:, 0].numpy(), vox[:, 0].numpy() > 0.5
+    err = mse(recon[:, 0].numpy(), target, hidden)
+    # the crops side by side along the first axis, each one tile of the references
+    ref = interpolation_scores(
+        np.concatenate(target), np.concatenate(hidden), m.patch, m.cfg.superpatch
+    )
+    return {"mean_fill": err / ref["mean_fill_mse"], "interp": err / ref["mse"]}
+
+
+#: MAESIL's decoder options (the tiny preset's)
+DECODER_OPTIONS = {"decoder_prior": "interpolation", "decoder_local": True}
+
+
+def test_interpolation_prior_is_the_reference_before_training():
+    """A decoder that corrects the interpolation of the hidden voxels, starting at
+    zero: untrained, it reconstructs exactly metrics.fill_from_visible on real CT."""
+    torch.manual_seed(0)
+    m = build_model(tiny(extra=DECODER_OPTIONS))
+    assert m.cfg.options.decoder_prior == "interpolation" and m.decoder_local is not None
+    _, x = ct_halves(1, 4)
+    mask = make_mask(m.cfg, 4, generator=torch.Generator().manual_seed(1))
+    assert masked_scores(m, x, mask)["interp"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_checkpoint_without_options_builds_the_plain_decoder():
+    """A config without MAESIL options (every checkpoint written before them) builds MAE's
+    decoder: no interpolation prior, no neighbour mixing, the same parameter names."""
+    m = build_model(tiny(extra={}))
+    assert m.decoder_prior == "none" and m.decoder_local is None
+    assert not any("decoder_local" in k for k in m.state_dict())
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"extra": {"decoder_prior": "cubic"}},
+        {"extra": {"decoder_local": "yes"}},
+        {"extra": DECODER_OPTIONS, "norm_pix_loss": True},
+    ],
+)
+def test_bad_decoder_options_are_config_errors(changes):
+    with pytest.raises(ConfigError, match="decoder_"):
+        tiny(**changes).validate()

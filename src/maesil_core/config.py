@@ -242,7 +242,13 @@ class ModelConfig:
                     )
         if round(self.mask_ratio * self.num_patches) >= self.num_patches:
             raise ConfigError("mask_ratio leaves no visible patch; lower it.", option="mask_ratio")
-        self.options  # noqa: B018  (parse and check the method options now, not mid-run)
+        options = self.options  # parse and check the method options now, not mid-run
+        if getattr(options, "decoder_prior", "none") != "none" and self.norm_pix_loss:
+            raise ConfigError(
+                "decoder_prior interpolation predicts voxels, not per-patch normalised values: "
+                "turn norm_pix_loss off or set decoder_prior none.",
+                option="norm_pix_loss",
+            )
 
 
 @dataclass

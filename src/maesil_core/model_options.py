@@ -18,10 +18,31 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class NoOptions:
-    """MAESIL and MAE-3D have no method options."""
+    """MAE-3D has no method options."""
 
     def check(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class MAESILOptions:
+    """MAESIL's decoder (both on in the ``tiny`` preset, measured in RESULTS.md; off by
+    default, so a checkpoint written without them builds the model it was)."""
+
+    #: "none", or "interpolation": the decoder predicts the residual over the hidden voxels
+    #: interpolated from the visible ones (a fixed Gaussian normalised convolution, as
+    #: ``metrics.fill_from_visible``), its head starting at zero: training starts from the
+    #: interpolation reference instead of from noise
+    decoder_prior: str = "none"
+    #: a depthwise 3x3x3 convolution over the token grid before each decoder block
+    #: (a local-global decoder: neighbours mix directly, attention mixes the rest)
+    decoder_local: bool = False
+
+    def check(self) -> None:
+        if self.decoder_prior not in ("none", "interpolation"):
+            raise ConfigError(
+                f"extra decoder_prior must be none or interpolation, got {self.decoder_prior!r}."
+            )
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,7 @@ class VQVAEOptions(ConvAEOptions):
 
 #: method -> its options class (a method not listed takes no options)
 METHOD_OPTIONS: dict[str, type] = {
+    "maesil": MAESILOptions,
     "simmim": SimMIMOptions,
     "gl-mae": GLMAEOptions,
     "ae": ConvAEOptions,
@@ -125,10 +147,15 @@ def parse_options(method: str, extra: dict[str, Any] | None) -> Any:
 
 
 def _coerce(key: str, value: Any, kind: str) -> Any:
-    """``value`` as the field's type (``int``, ``float``, ``str``, optional, int tuple)."""
+    """``value`` as the field's type (``int``, ``float``, ``str``, ``bool``, optional, int
+    tuple)."""
     if value is None and "None" in kind:
         return None
     try:
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
         if kind.startswith("tuple"):
             return tuple(int(v) for v in value)
         if kind.startswith("int"):

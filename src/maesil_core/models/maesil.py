@@ -10,6 +10,11 @@ round(ratio * L) of them (dual masking by default, see :mod:`.masking`). Then, a
   place, with a learnable mask token everywhere else, and predicts every patch;
 - :meth:`MAESIL.forward_loss`: the MSE on the masked patches only (padding left out).
 
+Two decoder options (:class:`~maesil_core.model_options.MAESILOptions`, on in ``tiny``):
+``decoder_prior="interpolation"`` adds the prediction to the hidden voxels interpolated from
+the visible ones (:func:`interpolate_hidden`), so the decoder learns what a smoothing filter
+cannot guess; ``decoder_local`` runs a :class:`~.vit3d.LocalMix` before each decoder block.
+
 ``forward`` returns the loss, the prediction in patch space (B, L, P) and the mask: what the
 training step needs and nothing more. Voxel pictures are built only when asked for
 (:meth:`MAESIL.to_voxels`, :meth:`MAESIL.reconstruct`).
@@ -27,11 +32,43 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..model_options import MAESILOptions
 from .base import PretrainOutput
 from .losses import masked_patch_loss
 from .masking import TokenMask, paste_visible
 from .patches import patchify, unpatchify
-from .vit3d import Block, ViTEncoder3D, init_vit_weights, pos_embed_3d_sincos
+from .vit3d import Block, LocalMix, ViTEncoder3D, init_vit_weights, pos_embed_3d_sincos
+
+
+def gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
+    """(B, C, D, H, W) convolved with a Gaussian of ``sigma`` voxels per axis, zero padding,
+    truncated at 4 sigma (``scipy.ndimage.gaussian_filter(mode="constant")``). Each axis is
+    one matrix product with an (n, n) banded matrix: on a superpatch (n = 32) that is ~100x
+    faster on the CPU than a 33-tap convolution."""
+    for axis, s in enumerate(sigma):
+        n, r = x.shape[2 + axis], int(4.0 * float(s) + 0.5)
+        t = torch.arange(n, device=x.device, dtype=x.dtype)
+        d = (t[:, None] - t[None, :]).abs()  # (n, n) distances
+        taps = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+        w = torch.exp(-0.5 * (d / s) ** 2) * (d <= r) / torch.exp(-0.5 * (taps / s) ** 2).sum()
+        x = torch.movedim(torch.movedim(x, 2 + axis, -1) @ w, -1, 2 + axis)
+    return x
+
+
+def interpolate_hidden(
+    x: torch.Tensor, hidden: torch.Tensor, sigma: Sequence[float]
+) -> torch.Tensor:
+    """x (B, C, D, H, W) with its hidden voxels, hidden (B, 1, D, H, W) 1.0 where hidden ->
+    (B, C, D, H, W): visible voxels kept, hidden ones the Gaussian-weighted mean (``sigma``
+    voxels per axis) of the visible ones around them (normalised convolution), or the mean of
+    all visible ones where none is near: the no-learning reference
+    ``metrics.fill_from_visible`` of one superpatch, in torch."""
+    seen = 1.0 - hidden
+    num = gaussian_blur(x * seen, sigma)  # (B, C, D, H, W)
+    den = gaussian_blur(seen.expand_as(x), sigma)
+    mean = (x * seen).sum((2, 3, 4), keepdim=True) / seen.sum((2, 3, 4), keepdim=True).clamp(min=1)
+    fill = torch.where(den > 1e-6, num / den.clamp(min=1e-6), mean.expand_as(x))
+    return x * seen + fill * hidden
 
 
 class MAESIL(nn.Module):
@@ -58,11 +95,22 @@ class MAESIL(nn.Module):
         self.decoder_blocks = nn.ModuleList(
             [Block(dd, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)]
         )
+        # MAE-3D and GL-MAE build on this class with their own options: theirs are plain
+        options = cfg.options if isinstance(cfg.options, MAESILOptions) else MAESILOptions()
+        self.decoder_prior = options.decoder_prior
+        self.decoder_local = (
+            nn.ModuleList([LocalMix(dd) for _ in range(cfg.decoder_depth)])
+            if options.decoder_local
+            else None
+        )
         self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
         self.decoder_pred = nn.Linear(dd, self.patch_dim)
 
         init_vit_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
+        if self.decoder_prior == "interpolation":  # the residual starts at 0: at the prior
+            nn.init.zeros_(self.decoder_pred.weight)
+            nn.init.zeros_(self.decoder_pred.bias)
 
     # ---------------------------------------------------------------- patches <-> voxels
 
@@ -114,9 +162,22 @@ class MAESIL(nn.Module):
         ids = mask.ids_all.unsqueeze(-1).expand(-1, -1, values.shape[-1])
         x = torch.empty_like(values).scatter(1, ids, values)  # (B, L, E') in grid order
         x = x + self._decoder_pos(tuple(mask.grid), x)
-        for blk in self.decoder_blocks:
+        for i, blk in enumerate(self.decoder_blocks):
+            if self.decoder_local is not None:
+                x = self.decoder_local[i](x, mask.grid)
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))  # (B, L, P)
+
+    def predict(self, x: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+        """x (B, C, *superpatch), mask -> pred (B, L, P): encoder, decoder and, with
+        ``decoder_prior``, the interpolation of the hidden voxels the decoder corrects."""
+        pred = self.forward_decoder(self.forward_encoder(x, mask), mask)  # (B, L, P)
+        if self.decoder_prior == "interpolation":
+            with torch.no_grad():
+                hidden = mask.to_voxels(self.patch).to(x.dtype)  # (B, 1, D, H, W)
+                prior = interpolate_hidden(x, hidden, [p / 2 for p in self.patch])
+            pred = pred + self.patchify(prior)
+        return pred
 
     def _target(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Patchified target (B, L, P), normalised per patch when ``norm_pix_loss``, and its stats."""
@@ -176,8 +237,7 @@ class MAESIL(nn.Module):
         if mask is None:
             mask = TokenMask.draw(self.cfg, x.shape[0], device=x.device, generator=generator)
         mask = TokenMask.of(mask, self.grid)
-        latent = self.forward_encoder(x, mask)  # (B, L_keep, E): visible tokens only
-        pred = self.forward_decoder(latent, mask)  # (B, L, P)
+        pred = self.predict(x, mask)  # (B, L, P); the encoder sees the visible tokens only
         loss = self.forward_loss(x, pred, mask, valid)
         return PretrainOutput(loss=loss, pred=pred, mask=mask, logs={})
 
@@ -205,6 +265,5 @@ class MAESIL(nn.Module):
                 self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
             )
         mask = TokenMask.of(mask, self.grid)
-        latent = self.forward_encoder(x, mask)
-        raw = self.to_voxels(x, self.forward_decoder(latent, mask).to(x.dtype))
+        raw = self.to_voxels(x, self.predict(x, mask).to(x.dtype))
         return paste_visible(x, raw, mask.mask, self.grid, self.patch, return_raw)

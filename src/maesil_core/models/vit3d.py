@@ -161,6 +161,25 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class LocalMix(nn.Module):
+    """Mixing with the neighbouring tokens of the patch grid, the local half of a local-global
+    decoder: x + Linear(GELU(depthwise 3x3x3 conv(norm(x)))). (B, L, C) on ``grid`` -> (B, L, C).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.dw = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+        self.act = nn.GELU()
+        self.pw = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        b, n, c = x.shape
+        y = self.norm(x).transpose(1, 2).reshape(b, c, *grid)  # (B, C, gd, gh, gw)
+        y = self.dw(y).flatten(2).transpose(1, 2)  # (B, L, C)
+        return x + self.pw(self.act(y))
+
+
 def init_vit_weights(module: nn.Module) -> None:
     """MAE initialisation: xavier-uniform Linear (bias 0), LayerNorm (1, 0), patch conv as Linear."""
     for m in module.modules():
