@@ -618,6 +618,7 @@ def test_finetune_then_segment_and_save(viewer, qtbot, shared_data, pretrained, 
 
     sw.save_path.value = str(tmp_path / "ct_seg.nii.gz")
     click(qtbot, sw.save_button)
+    wait_done(qtbot, sw)  # saved in the job's thread
     saved = nib.load(str(tmp_path / "ct_seg.nii.gz"))
     src = nib.load(str(shared_data / "abdomen_ct" / "ct.nii.gz"))
     assert saved.shape == src.shape
@@ -629,6 +630,39 @@ def test_finetune_then_segment_and_save(viewer, qtbot, shared_data, pretrained, 
     assert names == {"1": "liver", "2": "spleen"}
     reopened = open_ct(viewer, tmp_path / "ct_seg.nii.gz")  # names come back with the map
     assert list(reopened.features["name"][:3]) == ["background", "liver", "spleen"]
+
+    # DICOM-SEG (issue 16) refers to the series the CT was read from: refused for a NIfTI CT
+    sw.save_path.value = str(tmp_path / "ct_seg.dcm")
+    click(qtbot, sw.save_button)
+    wait_done(qtbot, sw)
+    assert "DICOM series" in errors[-1] and ".nii.gz" in errors[-1], errors[-1]
+    assert not (tmp_path / "ct_seg.dcm").exists()
+
+    # a DICOM series segmented, edited in napari (a painted box of spleen), saved as DICOM-SEG:
+    # pydicom reads back one named segment per class present, on exactly the layer's voxels
+    from maesil_core.interop.dicom_seg import read_dicom_seg
+    from napari_maesil._writer import volume_for_saving
+
+    series = shared_data / "dicom_ct"
+    sw.image.value = open_ct(viewer, series)
+    sw.overlap.value = 0.0
+    click(qtbot, sw.start_button)
+    wait_done(qtbot, sw)
+    seg = sw.result_layer
+    seg.data[5:8, 200:240, 200:240] = 2
+    dcm = tmp_path / "series_seg.dcm"
+    sw.save_path.value = str(dcm)
+    click(qtbot, sw.save_button)
+    wait_done(qtbot, sw)
+    assert sw.last_result.error is None, sw.last_result.error
+    back, numbers = read_dicom_seg(dcm, series)
+    data, meta, _ = seg.as_layer_data_tuple()
+    ids, _ = volume_for_saving(data, meta)  # the series' own voxel order
+    names = {"liver": 1, "spleen": 2}
+    assert set(numbers.values()) == {n for n, i in names.items() if (ids == i).any()}
+    assert "spleen" in numbers.values()
+    for number, name in numbers.items():
+        np.testing.assert_array_equal(back == number, ids == names[name])
 
 
 # ---------------------------------------------------------------------------- jobs and widgets

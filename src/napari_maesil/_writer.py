@@ -67,7 +67,7 @@ def _write(path: str, data: Any, meta: dict[str, Any], labels: bool) -> list[str
     save_volume(array, affine, out, overwrite=True, dtype=dtype)
     written = [str(out)]
     if labels:
-        names = _label_names(meta)
+        names = label_names_of(meta)
         if names:  # <stem>.json beside the label map: two maps in one folder keep theirs
             written.append(str(write_label_names(out, names)))
     return written
@@ -79,7 +79,8 @@ def _is_integer_hu(array: np.ndarray) -> bool:
     return False
 
 
-def _label_names(meta: dict[str, Any]) -> dict[int, str]:
+def label_names_of(meta: dict[str, Any]) -> dict[int, str]:
+    """``{id: name}`` (background left out) of a Labels layer's ``meta`` (layer kwargs)."""
     info = (meta.get("metadata") or {}).get(META_KEY) or {}
     names = {int(k): str(v) for k, v in (info.get("label_names") or {}).items()}
     features = meta.get("features")

@@ -121,8 +121,14 @@ class SegmentWidget(JobWidget):
             "with two parts, such as both kidneys in one label)"
         )
         self.device = ComboBox(choices=device_choices(), label="Device")
-        self.save_path = FileEdit(mode="w", filter="*.nii.gz", value="", label="Save as")
-        self.save_button = PushButton(text="Save segmentation (NIfTI, CT affine)")
+        self.save_path = FileEdit(
+            mode="w", filter="NIfTI (*.nii.gz);;DICOM-SEG (*.dcm)", value="", label="Save as"
+        )
+        self.save_path.tooltip = (
+            "a .nii.gz on the CT's grid with its affine (+ <name>.json of label names); "
+            ".dcm: DICOM-SEG referencing the series, for a CT opened from a DICOM folder"
+        )
+        self.save_button = PushButton(text="Save segmentation (NIfTI or DICOM-SEG)")
         self.extend(
             [
                 self.image, self.checkpoint, self.overlap, self.largest, self.device,
@@ -210,14 +216,52 @@ class SegmentWidget(JobWidget):
         )
 
     def save(self, *_: Any) -> None:
-        import napari
-
+        """Write the result layer in a job: NIfTI on the CT's grid (+ ``<name>.json``), or for
+        a CT read from a DICOM series and a path ending ``.dcm``, DICOM-SEG referencing it."""
         path = str(self.save_path.value or "").strip()
         if self.result_layer is None or self.result_layer not in self.viewer.layers:
             notify_error("segment a CT first; the result layer is what gets saved.")
             return
         if not path or path == ".":
-            notify_error("choose where to save the segmentation (a .nii.gz path).")
+            notify_error(
+                "choose where to save the segmentation: a .nii.gz path, or a .dcm path for "
+                "DICOM-SEG when the CT came from a DICOM series."
+            )
             return
-        written = napari.save_layers(path, [self.result_layer], plugin="napari-maesil")
+        data, meta, _ = self.result_layer.as_layer_data_tuple()
+        self.status.value = f"saving {Path(path).name}..."
+        self.launch(
+            _save_job,
+            path,
+            np.array(data),  # a copy: the layer may be painted on meanwhile
+            meta,
+            on_progress=self._on_progress,
+            on_done=self._on_saved,
+        )
+
+    def _on_saved(self, written: list[str]) -> None:
+        self.status.value = f"saved {', '.join(Path(p).name for p in written)}"
         notify_info(f"saved {', '.join(str(p) for p in written)}")
+
+
+def _save_job(path: str, data: np.ndarray, meta: dict, *, progress, cancel) -> list[str]:
+    """Runs in the job's thread: the plugin's NIfTI writer, or DICOM-SEG (``.dcm``)."""
+    from .._writer import label_names_of, volume_for_saving, write_labels
+
+    progress({"phase": "save", "message": f"writing {Path(path).name}"})
+    if not path.lower().endswith(".dcm"):
+        return write_labels(path, data, meta)
+    from maesil_core.data.io import is_dicom_dir
+    from maesil_core.errors import DataError
+    from maesil_core.interop.dicom_seg import save_dicom_seg
+
+    series = str(((meta.get("metadata") or {}).get(META_KEY) or {}).get("source") or "")
+    if not series or not is_dicom_dir(series):
+        raise DataError(
+            "DICOM-SEG refers to the DICOM series the CT was read from, and this CT came "
+            f"from {series or 'no file'}: save it as .nii.gz instead, or open the series folder.",
+            option="out",
+        )
+    array, affine = volume_for_saving(data, meta)
+    written = save_dicom_seg(path, array, affine, label_names_of(meta), series, overwrite=True)
+    return [str(written)]
