@@ -78,7 +78,9 @@ def test_info_shows_a_segmentation_runs_classes_and_settings(tmp_path, shared_da
     assert "segmentation settings" in lines
     assert re.search(r"roi\s+training crop / window \(voxels\)\s+the superpatch", out)
     assert re.search(r"pos_weight\s+crops on an organ : anywhere\s+2 : 1", out)
-    assert "mask " not in out  # the pretraining mask says nothing about a segmenter
+    # the pretraining mask says nothing about a segmenter (the body mask does)
+    assert not re.search(r"^\s*mask", out, re.M), out
+    assert re.search(r"body_mask\s+inside the body only\s+True", out)
     assert str(folder / "ct.nii.gz") in out  # the training data, listed
 
 

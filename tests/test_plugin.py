@@ -630,6 +630,13 @@ def test_finetune_then_segment_and_save(viewer, qtbot, shared_data, pretrained, 
     assert names == {"1": "liver", "2": "spleen"}
     reopened = open_ct(viewer, tmp_path / "ct_seg.nii.gz")  # names come back with the map
     assert list(reopened.features["name"][:3]) == ["background", "liver", "spleen"]
+    # "only inside the body", the model's own setting: no label in the air around the patient
+    from maesil_core.data import load_volume
+    from maesil_core.data.body import body_mask
+
+    assert sw.body.value is True
+    vol = load_volume(shared_data / "abdomen_ct" / "ct.nii.gz")
+    assert not expected[~body_mask(vol.array, vol.affine)].any()
 
     # DICOM-SEG (issue 16) refers to the series the CT was read from: refused for a NIfTI CT
     sw.save_path.value = str(tmp_path / "ct_seg.dcm")

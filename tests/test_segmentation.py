@@ -191,6 +191,28 @@ def test_segment_cli_writes_dicom_seg_of_a_dicom_series(
     assert dcm.read_bytes() == before
 
 
+def test_labels_stay_inside_the_body_unless_asked(finetuned_run, shared_data):
+    """On the 512 x 512 DICOM series (two thirds air) labels are kept inside the body by
+    default; --no-body-mask gives the model's own answer, which is the same inside it."""
+    from maesil_core.data.body import body_mask
+    from maesil_core.segmentation.plausibility import plausibility_warnings
+
+    dicom = load_volume(shared_data / "dicom_ct")
+    segmenter = ft.Segmenter.load(finetuned_run)
+    assert segmenter.seg.body_mask  # the default, stored in the checkpoint
+    inside = segmenter.segment(dicom, overlap=0.0)
+    whole = segmenter.segment(dicom, overlap=0.0, body_mask=False)
+    body = body_mask(dicom.array, dicom.affine)
+    assert not inside.labels[~body].any()
+    np.testing.assert_array_equal(inside.labels[body], whole.labels[body])
+    assert inside.extra["body_mask"] and not whole.extra["body_mask"]
+    for result, mask in ((inside, body), (whole, None)):  # what segment prints as warnings
+        expected = plausibility_warnings(
+            result.labels, dicom.array, dicom.affine, result.classes, body=mask
+        )
+        assert result.warnings == expected
+
+
 # --------------------------------------------------------------------------- the model
 
 

@@ -31,6 +31,7 @@ _SEG_SETTINGS = {
     "sw_batch_size": "windows per forward pass",
     "largest_component": "largest component only",
     "body_mask": "inside the body only",
+    "air_margin": "air around training scans (ROIs)",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,13 @@ writes seg.nii.gz (labels on the input's voxel grid, with its affine) and seg.js
 }
 
 
+BODY_MASK_HELP = (
+    "keep labels inside the patient's body, found from the intensities (above -500 HU, "
+    "holes such as the lungs filled slice by slice): a model asked about the air around the "
+    "body may call it an organ. Default: the checkpoint's setting, on unless fine-tuned with "
+    "--no-body-mask; --no-body-mask labels the whole scan"
+)
+
 LARGEST_COMPONENT_HELP = (
     "keep only the largest connected component of each class, removing stray voxels away "
     "from the organ (MONAI KeepLargestConnectedComponent). Default: the checkpoint's setting, "
@@ -87,6 +95,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         overlap=args.overlap,
         largest_component=args.largest_component,
+        body_mask=args.body_mask,
+        air_margin=ft.SegmentationConfig.air_margin if args.air_margin is None else args.air_margin,
     )
     if args.roi and len(args.roi) not in (1, 3):
         raise ConfigError("--roi takes one number or three (D H W voxels).")
@@ -218,6 +228,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         blend=args.blend,
         sw_batch_size=args.sw_batch_size,
         largest_component=args.largest_component,
+        body_mask=args.body_mask,
         device=args.device or "auto",
         progress=Progress(),
     )
@@ -241,6 +252,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for cid, name in result.classes.items():
         n = int((result.labels == cid).sum())
         print(f"  {cid:>3} {name:<20} {n:>9} voxels  {n * voxel_ml:9.1f} ml")
+    for line in result.warnings:
+        warnings.warn(line, stacklevel=1)
     return 0
 
 
@@ -257,6 +270,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         resample_labels=args.resample_labels,
         overlap=args.overlap,
         largest_component=args.largest_component,
+        body_mask=args.body_mask,
         device=args.device or "auto",
         progress=Progress(),
     )
@@ -367,6 +381,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "parts, e.g. 'kidneys')",
     )
     p.add_argument(
+        "--no-body-mask",
+        dest="body_mask",
+        action="store_false",
+        default=True,
+        help="store in the checkpoint that segment / evaluate label the whole scan, not only "
+        "the body (default: inside the body, found from the intensities)",
+    )
+    p.add_argument(
+        "--air-margin",
+        type=float,
+        metavar="F",
+        help="air added around each training volume in-plane, as a share of the ROI on each "
+        "side, so crops at the body's edge see the air whole scans have (default 0.5; 0: none)",
+    )
+    p.add_argument(
         "--resample-labels",
         action="store_true",
         help="resample label maps onto their image by world coordinates",
@@ -420,6 +449,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=LARGEST_COMPONENT_HELP,
     )
+    p.add_argument("--body-mask", action=argparse.BooleanOptionalAction, help=BODY_MASK_HELP)
     p.add_argument(
         "--device", help="auto (default), cpu, cuda or cuda:N (the volume stays on the CPU)"
     )
@@ -449,6 +479,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=LARGEST_COMPONENT_HELP,
     )
+    p.add_argument("--body-mask", action=argparse.BooleanOptionalAction, help=BODY_MASK_HELP)
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
         "--csv",

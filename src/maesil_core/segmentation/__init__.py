@@ -12,6 +12,7 @@
 - :mod:`.train`     the segmenter built on a pretrained encoder, :func:`finetune`
 - :mod:`.infer`     sliding-window inference, largest component, :class:`Segmenter`
 - :mod:`.evaluate`  Dice and HD95 per class against reference label maps
+- :mod:`.plausibility`  warnings for a class full of air or larger than its organ
 """
 
 from .config import KIND, SegmentationConfig

@@ -25,6 +25,14 @@ class SegmentationConfig:
     layer_decay: float = 1.0  #: layer-wise lr decay (< 1 lowers the lr of early blocks)
     pos_weight: float = 2.0  #: crops centred on a labelled voxel : crops centred anywhere
     neg_weight: float = 1.0
+    #: air added around each training volume in-plane, as a share of the ROI on each side
+    #: (:func:`.data.pad_with_air`): crops at the body's edge see the air whole scans hold;
+    #: 0: none
+    air_margin: float = 0.5
+    #: keep labels inside the body at inference (:func:`maesil_core.data.body.body_mask`:
+    #: above -500 HU, holes filled slice by slice); a model asked about windows of pure air
+    #: may call them an organ
+    body_mask: bool = True
     eval_every: int | None = None  #: steps between validations (None: ~10 per run)
     overlap: float = 0.25  #: sliding-window overlap at inference and validation
     blend: str = "gaussian"  #: "gaussian" or "constant" window blending
@@ -58,6 +66,11 @@ class SegmentationConfig:
         if self.feature_size < 1 or self.sw_batch_size < 1:
             raise ConfigError(
                 "feature_size and sw_batch_size must be positive.", option="feature_size"
+            )
+        if not 0 <= self.air_margin <= 4:
+            raise ConfigError(
+                f"air margin must be between 0 and 4 ROIs, got {self.air_margin}.",
+                option="air_margin",
             )
         return self
 

@@ -180,6 +180,21 @@ def prepare_cases(
     return cases
 
 
+def pad_with_air(case: Case, roi: Int3, margin: float) -> Case:
+    """``case`` with ``margin`` x the ROI of air (0, label background) added on both sides of
+    the two in-plane axes (the model grid is RAS: D = right-left, H = anterior-posterior),
+    so training crops at the body's edge see the air around it as whole scans show it (a
+    512 x 512 DICOM series is two thirds air); head-feet is left as it is (a scan ends
+    inside the body)."""
+    if margin <= 0:
+        return case
+    pd, ph = (int(round(margin * r)) for r in roi[:2])
+    pad = (0, 0, ph, ph, pd, pd)  # last axis first: W, H, D
+    image = torch.nn.functional.pad(case.image, pad, value=0.0)  # (1, D + 2pd, H + 2ph, W)
+    target = torch.nn.functional.pad(case.target, pad, value=0)
+    return Case(case.name, image, target)
+
+
 def crop_batches(
     cases: Sequence[Case],
     roi: Int3,
@@ -189,34 +204,38 @@ def crop_batches(
     seed: int,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches ``{"image": (B,1,*roi) float, "label": (B,1,*roi) long}`` of random crops,
-    ``pos_weight : neg_weight`` of them centred on a labelled voxel (MONAI RandCropByPosNegLabeld)."""
-    from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
+    ``pos_weight : neg_weight`` of them centred on a labelled voxel (MONAI RandCropByPosNegLabeld),
+    from the cases padded with ``seg.air_margin`` of air in-plane (:func:`pad_with_air`).
+    Where the labelled and the background voxels are is found once per case (MONAI
+    FgBgToIndicesd), not at every crop."""
+    from monai.transforms import FgBgToIndicesd, RandCropByPosNegLabeld, SpatialPadd
 
     crops = max(1, int(crops_per_volume))
-    transform = Compose(
-        [
-            SpatialPadd(("image", "label"), spatial_size=roi, mode="constant", value=0),
-            RandCropByPosNegLabeld(
-                ("image", "label"),
-                label_key="label",
-                spatial_size=roi,
-                pos=seg.pos_weight,
-                neg=seg.neg_weight,
-                num_samples=crops,
-            ),
-        ],
-        lazy=False,
+    pad = SpatialPadd(("image", "label"), spatial_size=roi, mode="constant", value=0)
+    indices = FgBgToIndicesd("label")
+    prepared = []
+    for case in cases:
+        case = pad_with_air(case, roi, seg.air_margin)
+        prepared.append(indices(pad({"image": case.image, "label": case.target})))
+    crop = RandCropByPosNegLabeld(
+        ("image", "label"),
+        label_key="label",
+        spatial_size=roi,
+        pos=seg.pos_weight,
+        neg=seg.neg_weight,
+        num_samples=crops,
+        fg_indices_key="label_fg_indices",
+        bg_indices_key="label_bg_indices",
     )
-    transform.set_random_state(seed=seed % 2**32)
+    crop.set_random_state(seed=seed % 2**32)
     rng = np.random.default_rng(seed)
     order: list[int] = []
     pending: list[dict[str, torch.Tensor]] = []
     while True:
         while len(pending) < batch_size:
             if not order:
-                order = list(rng.permutation(len(cases)))
-            case = cases[order.pop()]
-            for sample in transform({"image": case.image, "label": case.target}):
+                order = list(rng.permutation(len(prepared)))
+            for sample in crop(prepared[order.pop()]):
                 pending.append(
                     {
                         "image": torch.as_tensor(sample["image"]).as_subclass(torch.Tensor),

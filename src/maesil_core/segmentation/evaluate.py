@@ -107,6 +107,7 @@ def evaluate(
     resample_labels: bool = False,
     overlap: float | None = None,
     largest_component: bool | None = None,
+    body_mask: bool | None = None,
     device: str = "auto",
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
@@ -115,7 +116,8 @@ def evaluate(
 
     Reference labels are mapped through the checkpoint's label set (its source ids), or
     through ``labels_map`` when the reference uses another labelling. ``overlap`` and
-    ``largest_component`` are passed to :meth:`Segmenter.segment` (None: the checkpoint's settings).
+    ``largest_component`` and ``body_mask`` are passed to :meth:`Segmenter.segment` (None:
+    the checkpoint's settings).
     """
     from monai.metrics import compute_hausdorff_distance
     from monai.networks.utils import one_hot
@@ -140,7 +142,11 @@ def evaluate(
         if is_cancelled():
             raise Cancelled()
         result = segmenter.segment(
-            img, overlap=overlap, largest_component=largest_component, device=device
+            img,
+            overlap=overlap,
+            largest_component=largest_component,
+            body_mask=body_mask,
+            device=device,
         )
         pred_idx = _ids_to_index(result.labels, labelset)
         ref_idx = ref_set.to_index(lab.array)

@@ -168,6 +168,8 @@ class Segmentation:
     classes: dict[int, str]
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: classes whose volume or share of air is implausible (:mod:`.plausibility`)
+    warnings: list[str] = field(default_factory=list)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
         """Write ``path`` (.nii.gz, uint8/int16) and, same stem, ``.json`` ``{id: name}``."""
@@ -239,6 +241,7 @@ class Segmenter:
         blend: str | None = None,
         sw_batch_size: int | None = None,
         largest_component: bool | None = None,
+        body_mask: bool | None = None,
         device: str = "auto",
         progress: ProgressFn | None = None,
         cancel: CancelFlag = None,
@@ -250,7 +253,10 @@ class Segmenter:
         class ids. ``largest_component`` keeps only each class's largest connected component
         on the input's grid (:func:`keep_largest_component`). None arguments take the
         checkpoint's settings (``largest_component`` off unless fine-tuned with it: a class
-        may have two parts).
+        may have two parts). ``body_mask`` keeps labels inside the patient's body, found from
+        the intensities (:func:`~maesil_core.data.body.body_mask`; on unless fine-tuned with
+        it off). The result's ``warnings`` say when a class's volume or share of air is
+        implausible (:func:`~.plausibility.plausibility_warnings`).
         """
         from ..data.inverse import labels_to_input
         from ..data.transforms import inference_transforms
@@ -264,6 +270,7 @@ class Segmenter:
         largest_component = (
             seg.largest_component if largest_component is None else largest_component
         )
+        body_mask = seg.body_mask if body_mask is None else body_mask
         if blend not in ("gaussian", "constant"):
             raise ConfigError(f"blend must be gaussian or constant, got {blend!r}.")
         if is_cancelled():
@@ -306,19 +313,33 @@ class Segmenter:
             raise RuntimeError(
                 f"inverse geometry gave {labels_in.shape}, input is {vol.array.shape}"
             )
+        is_hu = self.cfg.data.intensity == "hu" or (self.cfg.data.intensity == "auto" and vol.is_hu)
+        body = None
+        if body_mask:  # labels only inside the body, before the largest piece is chosen
+            from ..data.body import body_mask as find_body
+
+            body = find_body(vol.array, vol.affine, is_hu=is_hu)
+            labels_in[~body] = 0
         if largest_component:  # on the output grid, so the saved map has one piece per class
             labels_in = keep_largest_component(labels_in, self.labels.ids)
+        from .plausibility import plausibility_warnings
+
+        classes = self.labels.id_to_name()
         return Segmentation(
             labels=labels_in,
             affine=np.asarray(vol.affine),
-            classes=self.labels.id_to_name(),
+            classes=classes,
             source=vol.path,
             extra={
                 "checkpoint": str(self.checkpoint.path),
                 "overlap": overlap,
                 "blend": blend,
                 "largest_component": bool(largest_component),
+                "body_mask": bool(body_mask),
             },
+            warnings=plausibility_warnings(
+                labels_in, vol.array, vol.affine, classes, is_hu=is_hu, body=body
+            ),
         )
 
 
@@ -335,6 +356,7 @@ def segment(
     blend: str | None = None,
     sw_batch_size: int | None = None,
     largest_component: bool | None = None,
+    body_mask: bool | None = None,
     device: str = "auto",
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
@@ -347,6 +369,7 @@ def segment(
         blend=blend,
         sw_batch_size=sw_batch_size,
         largest_component=largest_component,
+        body_mask=body_mask,
         device=device,
         progress=progress,
         cancel=cancel,

@@ -35,9 +35,11 @@ class SegmentOutput:
     found: list[str]
     features: dict[str, list]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: classes whose volume or share of air is implausible (shown as notifications)
+    warnings: list[str] = field(default_factory=list)
 
 
-def _segment_job(checkpoint, volume, overlap, largest, device, *, progress, cancel):
+def _segment_job(checkpoint, volume, overlap, largest, body, device, *, progress, cancel):
     """Runs in the job's thread: segment, then the layer's array, features and organs."""
     import pandas  # noqa: F401  (napari builds the features table with it: import it here)
 
@@ -49,6 +51,7 @@ def _segment_job(checkpoint, volume, overlap, largest, device, *, progress, canc
         volume,
         overlap=overlap,
         largest_component=largest,
+        body_mask=body,
         device=device,
         # on a CPU one window at a time: Cancel is checked between batches of windows, and
         # batching buys a CPU nothing
@@ -73,16 +76,18 @@ def _segment_job(checkpoint, volume, overlap, largest, device, *, progress, canc
     names = {int(k): str(v) for k, v in seg.classes.items()}
     found = [names[i] for i in sorted(names) if i in present]
     top = max(top, max(present, default=0))
-    return SegmentOutput(data, names, found, label_features(names, top), dict(seg.extra))
+    features = label_features(names, top)
+    return SegmentOutput(data, names, found, features, dict(seg.extra), list(seg.warnings))
 
 
 #: slices per slab when the result is turned into the layer's array
 _SLAB = 8
 
 
-def _segmentation_default_largest(checkpoint: str) -> bool | None:
-    """The chosen model's own 'largest component' setting, from its JSON metadata only (no
-    torch on the Qt thread); None if the path is not (yet) a segmentation checkpoint."""
+def _segmentation_defaults(checkpoint: str) -> dict[str, Any] | None:
+    """The chosen model's own segmentation settings ('largest component', 'body mask'), from
+    its JSON metadata only (no torch on the Qt thread); None if the path is not (yet) a
+    segmentation checkpoint."""
     p = Path(checkpoint).expanduser()
     candidates = []
     if p.is_dir():
@@ -92,7 +97,7 @@ def _segmentation_default_largest(checkpoint: str) -> bool | None:
     for meta_path in candidates:
         try:
             meta = json.loads(meta_path.read_text())
-            return bool(meta["extra"]["segmentation"].get("largest_component", False))
+            return dict(meta["extra"]["segmentation"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return None
@@ -120,6 +125,11 @@ class SegmentWidget(JobWidget):
             "drop stray islands: one connected component per organ (leave off for a class "
             "with two parts, such as both kidneys in one label)"
         )
+        self.body = CheckBox(value=True, text="Only inside the body")
+        self.body.tooltip = (
+            "keep labels inside the patient's body, found from the intensities (above -500 HU, "
+            "lungs included): a model asked about the air around the body may call it an organ"
+        )
         self.device = ComboBox(choices=device_choices(), label="Device")
         self.save_path = FileEdit(
             mode="w", filter="NIfTI (*.nii.gz);;DICOM-SEG (*.dcm)", value="", label="Save as"
@@ -131,7 +141,7 @@ class SegmentWidget(JobWidget):
         self.save_button = PushButton(text="Save segmentation (NIfTI or DICOM-SEG)")
         self.extend(
             [
-                self.image, self.checkpoint, self.overlap, self.largest, self.device,
+                self.image, self.checkpoint, self.overlap, self.largest, self.body, self.device,
                 self.start_button, self.cancel_button, self.progress_bar, self.status,
                 self.save_path, self.save_button,
             ]
@@ -145,12 +155,14 @@ class SegmentWidget(JobWidget):
         self._source: Any = None
 
     def _follow_checkpoint(self, *_: Any) -> None:
-        """Start the largest-piece box from the chosen model's own setting (as the CLI does)."""
+        """Start the largest-piece and body boxes from the chosen model's own settings (as
+        the CLI does)."""
         ckpt = str(self.checkpoint.value or "").strip()
         if ckpt and ckpt != ".":
-            largest = _segmentation_default_largest(ckpt)
-            if largest is not None:
-                self.largest.value = largest
+            seg = _segmentation_defaults(ckpt)
+            if seg is not None:
+                self.largest.value = bool(seg.get("largest_component", False))
+                self.body.value = bool(seg.get("body_mask", True))
 
     def start(self, *_: Any) -> None:
         from maesil_core.errors import MaesilError
@@ -178,6 +190,7 @@ class SegmentWidget(JobWidget):
             volume,
             float(self.overlap.value),
             bool(self.largest.value),
+            bool(self.body.value),
             self.device.value,
             on_progress=self._on_progress,
             on_done=self._on_done,
@@ -214,6 +227,11 @@ class SegmentWidget(JobWidget):
         self.status.value = (
             f"done · {len(out.found)} organs: {', '.join(out.found) or 'none found'}"
         )
+        if out.warnings:
+            from napari.utils.notifications import show_warning
+
+            for line in out.warnings:  # an organ full of air, or too large: say so
+                show_warning(line)
 
     def save(self, *_: Any) -> None:
         """Write the result layer in a job: NIfTI on the CT's grid (+ ``<name>.json``), or for
