@@ -454,14 +454,28 @@ def scenario_close(a) -> None:
 
 
 def half_written(folder: Path) -> list[str]:
-    """Temporary files left behind, or checkpoints without their metadata, in ``folder``."""
+    """Temporary files left behind, checkpoints without their metadata, resume states
+    without their checkpoint, or a ``.safetensors`` that does not open, in ``folder``."""
+    from safetensors import safe_open
+
     bad = []
     if not folder.exists():
         return bad
     for f in folder.rglob("*"):
         if f.name.startswith(".") and f.is_file():
-            bad.append(str(f))  # mkstemp names of atomic writes
-        if f.suffix == ".safetensors" and not f.with_suffix(".json").is_file():
+            bad.append(str(f))  # the temporary names of atomic writes
+        if f.suffix != ".safetensors":
+            continue
+        if f.name.endswith(".state.safetensors"):  # step_N.state.safetensors: step_N's
+            own = f.with_name(f.name.replace(".state.safetensors", ".safetensors"))
+            if not own.is_file():
+                bad.append(str(f))
+        elif not f.with_suffix(".json").is_file():
+            bad.append(str(f))
+        try:
+            with safe_open(str(f), "np") as st:
+                list(st.keys())
+        except Exception:
             bad.append(str(f))
     return bad
 

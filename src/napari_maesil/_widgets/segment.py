@@ -53,9 +53,6 @@ def _segment_job(checkpoint, volume, overlap, largest, body, device, *, progress
         largest_component=largest,
         body_mask=body,
         device=device,
-        # on a CPU one window at a time: Cancel is checked between batches of windows, and
-        # batching buys a CPU nothing
-        sw_batch_size=1 if str(device).startswith("cpu") else None,
         progress=progress,
         cancel=cancel,
     )
