@@ -44,7 +44,7 @@ def pretrain_step_fn(batch: int):
     return step
 
 
-def finetune_step_fn(batch: int, feature_size: int = 16):
+def finetune_step_fn(batch: int, feature_size: int = 16, bf16: bool = False):
     from monai.losses import DiceCELoss
 
     from maesil_core.models.segmenter import make_segmenter
@@ -58,7 +58,8 @@ def finetune_step_fn(batch: int, feature_size: int = 16):
     y = torch.randint(0, 3, (batch, 1, *cfg.model.superpatch), generator=g)
 
     def step() -> None:
-        criterion(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as fit runs it
+            criterion(model(x).float(), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

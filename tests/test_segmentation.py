@@ -26,6 +26,7 @@ from maesil_core.errors import CheckpointError, DataError
 from maesil_core.models import build_model
 from maesil_core.models.segmenter import UNETRSegmenter, default_layers
 from maesil_core.train.loop import make_optimizer
+from maesil_core.train.optim import cpu_computes_bf16
 
 ORGANS = {"liver": "liver", "spleen": "spleen"}  # TotalSegmentator ids 5 and 1
 TRAIN_SLABS = ([(None, None), (None, None), (0, 10)], [(None, None), (None, None), (20, 30)])
@@ -59,8 +60,16 @@ def finetuned_run(tmp_path_factory, pretrained_run, abdomen):
     folder, image, labels = abdomen
     train = [[ft.crop_volume(v, box) for box in TRAIN_SLABS] for v in (image, labels)]
     cfg = ft.config_from_pretrained(load_checkpoint(pretrained_run))
+    # fp32 everywhere: auto would fine-tune in bf16 on a CPU with AMX, another model than on
+    # one without, and the bounds below were measured in fp32
     cfg = cfg.override(
-        "train", steps=FT_STEPS, batch_size=4, lr=3e-3, warmup_steps=10, log_every=50
+        "train",
+        steps=FT_STEPS,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=10,
+        log_every=50,
+        precision="fp32",
     )
     run = tmp_path_factory.mktemp("seg_ft") / "run"
     result = ft.finetune(
@@ -343,6 +352,10 @@ def test_cli_finetune_then_evaluate(pretrained_run, abdomen, tmp_path, capsys):
     assert code == 0, err
     assert "best validation Dice" in stdout
     meta = load_checkpoint(out / "best.safetensors", kind="segmentation").meta.to_dict()
+    # precision auto: bf16 where the CPU computes it natively (AMX), as the run says
+    native = cpu_computes_bf16()
+    assert meta["config"]["train"]["precision"] == ("bf16" if native else "auto")
+    assert ("fine-tuning in bf16" in stdout) == native
     assert meta["extra"]["pretrained"].endswith(".safetensors")
     assert meta["config"]["model"]["embed_dim"] == 96
     code, stdout, err = run_cli(

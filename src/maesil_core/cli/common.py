@@ -243,7 +243,8 @@ def add_run_options(
     p.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],
-        help="default: bf16 on GPUs that support it",
+        help="default (auto): bf16 on GPUs that support it; finetune also on a CPU that "
+        "computes bf16 natively (Intel AMX), about twice as fast there",
     )
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--seed", type=int, help="random seed")

@@ -50,6 +50,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def cpu_computes_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (Intel AMX tiles, PyTorch's own check):
+    there oneDNN runs bf16 convolutions about twice as fast as fp32 (the tiny UNETR
+    fine-tuning step 2.0x, benchmarks/finetune_rate.py); elsewhere bf16 is emulated, slower."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a run; None means fp32.
 
