@@ -84,8 +84,7 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
     click(qtbot, ew.start_button)
     wait_done(qtbot, ew)
     # shown first: the CT as the model sees it | masked input | reconstruction (grid mode)
-    assert viewer.canvas.grid.enabled
-    viewer.reset_view()
+    assert viewer.canvas.grid.enabled  # the widget frames the superpatch in each viewbox
     qtbot.wait(300)
     save_small(viewer.screenshot(canvas_only=False, flash=False), "explorer_viewer.png")
     save_small(grab(ew), "explorer_widget.png", width=420)

@@ -498,6 +498,11 @@ def test_explorer_superpatch_layers_aligned_and_better_than_mean(
     assert viewer.canvas.grid.enabled
     shown = [layer.name for layer in viewer.layers if layer.visible]
     assert shown == ["original", "masked input", "reconstruction"]
+    # each viewbox is fitted to the superpatch, not to the (hidden) CT it came from
+    ext = np.asarray(viewer.layers["original"].extent.world)[:, -2:]
+    framed = viewer.camera.zoom
+    viewer.reset_view()  # fitted to every layer, the CT included
+    assert framed > 3 * viewer.camera.zoom, (framed, viewer.camera.zoom, ext)
     w.show_error.value = True
     assert viewer.layers["|error|"].visible and viewer.canvas.grid.enabled
     w.side_by_side.value = False  # back to the results over the CT (and picking by click)

@@ -315,14 +315,21 @@ class ExplorerWidget(JobWidget):
         self.progress_bar.value = self.progress_bar.max
         self._apply_view()
         if self._grid_mode().enabled:
-            yield
-            self.viewer.reset_view()
+            yield  # the grid's viewboxes are laid out on this turn of the event loop
+            self._frame_side_by_side()
 
     # ------------------------------------------------------------------ view
     def _grid_mode(self) -> Any:
         """napari's grid-mode model (``viewer.canvas.grid`` since napari 0.9)."""
         canvas = getattr(self.viewer, "canvas", None)
         return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self.viewer.grid
+
+    def _frame_side_by_side(self) -> None:
+        """Fit the compared layers (a superpatch) to their viewboxes: fitted to every layer,
+        the hidden CT included, a superpatch was a dot in each."""
+        shown = [layer for layer in self.viewer.layers if layer.visible]
+        if shown:
+            self.viewer.reset_view(layers=shown)
 
     def _apply_view(self, *_: Any) -> None:
         """Side by side (grid mode: original | masked input | reconstruction [| |error|]),
@@ -341,6 +348,7 @@ class ExplorerWidget(JobWidget):
             for layer in layers:
                 layer.visible = layer.name in shown
             grid.enabled = True
+            self._frame_side_by_side()
             return
         grid.enabled = False
         saved, self._hidden_for_grid = self._hidden_for_grid, None
