@@ -309,8 +309,38 @@ def masked_scores(m: MAESIL, x: torch.Tensor, mask: torch.Tensor) -> dict[str, f
     return {"mean_fill": err / ref["mean_fill_mse"], "interp": err / ref["mse"]}
 
 
-#: MAESIL's decoder options (the tiny preset's)
+#: MAESIL's decoder options, the tiny-pretrain preset's
 DECODER_OPTIONS = {"decoder_prior": "interpolation", "decoder_local": True}
+
+
+def test_tiny_pretrain_learns_beyond_interpolation_on_held_out_ct(tmp_path):
+    """40 steps of the tiny-pretrain preset's model on crops of one half of a real CT: on
+    crops of the other half, the hidden voxels are reconstructed better than by interpolating the visible
+    ones (1.0 before training; 0.85 measured) and far better than the visible-mean fill
+    (0.44 measured). Its checkpoint records the options and builds the same model."""
+    from maesil_core.checkpoint import save_checkpoint
+    from maesil_core.models.registry import build_from_checkpoint
+
+    torch.manual_seed(0)
+    cfg = preset("tiny-pretrain")
+    assert cfg.model.extra == DECODER_OPTIONS
+    m = build_model(cfg.model)
+    train, test = ct_halves(32, 8)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        batch = train[torch.randint(0, len(train), (8,), generator=gen)]
+        loss = m(batch, generator=gen).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    mask = make_mask(m.cfg, len(test), generator=torch.Generator().manual_seed(1))
+    scores = masked_scores(m, test, mask)
+    assert scores["interp"] < 0.95 and scores["mean_fill"] < 0.6, scores
+
+    loaded, ckpt = build_from_checkpoint(save_checkpoint(tmp_path / "run", m, cfg, 40))
+    assert ckpt.meta.config.model.extra == DECODER_OPTIONS
+    assert masked_scores(loaded, test, mask) == pytest.approx(scores, rel=1e-5)
 
 
 def test_interpolation_prior_is_the_reference_before_training():
@@ -343,3 +373,10 @@ def test_checkpoint_without_options_builds_the_plain_decoder():
 def test_bad_decoder_options_are_config_errors(changes):
     with pytest.raises(ConfigError, match="decoder_"):
         tiny(**changes).validate()
+
+
+def test_another_method_leaves_maesil_options_behind():
+    """--method vae with --preset tiny-pretrain: the preset's decoder options are MAESIL's,
+    not carried to a method that takes none (or other ones)."""
+    cfg = preset("tiny-pretrain").override("model", method="vae")
+    assert cfg.model.extra == {} and cfg.validate().model.method == "vae"

@@ -337,9 +337,15 @@ class RunConfig:
         )
 
     def override(self, section: str, **values: Any) -> RunConfig:
-        """Return a copy with ``values`` set in ``section`` (None values are ignored)."""
+        """Return a copy with ``values`` set in ``section`` (None values are ignored).
+
+        Another ``method`` without ``extra`` clears ``extra``: method options belong to their
+        method (``tiny-pretrain``'s are MAESIL's, which ``method="mae"`` does not take)."""
         new = copy.deepcopy(self)
         target = getattr(new, section)
+        method = values.get("method")
+        if section == "model" and method not in (None, target.method) and "extra" not in values:
+            target.extra = {}
         names = {f.name for f in dataclasses.fields(target)}
         for key, value in values.items():
             if value is None:
@@ -387,6 +393,25 @@ def _tiny() -> RunConfig:
             steps=300, batch_size=4, lr=1e-3, warmup_steps=20, checkpoint_every=100, log_every=10
         ),
     )
+
+
+def _tiny_pretrain() -> RunConfig:
+    """The tiny model set up for pretraining on a CPU, chosen by measurement
+    (benchmarks/pretraining_ablation.py, RESULTS.md): 1.5 mm voxels, random masking, a
+    96-wide decoder, batch 8, and a decoder that corrects the interpolation of the hidden
+    voxels, with neighbour mixing before each block. ``tiny`` keeps 3 mm: 8x fewer voxels for
+    the tests, fine-tuning and the widgets that use it."""
+    cfg = _tiny()
+    cfg.preset = "tiny-pretrain"
+    cfg.data.spacing = (1.5, 1.5, 1.5)
+    cfg.model = dataclasses.replace(
+        cfg.model,
+        decoder_embed_dim=96,
+        mask_mode="random",
+        extra={"decoder_prior": "interpolation", "decoder_local": True},
+    )
+    cfg.train.batch_size = 8
+    return cfg
 
 
 def _cpu() -> RunConfig:
@@ -498,6 +523,7 @@ def _mim_med3d() -> RunConfig:
 
 PRESETS = {
     "tiny": _tiny,
+    "tiny-pretrain": _tiny_pretrain,
     "cpu": _cpu,
     "small": _small,
     "base": _base,
