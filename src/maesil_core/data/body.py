@@ -7,11 +7,13 @@ fine-tuned on ``abdomen_ct`` called air "liver" in a tiled grid in front of the 
 
 1. voxels above -500 HU (between air, about -1000, and fat, about -100); a scan not in HU
    is thresholded at its Otsu level instead;
-2. holes filled slice by slice in the axial plane (the array axis closest to head-feet by
-   the affine), so the lungs, the airways and gas in the bowel, enclosed by the body wall,
-   belong to it;
-3. the 3D connected pieces of at least 1 % of the largest one: the trunk and the arms
-   beside it, without specks of noise or the table's thin pieces in the air.
+2. slice by slice in the axial plane (the array axis closest to head-feet by the affine):
+   holes filled, so the lungs, the airways and gas in the bowel, enclosed by the body wall,
+   belong to it, and the connected pieces of at least 1 % of the slice's largest kept: the
+   trunk and the arms beside it, without specks of noise in the air.
+
+Slice by slice, the mask costs one boolean copy of the scan beyond the scan itself (105 MB
+for 512 x 512 x 400; a 3D labelling took 1.4 GB more and twice the time).
 """
 
 from __future__ import annotations
@@ -51,19 +53,20 @@ def body_mask(array: np.ndarray, affine: np.ndarray, *, is_hu: bool = True) -> n
     tissue = arr > level
     if not tissue.any():
         return np.ones(arr.shape, dtype=bool)
-    axis = axial_axis(affine)
-    filled = np.moveaxis(tissue, axis, 0)  # a view: slices filled in place
-    for k in range(filled.shape[0]):
-        if filled[k].any():
-            filled[k] = ndimage.binary_fill_holes(filled[k])
-    labels, n = ndimage.label(tissue)
-    if n <= 1:
-        return tissue
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    keep = sizes >= MIN_PIECE * sizes.max()
-    keep[0] = False
-    return keep[labels]
+    slices = np.moveaxis(tissue, axial_axis(affine), 0)  # a view: slices changed in place
+    for k in range(slices.shape[0]):
+        if not slices[k].any():
+            continue
+        filled = ndimage.binary_fill_holes(slices[k])  # (X, Y) of one slice
+        pieces, n = ndimage.label(filled)
+        if n > 1:
+            sizes = np.bincount(pieces.ravel())
+            sizes[0] = 0
+            keep = sizes >= MIN_PIECE * sizes.max()
+            keep[0] = False
+            filled = keep[pieces]
+        slices[k] = filled
+    return tissue
 
 
 __all__ = ["BODY_HU", "MIN_PIECE", "axial_axis", "body_mask"]
