@@ -222,6 +222,27 @@ def test_labels_stay_inside_the_body_unless_asked(finetuned_run, shared_data):
         assert result.warnings == expected
 
 
+def test_segmentation_under_bf16_autocast_agrees_with_fp32(finetuned_run, abdomen, capsys):
+    """The GPU's default (bf16 windows, float32 blending), run on the CPU's bf16 autocast:
+    the label map agrees with fp32 almost everywhere (a window whose bf16 output is not
+    finite is run again in fp32: on torch 2.13's CPU this model's bf16 windows sometimes
+    came out NaN, and NaN logits had made the whole map background), and --precision reaches
+    it from the CLI (a precision the device lacks is refused: tests/test_train.py)."""
+    folder, image, labels = abdomen
+    held = ft.crop_volume(image, HELD_OUT_SLAB)
+    segmenter = ft.Segmenter.load(finetuned_run)
+    fp32 = segmenter.segment(held, precision="fp32").labels
+    bf16 = segmenter.segment(held, precision="bf16").labels
+    assert fp32.shape == bf16.shape and bf16.dtype == fp32.dtype
+    assert (fp32 == 1).sum() > 1000  # liver found
+    assert (bf16 == fp32).mean() > 0.99, (bf16 == fp32).mean()
+    with pytest.raises(SystemExit) as stop:  # argparse's own usage error, exit 2
+        cli.main(
+            ["segment", "--checkpoint", str(finetuned_run), "--input", "x", "--precision", "half"]
+        )
+    assert stop.value.code == 2 and "--precision" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the model
 
 

@@ -230,6 +230,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         largest_component=args.largest_component,
         body_mask=args.body_mask,
         device=args.device or "auto",
+        precision=args.precision,
         progress=Progress(),
     )
     if args.format == "dicom-seg":
@@ -452,6 +453,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--body-mask", action=argparse.BooleanOptionalAction, help=BODY_MASK_HELP)
     p.add_argument(
         "--device", help="auto (default), cpu, cuda or cuda:N (the volume stays on the CPU)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto (default): the windows in bf16 on a GPU that has it, fp32 on the CPU",
     )
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 

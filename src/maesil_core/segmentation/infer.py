@@ -31,6 +31,7 @@ from ..errors import Cancelled, CheckpointError, ConfigError, DataError
 from ..models.segmenter import make_segmenter
 from ..progress import CancelFlag, ProgressFn, cancel_fn
 from ..train import distributed as D
+from ..train.optim import autocast_dtype
 from .config import KIND, SegmentationConfig
 
 
@@ -70,6 +71,7 @@ def sliding_window_logits(
     blend: str = "gaussian",
     sw_batch_size: int = 4,
     device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
@@ -77,6 +79,8 @@ def sliding_window_logits(
 
     Windows of ``roi`` go to ``device`` ``sw_batch_size`` at a time; the volume and the
     blended output stay on the CPU, so memory on the device is bounded by the window batch.
+    ``amp_dtype`` (e.g. bf16): the windows run under autocast, the logits are blended in
+    float32; a window batch whose autocast output is not finite is run again in float32.
     """
     from monai.inferers import sliding_window_inference
 
@@ -89,7 +93,11 @@ def sliding_window_logits(
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         if cancel is not None and cancel():
             raise Cancelled()
-        out = model(batch.to(device))
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(batch)
+        if amp_dtype is not None and not torch.isfinite(out).all():
+            out = model(batch)  # bf16 gave NaN / inf (seen on the CPU): this batch in fp32
         done[0] += batch.shape[0]
         if progress is not None:
             progress(min(done[0], total), total)
@@ -243,6 +251,7 @@ class Segmenter:
         largest_component: bool | None = None,
         body_mask: bool | None = None,
         device: str = "auto",
+        precision: str = "auto",
         progress: ProgressFn | None = None,
         cancel: CancelFlag = None,
     ) -> Segmentation:
@@ -256,7 +265,9 @@ class Segmenter:
         may have two parts). ``body_mask`` keeps labels inside the patient's body, found from
         the intensities (:func:`~maesil_core.data.body.body_mask`; on unless fine-tuned with
         it off). The result's ``warnings`` say when a class's volume or share of air is
-        implausible (:func:`~.plausibility.plausibility_warnings`).
+        implausible (:func:`~.plausibility.plausibility_warnings`). ``precision``: ``auto``
+        runs the windows in bf16 on a GPU that has it and in fp32 elsewhere; ``bf16`` or
+        ``fp32`` choose (bf16 on the CPU is PyTorch's CPU autocast).
         """
         from ..data.inverse import labels_to_input
         from ..data.transforms import inference_transforms
@@ -281,6 +292,7 @@ class Segmenter:
         transform = inference_transforms(self.cfg.data, cancel=is_cancelled)
         sample = transform({"image": vol})
         dev = D.select_device(device)
+        amp_dtype = autocast_dtype(precision, dev)  # a precision the device lacks: refused
         model = self.model.to(dev).eval()
 
         def window_progress(done: int, total: int) -> None:
@@ -295,6 +307,7 @@ class Segmenter:
             blend=blend,
             sw_batch_size=sw_batch_size or seg.sw_batch_size,
             device=dev,
+            amp_dtype=amp_dtype,
             progress=window_progress,
             cancel=is_cancelled,
         )
@@ -358,6 +371,7 @@ def segment(
     largest_component: bool | None = None,
     body_mask: bool | None = None,
     device: str = "auto",
+    precision: str = "auto",
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
 ) -> Segmentation:
@@ -371,6 +385,7 @@ def segment(
         largest_component=largest_component,
         body_mask=body_mask,
         device=device,
+        precision=precision,
         progress=progress,
         cancel=cancel,
     )

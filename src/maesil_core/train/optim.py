@@ -61,26 +61,32 @@ def cpu_computes_bf16() -> bool:
         return False
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a run; None means fp32.
+def autocast_dtype(cfg: TrainConfig | str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run (``cfg``: its TrainConfig, or the precision itself, as
+    inference passes it); None means fp32.
 
     ``auto``: bf16 on GPUs that support it, else fp32. ``bf16``: bf16 on the CPU (PyTorch's
     CPU autocast) and on GPUs that support it; asked for on a GPU without bf16 it is a
     ConfigError, not a silent fp32 run.
     """
-    if cfg.precision == "fp32":
+    precision = cfg if isinstance(cfg, str) else cfg.precision
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(
+            f"precision must be auto, bf16 or fp32, got {precision!r}.", option="precision"
+        )
+    if precision == "fp32":
         return None
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
-        if cfg.precision == "bf16":
+        if precision == "bf16":
             raise ConfigError(
                 f"precision bf16 was asked for, but {torch.cuda.get_device_name(device)} has "
                 "no bf16; use `precision` fp32 (or auto).",
                 option="precision",
             )
         return None
-    if cfg.precision == "bf16":
+    if precision == "bf16":
         if device.type == "cpu":
             return torch.bfloat16
         raise ConfigError(
