@@ -69,3 +69,24 @@ def trained_run(tmp_path_factory, shared_data) -> Path:
     result = api.pretrain(data, run, cfg)
     assert result.step == 200 and not result.cancelled
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, shared_data) -> dict[str, Path]:
+    """Two-step runs made with the command line, for tests that need a checkpoint of each
+    kind but not a trained one (bad inputs, faults): ``{"pretrain": RUN, "segmentation": RUN}``
+    (a tiny MAESIL on abdomen_ct; a liver + spleen segmenter fine-tuned from it)."""
+    from maesil_core.cli import main
+
+    folder = tmp_path_factory.mktemp("tiny_runs")
+    ct = shared_data / "abdomen_ct" / "ct.nii.gz"
+    pre, seg = folder / "pre", folder / "seg"
+    small = ["--steps", "2", "--batch-size", "1", "--threads", "1", "--workers", "0"]
+    assert main(["pretrain", "--data", str(ct), "--out", str(pre), *small]) == 0
+    code = main(
+        ["finetune", "--images", str(ct), "--labels", str(ct.with_name("labels.nii.gz"))]
+        + ["--pretrained", str(pre), "--out", str(seg), "--classes", "liver", "spleen"]
+        + ["--feature-size", "8", *small]
+    )
+    assert code == 0
+    return {"pretrain": pre, "segmentation": seg}

@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+from .cli.common import install_stop_signals
+
+install_stop_signals()  # before the imports below: a signal while starting is one line
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

@@ -27,7 +27,7 @@ from .errors import ConfigError, DataError
 from .models.registry import build_from_checkpoint
 from .probe import probe
 from .progress import CancelFlag, ProgressFn, cancel_fn
-from .runs import prepare_run_dir, resume_from, resumed_config
+from .runs import claimed_run_dir, prepare_run_dir, resume_from, resumed_config
 from .segmentation import evaluate, finetune, segment
 from .threads import torch_threads
 from .train import FitResult, fit
@@ -81,6 +81,49 @@ def pretrain(
     (:func:`resumed_config`). Without ``data`` it continues on the scans the run recorded
     (or the phantom, if it trained on that); ``data`` given replaces them (moved files).
     """
+    run_dir = Path(run_dir)
+    with claimed_run_dir(run_dir, resume=resume):
+        start_step = 0
+        if resume:
+            cfg, start_step, data = _resumed_pretraining(run_dir, cfg, data)
+        cfg = (cfg or preset("tiny")).validate()
+        return _pretrain(data, run_dir, cfg, resume, force, start_step, progress, cancel)
+
+
+def _resumed_pretraining(
+    run_dir: Path, cfg: RunConfig | None, data: Sequence[str | Path] | None
+) -> tuple[RunConfig, int, Sequence[str | Path] | None]:
+    """The config, step and data a resumed pretraining run continues with."""
+    last = resume_from(run_dir)
+    if last.kind != "pretrain":
+        raise ConfigError(
+            f"{run_dir} is a {last.kind} run, not a pretraining one: continue it with "
+            f"maesil {'finetune' if last.kind == 'segmentation' else last.kind} and "
+            "`resume`, or give another `run_dir`.",
+            option="run_dir",
+        )
+    if not data:  # the run's own scans, not the phantom
+        extra = last.meta.extra
+        if "data" not in extra:
+            raise ConfigError(
+                f"{run_dir} does not record which scans it was trained on (it was made by "
+                "an older version): resume it with `data` and the same scans."
+            )
+        data = extra["data"]  # None: the run trained on the phantom
+    return resumed_config(last.config, cfg), last.step, data
+
+
+def _pretrain(
+    data: Sequence[str | Path] | None,
+    run_dir: Path,
+    cfg: RunConfig,
+    resume: bool,
+    force: bool,
+    start_step: int,
+    progress: ProgressFn | None,
+    cancel: CancelFlag,
+) -> FitResult:
+    """:func:`pretrain` once the config is settled: the run folder, data, model, fit."""
     from .data import check_inputs, infinite, make_pretrain_loader, resolve_inputs
     from .data.batch_augment import BatchAugment, to_device
     from .data.datasets import augment_on_device
@@ -88,20 +131,6 @@ def pretrain(
     from .models import build_model
     from .train.seeding import data_seed, seed_everything
 
-    run_dir = Path(run_dir)
-    start_step = 0
-    if resume:
-        last = resume_from(run_dir)
-        cfg, start_step = resumed_config(last.config, cfg), last.step
-        if not data:  # the run's own scans, not the phantom
-            extra = last.meta.extra
-            if "data" not in extra:
-                raise ConfigError(
-                    f"{run_dir} does not record which scans it was trained on (it was made by "
-                    "an older version): resume it with `data` and the same scans."
-                )
-            data = extra["data"]  # None: the run trained on the phantom
-    cfg = (cfg or preset("tiny")).validate()
     device = D.select_device(cfg.train.device)
     dist_info = D.init_distributed(device)
     if not resume:

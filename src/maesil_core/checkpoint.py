@@ -184,11 +184,16 @@ def save_checkpoint(
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     header = {"maesil": json.dumps(meta)}
     weights = stem.with_suffix(".safetensors")
-    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=header))
-    if optimizer is not None:
-        resume = {"step": int(step), "optimizer": optimizer.state_dict(), "rng": rng or {}}
-        save_resume_state(weights, resume)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=2))
+    try:  # the .json last: a checkpoint counts once it is there (list_checkpoints)
+        atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=header))
+        if optimizer is not None:
+            resume = {"step": int(step), "optimizer": optimizer.state_dict(), "rng": rng or {}}
+            save_resume_state(weights, resume)
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=2))
+    except BaseException:  # a full disk, a kill: no piece of this step stays behind
+        for suffix in (".json", SUFFIX, ".safetensors"):
+            weights.with_suffix(suffix).unlink(missing_ok=True)
+        raise
     return weights
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,6 +331,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"a run config must be a JSON object with data / model / train settings, got "
+                f"{type(d).__name__} {d!r:.40}."
+            )
         return cls(
             preset=d.get("preset", "custom"),
             data=_build(DataConfig, d.get("data", {})),
@@ -360,15 +367,87 @@ class RunConfig:
 
 def _build(cls: type, values: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f'the "{_SECTIONS.get(cls.__name__, cls.__name__)}" settings must be a JSON object '
+            f'({{"name": value, ...}}), got {type(values).__name__} {values!r:.40}.'
+        )
     unknown = set(values) - names
     if unknown:
         raise ConfigError(
             f"unknown {cls.__name__} settings {sorted(unknown)}; known: {sorted(names)}."
         )
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
-        kwargs[key] = tuple(value) if isinstance(value, list) else value
+        kwargs[key] = _typed(value, hints[key], f"{_SECTIONS.get(cls.__name__)}.{key}")
     return cls(**kwargs)
+
+
+_SECTIONS = {"DataConfig": "data", "ModelConfig": "model", "TrainConfig": "train"}
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """``value`` as the setting ``name`` of type ``hint`` takes it (JSON lists -> tuples, an
+    integral float -> int), or a ConfigError naming the setting, its type and the value."""
+    if _fits(value, hint):
+        if isinstance(value, float) and value.is_integer() and not _fits(0.5, hint):
+            value = int(value)  # 300.0 for a whole-number setting
+        return tuple(value) if isinstance(value, list) else value
+    want = _describe(hint)
+    raise ConfigError(
+        f"setting {name} must be {want}, got {value!r:.60} ({type(value).__name__}); "
+        "fix the config file (or the checkpoint's config)."
+    )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as JSON gives it) is of the annotated type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        is_int = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        return is_int and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if args and all(a is int for a in args) and _fits(value, int):
+            return True  # as_int3: one number for all three axes
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        if all(a is int for a in args) and len(value) == 1:
+            return _fits(value[0], int)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True  # an annotation this check does not know: the dataclass judges
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} numbers" if Ellipsis not in args else "a list"
+    return {
+        int: "a whole number",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        type(None): "null",
+        dict: "an object",
+    }.get(hint if origin is None else origin, str(hint))
 
 
 # --------------------------------------------------------------------------- presets
@@ -558,9 +637,27 @@ def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         ) from exc
     if not isinstance(d, dict):
         raise ConfigError(f"config file {path} must hold a JSON object.", option="config")
+    known = ("preset", "data", "model", "train")
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(
+            f"config file {path}: unknown section {unknown[0]!r}{maybe}; a config holds "
+            f'"preset", "data", "model" and "train" only.',
+            option="config",
+        )
     start = base if base is not None else preset(d.get("preset", "base"))
     merged = start.to_dict()
     for section in ("data", "model", "train"):
-        merged[section].update(d.get(section, {}))
+        given = d.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(
+                f'config file {path}: "{section}" must be a JSON object ({{"name": value, ...}}), '
+                f"got {type(given).__name__}."
+            )
+        merged[section].update(given)
     merged["preset"] = d.get("preset", start.preset)
     return RunConfig.from_dict(merged)

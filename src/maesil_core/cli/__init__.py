@@ -25,17 +25,23 @@ settings it names written as this command's flags (:func:`flag_names`).
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from .. import __version__
 from ..errors import Cancelled, MaesilError
 from . import info, interop, pretrain, probe, reconstruct, segmentation
 from .common import (
     EXIT_USAGE,
+    SIGNALS,
     Progress,
     add_command,
     add_run_options,
+    install_stop_signals,
     plain_warnings,
     resume_config,
     run_config_from_args,
@@ -76,8 +82,27 @@ def flag_names(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one ``maesil`` command; its exit status. The SIGINT / SIGTERM handlers it sets
+    are the caller's again when it returns (a test or a notebook calling it in-process)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            for signum, handler in before.items():
+                if handler is not None:  # None: not set from Python, nothing to restore
+                    signal.signal(signum, handler)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    install_stop_signals()
+    try:  # building the parser imports torch (seconds): a signal may come meanwhile
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        given = list(sys.argv[1:] if argv is None else argv)
+        return _interrupted(str(given[0]) if given else "")
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
@@ -91,16 +116,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Cancelled:
         print(f"maesil {args.command}: cancelled", file=sys.stderr)
         return 130
-    except FloatingPointError as exc:
-        print(f"maesil {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print(f"\nmaesil {args.command}: aborted", file=sys.stderr)
-        return 130
-    finally:
-        from ..train.distributed import cleanup
+        return _interrupted(args.command)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {Path(exc.filename).parent}" if exc.filename else ""
+        print(
+            f"maesil {args.command}: error: disk full{where} ({exc.strerror}); nothing "
+            "half-written was kept: free some space and run the command again (a training "
+            "run continues from its last checkpoint with --resume).",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    finally:  # only if it ran: an import cut short by a signal must not be retried here
+        distributed = sys.modules.get("maesil_core.train.distributed")
+        if distributed is not None:
+            distributed.cleanup()
 
-        cleanup()
+
+def _interrupted(command: str) -> int:
+    """The one line for a command stopped by SIGINT / SIGTERM before it could stop cleanly
+    (while starting, reading data, or a second Ctrl-C); 128 + the signal's number."""
+    signum = SIGNALS[-1] if SIGNALS else signal.SIGINT
+    name = signal.Signals(signum).name
+    if len(SIGNALS) > 1:  # the second of a training run: its checkpoints so far stay
+        what = "aborted; the checkpoints written before are kept"
+    else:
+        what = "stopped before it finished; nothing was written"
+    print(f"\nmaesil{' ' + command if command else ''}: {name}: {what}", file=sys.stderr)
+    return 128 + int(signum)
 
 
 __all__ = [

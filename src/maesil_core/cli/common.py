@@ -164,20 +164,113 @@ def plain_warnings(command: str, stream=None) -> Iterator[None]:
         warnings.showwarning = before
 
 
+#: exit status of a training run stopped early by SIGINT / SIGTERM after writing a
+#: checkpoint: EX_TEMPFAIL, "try again" (--resume); a scheduler tells it from a finished run
+EXIT_STOPPED = 75
+#: the signals received, newest last (for the exit status and the message)
+SIGNALS: list[int] = []
+
+
+def install_stop_signals() -> None:
+    """SIGINT and SIGTERM stop the command at once (a KeyboardInterrupt that :func:`main`
+    turns into one line and status 128 + the signal): set first thing, so a signal while
+    the command starts is no traceback and SIGTERM no silent kill."""
+
+    def handler(signum, frame):
+        SIGNALS.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
 def install_cancel() -> threading.Event:
     """First Ctrl-C / SIGTERM: stop after this step and write a checkpoint. Second: abort."""
     event = threading.Event()
 
     def handler(signum, frame):
+        SIGNALS.append(signum)
         if event.is_set():
             raise KeyboardInterrupt
         event.set()
-        sys.stderr.write("\nstopping after this step (checkpoint follows); Ctrl-C again to abort\n")
+        name = signal.Signals(signum).name
+        sys.stderr.write(
+            f"\n{name}: stopping after this step (checkpoint follows); Ctrl-C again to abort\n"
+        )
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
     return event
+
+
+def stopped_early(command: str, run: str | Path, step: int) -> int:
+    """The line a training run stopped by a signal ends with (stderr), and its status."""
+    by = f" by {signal.Signals(SIGNALS[-1]).name}" if SIGNALS else ""
+    print(
+        f"maesil {command}: stopped early{by} at step {step}, resumable: "
+        f"maesil {command} --out {run} --resume",
+        file=sys.stderr,
+    )
+    return EXIT_STOPPED
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that is a file or cannot be made or written
+    (a read-only folder or mount, a path under a file); nothing is created here."""
+    from ..errors import ConfigError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give a folder (or move the file away).")
+    _check_writable(path, flag)
+    return path
+
+
+def check_output_file(
+    path: str | Path, flag: str = "--out", *, force: bool = False, example: str = "out.nii.gz"
+) -> Path:
+    """Refuse, before any work, an output file that is a folder, exists (without ``force``)
+    or cannot be written where it is asked for; nothing is created here."""
+    from ..errors import ConfigError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name (e.g. {path / example}).")
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; pass --force to overwrite it or choose another {flag}.")
+    _check_writable(path.parent, flag)
+    return path
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """ConfigError unless a file can be created in ``folder`` or, when it does not exist yet,
+    in its nearest existing parent (probed with an unnamed temporary file: ``os.access``
+    says yes to root on a read-only folder)."""
+    import tempfile
+
+    from ..errors import ConfigError
+
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{flag} {folder}: {existing} is a file, so no folder can be made there; "
+            f"choose another {flag}."
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{flag} {folder}: cannot write in {existing} ({exc.strerror or exc}); choose "
+            f"another {flag} or make the folder writable."
+        ) from exc
 
 
 # --------------------------------------------------------------------------- config from flags

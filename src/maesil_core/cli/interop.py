@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_command
+from .common import add_command, check_output_dir, check_output_file
 
 FORMATS = {
     "monai-bundle": "a fine-tuned segmenter as a MONAI Bundle (configs/, models/model.pt, docs/, LICENSE)",
@@ -51,6 +51,10 @@ def run_export(args: argparse.Namespace) -> int:
     from ..interop import monai_bundle, monai_vit
 
     if args.format == "monai-bundle":
+        check_output_dir(args.out)
+    else:  # an existing file is refused (or replaced with --force) by the exporter
+        check_output_file(args.out, force=True, example="vit.pt")
+    if args.format == "monai-bundle":
         if args.img_size:
             raise ConfigError(
                 "--img-size applies to monai-vit / monai-unetr; a bundle slides windows of the "
@@ -74,6 +78,7 @@ def run_import(args: argparse.Namespace) -> int:
     from ..config import load_config, preset
     from ..interop import monai_vit
 
+    check_output_dir(args.out)
     cfg = preset(args.preset)
     if args.config:
         cfg = load_config(args.config, base=cfg)

@@ -10,9 +10,11 @@ from .common import (
     Progress,
     add_command,
     add_run_options,
+    check_output_dir,
     install_cancel,
     resume_config,
     run_config_from_args,
+    stopped_early,
 )
 
 EXAMPLES = """examples:
@@ -26,6 +28,7 @@ EXAMPLES = """examples:
 def run(args: argparse.Namespace) -> int:
     from .. import api
 
+    check_output_dir(args.out)
     if args.resume:
         cfg = resume_config(args)
     else:
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{state} at step {result.step}; checkpoint: {result.checkpoint}")
     print(f"loss curve: {Path(args.out) / 'loss.png'}; metrics: {Path(args.out) / 'metrics.csv'}")
     if result.cancelled:
-        print(f"continue with: maesil pretrain --out {args.out} --resume ...")
+        return stopped_early("pretrain", args.out, result.step)
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import Progress, add_command, add_threads_option
+from .common import Progress, add_command, add_threads_option, check_output_dir
 
 EXAMPLES = """examples:
   maesil reconstruct --checkpoint runs/demo --input scan.nii.gz --out recon/
@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..figures import reconstruction_figure, reconstruction_title
 
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     targets = [out / f"{n}.nii.gz" for n in ("masked", "reconstruction", "mask", "error")]
     targets.append(out / "figure.png")
     existing = [str(p) for p in targets if p.exists()]

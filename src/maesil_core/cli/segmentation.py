@@ -15,16 +15,17 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import ConfigError
 from .common import (
     Progress,
     add_command,
     add_run_options,
+    check_output_dir,
+    check_output_file,
     install_cancel,
     resume_config,
     run_config_from_args,
+    stopped_early,
 )
 
 EXAMPLES = {
@@ -83,6 +84,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             "--images is required (CT files, folders, a .txt list or a dataset.json), also "
             "with --resume."
         )
+    if args.roi and (len(args.roi) not in (1, 3) or min(args.roi) < 1):
+        raise ConfigError(
+            f"--roi {' '.join(map(str, args.roi))}: give one positive number or three (D H W "
+            "voxels, multiples of the patch size)."
+        )
+    check_output_dir(args.out)
     if args.resume:  # the run's own settings; only --steps / --device / --threads from the flags
         cfg = resume_config(args)
     else:
@@ -98,28 +105,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         body_mask=args.body_mask,
         air_margin=ft.SegmentationConfig.air_margin if args.air_margin is None else args.air_margin,
     )
-    if args.roi and len(args.roi) not in (1, 3):
-        raise ConfigError("--roi takes one number or three (D H W voxels).")
+    from ..runs import claimed_run_dir
+
     cancel = install_cancel()
-    result = ft.finetune(
-        _paths(args.images),
-        _paths(args.labels),
-        args.out,
-        cfg,
-        pretrained=args.pretrained,
-        seg=seg,
-        classes=args.classes,
-        label_names=args.label_names,
-        labels_map=args.labels_map,
-        n_labelled=args.n_labelled,
-        val_images=_paths(args.val_images),
-        val_labels=_paths(args.val_labels),
-        resample_labels=args.resample_labels,
-        resume=args.resume,
-        force=args.force,
-        progress=Progress(),
-        cancel=cancel,
-    )
+    with claimed_run_dir(args.out, resume=args.resume):
+        result = ft.finetune(
+            _paths(args.images),
+            _paths(args.labels),
+            args.out,
+            cfg,
+            pretrained=args.pretrained,
+            seg=seg,
+            classes=args.classes,
+            label_names=args.label_names,
+            labels_map=args.labels_map,
+            n_labelled=args.n_labelled,
+            val_images=_paths(args.val_images),
+            val_labels=_paths(args.val_labels),
+            resample_labels=args.resample_labels,
+            resume=args.resume,
+            force=args.force,
+            progress=Progress(),
+            cancel=cancel,
+        )
     if os.environ.get("RANK", "0") != "0":
         return 0
     state = "stopped early" if result.cancelled else "finished"
@@ -132,6 +140,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             f"{int(top.get('step', 0))}: {result.best_checkpoint}"
         )
     print(f"curves: {Path(args.out) / 'loss.png'}; metrics: {Path(args.out) / 'metrics.csv'}")
+    if result.cancelled:
+        return stopped_early("finetune", args.out, result.step)
     print(f"segment a CT with: maesil segment --checkpoint {args.out} --input CT --out SEG.nii.gz")
     return 0
 
@@ -195,6 +205,8 @@ def _segment_outputs(args: argparse.Namespace) -> list[Path]:
     from ..data.io import is_dicom_dir, strip_suffix
 
     out = Path(args.out) if args.out else _default_out(args.input, args.format)
+    example = "seg.dcm" if args.format == "dicom-seg" else "seg.nii.gz"
+    check_output_file(out, "--out", force=args.force, example=example)
     if args.format == "dicom-seg":
         if not is_dicom_dir(args.input):
             raise ConfigError(
@@ -209,11 +221,12 @@ def _segment_outputs(args: argparse.Namespace) -> list[Path]:
         if not out.name.lower().endswith((".nii.gz", ".nii")):
             raise ConfigError(f"--out {out} must end in .nii.gz or .nii.")
         targets = [out, out.with_name(strip_suffix(out.name) + ".json")]
-    for target in targets:
-        if target.exists() and not args.force:
-            raise ConfigError(
-                f"{target} exists; pass --force to overwrite it or choose another --out."
-            )
+    for target in targets:  # a folder, an existing file without --force, an unwritable place
+        check_output_file(target, "--out", force=args.force, example=example)
+    if args.sw_batch_size is not None and args.sw_batch_size < 1:
+        raise ConfigError(
+            f"--sw-batch-size {args.sw_batch_size}: windows per forward pass must be 1 or more."
+        )
     return targets
 
 
@@ -249,6 +262,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         seg_path, names_path = result.save(targets[0], overwrite=args.force)
         print(f"labels: {seg_path}")
         print(f"names:  {names_path}")
+    import numpy as np
+
     voxel_ml = abs(float(np.linalg.det(result.affine[:3, :3]))) / 1000.0
     for cid, name in result.classes.items():
         n = int((result.labels == cid).sum())
@@ -285,18 +300,13 @@ def _evaluation_csv(args: argparse.Namespace) -> Path:
     """``--csv`` (refused when it exists, unless ``--force``), else the first free
     ``evaluation.csv``, ``evaluation-2.csv``, ... in the run: earlier evaluations are kept."""
     if args.csv:
-        path = Path(args.csv)
-        if path.exists() and not args.force:
-            raise ConfigError(
-                f"{path} exists; pass --force to overwrite it or choose another --csv."
-            )
-        return path
+        return check_output_file(args.csv, "--csv", force=args.force, example="evaluation.csv")
     p = Path(args.checkpoint)
     run = p if p.is_dir() else p.parent
     path, n = run / "evaluation.csv", 2
     while path.exists():
         path, n = run / f"evaluation-{n}.csv", n + 1
-    return path
+    return check_output_file(path, "--csv")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

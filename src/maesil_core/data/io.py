@@ -12,6 +12,7 @@ Longer than 500 lines: three formats in and out, each with the checks a user's f
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 @dataclass
 class Volume:
-    """A 3D scan: ``array`` (X, Y, Z) float32 (int for label maps), ``affine`` (4, 4) RAS mm."""
+    """A 3D scan: ``array`` (X, Y, Z) float32 (an integer type for label maps), ``affine``
+    (4, 4) RAS mm."""
 
     array: np.ndarray
     affine: np.ndarray
@@ -206,21 +208,98 @@ def read_raw(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
                 f"{path} is not a supported image file; give a .nii/.nii.gz or .nrrd file "
                 "or a DICOM series folder."
             )
-    return _check_3d(array, path), affine, str(path)
+    array = _check_3d(array, path)
+    check_affine(affine, path)
+    return array, affine, str(path)
+
+
+#: voxel sizes (mm) outside this range are a header error (metres for mm, a broken field)
+PLAUSIBLE_SPACING_MM = (0.01, 50.0)
+
+
+def check_affine(affine: np.ndarray, path: str | Path) -> None:
+    """DataError naming ``path`` unless ``affine`` (4, 4) maps voxels to world mm sensibly:
+    finite, three independent axes (no zero column, no two parallel ones) and voxel sizes
+    within :data:`PLAUSIBLE_SPACING_MM`. A sheared affine (axes not perpendicular, e.g. a
+    gantry-tilted CT) is fine: MONAI resamples it by world coordinates."""
+    affine = np.asarray(affine, dtype=np.float64)
+    fix = "fix the header (qform/sform or pixdim) or re-export the scan"
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise DataError(f"{path}: its voxel-to-world affine holds NaN or infinite values; {fix}.")
+    cols = affine[:3, :3]
+    sizes = np.linalg.norm(cols, axis=0)
+    if np.any(sizes == 0):
+        axis = int(np.argmin(sizes))
+        raise DataError(f"{path}: its affine gives array axis {axis} a voxel size of 0 mm; {fix}.")
+    unit = cols / sizes
+    if abs(np.linalg.det(unit)) < 1e-3:
+        raise DataError(
+            f"{path}: its affine has two parallel axes (the voxel grid is flat in the world); "
+            f"{fix}."
+        )
+    low, high = PLAUSIBLE_SPACING_MM
+    if sizes.min() < low or sizes.max() > high:
+        shown = ", ".join(f"{v:.3g}" for v in sizes)
+        raise DataError(
+            f"{path}: voxel size ({shown}) mm is not plausible for a CT (expected {low}..{high} "
+            f"mm; metres or micrometres in the header?); {fix}."
+        )
+
+
+def _nifti_pixdim_problem(path: Path) -> str:
+    """'' or why the raw header's voxel size cannot be trusted: nibabel silently replaces a
+    pixdim of 0 by 1 and a negative one by its absolute value, but without an sform the
+    affine is built from it (and with a qform only, its magnitudes)."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as f:
+            header = nib.Nifti1Header.from_fileobj(f, check=False)
+        if int(header["sizeof_hdr"]) != 348:
+            return ""  # NIfTI-2 or not NIfTI: nib.load says what it is
+        pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+        qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    except Exception:
+        return ""  # unreadable: nib.load below names the problem
+    if scode > 0:
+        return ""  # the sform gives the affine; pixdim is not used
+    bad = [f"{v:g}" for v in pixdim if not v > 0]
+    if not bad:
+        return ""
+    used = "the qform" if qcode > 0 else "pixdim (no qform/sform)"
+    return (
+        f"its header gives voxel size ({', '.join(f'{v:g}' for v in pixdim)}) mm, and the "
+        f"affine comes from {used}; set the true voxel size (e.g. nibabel "
+        "img.header.set_zooms(...)) or re-export the scan"
+    )
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    problem = _nifti_pixdim_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}.")
     try:
         img = nib.load(str(path))
         array = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises EOFError, zlib.error, OSError, ValueError, ...
-        kind = "truncated or corrupt" if _is_gzip(path) else "not a valid NIfTI file"
-        raise DataError(
-            f"{path} is {kind} ({type(exc).__name__}: {_first_line(exc)}); "
-            "re-copy or re-export the file."
-        ) from exc
+        raise DataError(_unreadable(path, exc)) from exc
     return array, affine
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """The one line for a NIfTI file nibabel cannot read."""
+    short = re.search(r"Expected (\d+) bytes, got (\d+) bytes", str(exc))
+    if short:
+        want, got = int(short.group(1)), int(short.group(2))
+        return (
+            f"{path} is truncated: its header promises {want:,} bytes of voxels, the file "
+            f"holds {got:,}; re-copy or re-export the file."
+        )
+    plain_nifti = path.name.lower().endswith(NIFTI_SUFFIXES) and not _is_gzip(path)
+    kind = "not a valid NIfTI file" if plain_nifti else "truncated or corrupt"
+    return (
+        f"{path} is {kind} ({type(exc).__name__}: {_first_line(exc)}); "
+        "re-copy or re-export the file."
+    )
 
 
 def _is_gzip(path: Path) -> bool:
@@ -256,6 +335,21 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(array), affine
 
 
+#: a DICOM series of fewer slices is a localiser / scout, left out beside a real series
+MIN_SERIES_SLICES = 3
+
+
+def _series_label(ds) -> str:
+    """``series 3 'Thorax 1.0 B31f'`` or the end of the SeriesInstanceUID."""
+    number = ds.get("SeriesNumber", None)
+    desc = str(ds.get("SeriesDescription", "") or "").strip()
+    uid = str(ds.get("SeriesInstanceUID", "") or "")
+    parts = [f"series {number}" if number not in (None, "") else "series"]
+    parts += [repr(desc)] if desc else []
+    parts += [f"UID ...{uid[-8:]}"] if uid and number in (None, "") else []
+    return " ".join(parts)
+
+
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one DICOM series: slices sorted along the slice normal, HU via rescale tags.
 
@@ -281,9 +375,20 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
             ".nii/.nii.gz files (folders of several scans: use resolve_inputs)."
         )
     uid, slices = max(series.items(), key=lambda kv: len(kv[1]))
-    if len(series) > 1:
+    volumes = {k: v for k, v in series.items() if len(v) >= MIN_SERIES_SLICES}
+    if len(volumes) > 1:
+        counts = ", ".join(
+            f"{_series_label(v[0][1])} ({len(v)} slices)"
+            for v in sorted(volumes.values(), key=len, reverse=True)
+        )
+        raise DataError(
+            f"{folder} holds {len(volumes)} DICOM series ({counts}); put each series in a "
+            "folder of its own and give the one to use."
+        )
+    if len(series) > 1:  # the others are localisers / scouts of one or two slices
         warnings.warn(
-            f"{folder} holds {len(series)} DICOM series; using the largest ({len(slices)} slices).",
+            f"{folder}: left out {len(series) - 1} DICOM series of fewer than "
+            f"{MIN_SERIES_SLICES} slices (localisers); using the {len(slices)}-slice series.",
             stacklevel=3,
         )
     iop = np.asarray(slices[0][1].ImageOrientationPatient, dtype=np.float64)
@@ -304,7 +409,16 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{folder} has DICOM slices at the same position (duplicates or several "
             "acquisitions); keep one series per folder."
         )
-    if gaps.max() - gaps.min() > 0.1 * np.median(gaps) + 1e-3:
+    step = float(np.median(gaps))
+    if gaps.max() > 1.5 * step:
+        where = int(np.argmax(gaps))
+        missing = int(round(gaps[where] / step)) - 1
+        raise DataError(
+            f"{folder}: {max(missing, 1)} DICOM slice(s) missing between "
+            f"{slices[where][0].name} and {slices[where + 1][0].name} (a {gaps[where]:.3g} mm "
+            f"gap where the others are {step:.3g} mm); copy the complete series."
+        )
+    if gaps.max() - gaps.min() > 0.1 * step + 1e-3:
         warnings.warn(
             f"{folder}: uneven DICOM slice spacing ({gaps.min():.3g}..{gaps.max():.3g} mm); "
             "using the mean.",
@@ -356,6 +470,11 @@ def _check_3d(array: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _check_finite(array: np.ndarray, path: str) -> None:
+    if np.issubdtype(array.dtype, np.integer):
+        return
+    # slab by slab: a full-size bool copy of a 512 x 512 x 400 CT is 0.1 GB
+    if all(np.isfinite(array[..., z : z + 16]).all() for z in range(0, array.shape[-1], 16)):
+        return
     finite = np.isfinite(array)
     if not finite.all():
         n_nan = int(np.isnan(array).sum())
@@ -370,7 +489,10 @@ def _check_finite(array: np.ndarray, path: str) -> None:
 
 def load_volume(path: str | Path) -> Volume:
     """Read a CT volume (NIfTI, NRRD or DICOM series folder) as ``array`` (X, Y, Z) float32."""
-    return volume_from_raw(*read_raw(path))
+    raw, affine, spath = read_raw(path)
+    volume = volume_from_raw(raw, affine, spath)
+    check_ct_content(volume.array, spath, raw.dtype)  # a viewer opens these; a command not
+    return volume
 
 
 def volume_from_raw(
@@ -382,27 +504,43 @@ def volume_from_raw(
         if keep_integers and np.issubdtype(raw.dtype, np.integer):
             array = np.asarray(raw)
         else:
-            array = np.asarray(raw, dtype=np.float32)
+            array = np.ascontiguousarray(raw, dtype=np.float32)  # C order: no copy for torch
     except Exception as exc:
-        raise DataError(
-            f"{path} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)}); "
-            "re-copy or re-export the file."
-        ) from exc
+        raise DataError(_unreadable(Path(path), exc)) from exc
     if not np.issubdtype(array.dtype, np.integer):
         _check_finite(array, path)
     is_hu = not np.issubdtype(raw.dtype, np.unsignedinteger) and looks_like_hu(array)
     return Volume(array=array, affine=affine, path=path, is_hu=is_hu)
 
 
+def check_ct_content(array: np.ndarray, path: str, dtype: np.dtype | None = None) -> None:
+    """DataError unless ``array`` can be a CT: not one value in every voxel (an all-zero or
+    all -1024 volume: nothing to learn or segment), not a mask (bool, or integers 0 / 1)."""
+    dtype = np.dtype(array.dtype if dtype is None else dtype)
+    low, high = float(np.min(array)), float(np.max(array))
+    if low == high:
+        raise DataError(
+            f"{path} holds the same value ({low:g}) in every voxel: nothing to learn or "
+            "segment; give the CT scan itself (an export that lost the image?)."
+        )
+    if dtype == np.bool_ or (np.issubdtype(dtype, np.integer) and low >= 0 and high <= 1):
+        raise DataError(
+            f"{path} is a mask (only the values 0 and 1), not a CT; give the CT scan "
+            "(a label map is not an image to learn from)."
+        )
+
+
 def load_labels(
     path: str | Path, reference: Volume | None = None, *, resample: bool = False
 ) -> Volume:
-    """Read an integer label map (X, Y, Z) int32.
+    """Read an integer label map (X, Y, Z): the file's integer type (int32 for others).
 
     With ``reference``, shape and affine must match it (else DataError saying what
     differs), or with ``resample=True`` the labels are resampled onto its grid.
     """
-    labels = labels_from_raw(*read_raw(path))
+    labels = labels_from_raw(*read_raw(path), dtype=None)
+    if labels.array.dtype not in (np.uint8, np.int8, np.uint16, np.int16, np.int32):
+        labels.array = labels.array.astype(np.int32)  # small types kept: uint8 is 0.1 GB, not 0.4
     if reference is not None:
         problem = geometry_mismatch(labels, reference)
         if problem:
@@ -425,10 +563,9 @@ def labels_from_raw(
     try:
         array = np.asarray(raw)
     except Exception as exc:
-        raise DataError(
-            f"{path} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)}); "
-            "re-copy or re-export the file."
-        ) from exc
+        raise DataError(_unreadable(Path(path), exc)) from exc
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
     if not np.issubdtype(array.dtype, np.integer):
         _check_finite(array, path)
         rounded = np.rint(array)
@@ -438,6 +575,12 @@ def labels_from_raw(
                 "segmentation file (integer ids per voxel)."
             )
         array = rounded.astype(np.int32)
+    if array.size and array.min() < 0:
+        negative = np.unique(array[array < 0])[:5]
+        raise DataError(
+            f"{path} holds negative label ids ({', '.join(str(int(v)) for v in negative)}); "
+            "label ids are 0 (background) and 1, 2, ...: renumber the label map."
+        )
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     return Volume(array=array, affine=affine, path=path, is_hu=False)
@@ -581,11 +724,15 @@ def save_volume(
     *,
     overwrite: bool = False,
     dtype: np.dtype | type | str | None = None,
+    quantize: np.dtype | type | str | None = None,
 ) -> Path:
     """Write ``array`` (X, Y, Z) with its RAS ``affine`` as NIfTI, atomically.
 
     The file is written to a temporary name in the same folder and then renamed, so a
     crash never leaves half a file. Refuses to replace an existing file unless ``overwrite``.
+    ``dtype``: the values rounded and clipped into that type. ``quantize`` (an integer type):
+    float values stored as that type with the NIfTI slope / intercept nibabel fits to their
+    range (readers get floats back, to 1/255 of the range for uint8).
     """
     path = Path(path)
     low = path.name.lower()
@@ -609,6 +756,8 @@ def save_volume(
     elif array.dtype == bool:
         array = array.astype(np.uint8)
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    if quantize is not None:
+        img.set_data_dtype(np.dtype(quantize))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     suffix = ".nii.gz" if low.endswith(".nii.gz") else ".nii"

@@ -57,6 +57,8 @@ def build_from_checkpoint(path: str | Path | Checkpoint) -> tuple[nn.Module, Che
     """Rebuild a pretraining model from its checkpoint (run dir, file or loaded
     :class:`~maesil_core.checkpoint.Checkpoint`), in eval mode on the CPU."""
     ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
+    if ckpt.kind != "pretrain":
+        raise CheckpointError(_not_pretraining(ckpt.path, ckpt.kind, ckpt.meta.method))
     try:
         model = build_model(ckpt.config.model)
     except ConfigError as exc:
@@ -65,3 +67,12 @@ def build_from_checkpoint(path: str | Path | Checkpoint) -> tuple[nn.Module, Che
         ) from exc
     load_weights(model, ckpt.state_dict, str(ckpt.path))
     return model.eval(), ckpt
+
+
+def _not_pretraining(path: str | Path, kind: str, method: str) -> str:
+    """The one line for a checkpoint of another kind where a pretraining one is needed."""
+    use = "maesil segment / evaluate" if kind == "segmentation" else "the command that made it"
+    return (
+        f"{path} is a {kind} checkpoint ({method}), not a pretraining one; give a pretraining "
+        f"run (maesil pretrain) here, or use this one with {use}."
+    )

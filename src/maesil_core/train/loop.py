@@ -32,7 +32,7 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..config import RunConfig, TrainConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..files import atomic_write_text
 from ..progress import CancelFlag, ProgressFn, cancel_fn
 from ..resume_state import load_resume_state
@@ -203,13 +203,14 @@ class LossWindow:
         self.steps += 1
 
     def row(self, step: int, lr: float, now: float, device: torch.device) -> dict[str, float]:
-        """``{"step", "loss", "lr", "volumes_per_s"}``; FloatingPointError when the mean loss
-        (across ranks) is not finite."""
+        """``{"step", "loss", "lr", "volumes_per_s"}``; a ConfigError naming the learning
+        rate when the mean loss (across ranks) is not finite."""
         mean_loss = D.mean_across_ranks(float(self.loss_sum) / max(1, self.losses), device)
         if not math.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"the loss became {mean_loss} by step {step}; lower the learning rate "
-                f"(now {self.peak_lr:g}) or check the input intensities."
+            raise ConfigError(
+                f"the loss became {mean_loss} by step {step}; lower `lr` (now "
+                f"{self.peak_lr:g}) or check the input intensities.",
+                option="lr",
             )
         elapsed = max(now - self.t0, 1e-9)
         vps = self.volumes_per_step * self.steps / elapsed
