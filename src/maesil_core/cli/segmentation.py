@@ -6,6 +6,9 @@
 
 Problems with the input (labels of another geometry, unknown classes, count mismatch, a
 pretraining checkpoint given to ``segment``) print one line and exit with status 2.
+
+Longer than 500 lines: three commands of one task, each with its flags, examples and the
+checks of its outputs before any work; split, they would share every helper.
 """
 
 from __future__ import annotations
