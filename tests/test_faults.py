@@ -254,6 +254,25 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     assert load_checkpoint(list_checkpoints(run)[-1]).step == 6
 
 
+def test_a_full_disk_while_writing_reconstruct_outputs_leaves_the_earlier_ones(
+    tiny_runs, ct, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "recon"
+    argv = ["reconstruct", "--checkpoint", str(tiny_runs["pretrain"]), "--input", str(ct)]
+    assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    _disk_full_on(monkeypatch, "mask")  # the third of the four volumes
+    code = main([*argv, "--out", str(out), "--force", "--seed", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "disk full" in err.lower() and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # nothing half-written
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"
+    _disk_full_on(monkeypatch, "error")
+    assert main([*argv, "--out", str(fresh)]) == 2
+    assert not fresh.exists() or not list(fresh.iterdir())  # a plain rerun is not blocked
+
+
 # --------------------------------------------------------------------------- diverging
 
 

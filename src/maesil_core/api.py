@@ -194,8 +194,11 @@ class Reconstruction:
     """Whole-volume reconstruction, every array (X, Y, Z) aligned with the input file.
 
     ``image`` is the input as read; ``masked``, ``reconstruction`` and ``error`` are in HU when
-    the input is a HU scan (else in the model's [0, 1] scale); ``mask`` is 1 where the model
-    saw nothing. ``scores`` are PSNR / SSIM / MSE on the model's grid over masked voxels, and
+    the input is a HU scan (int16, clipped to the model's window; else float32 in the model's
+    [0, 1] scale); ``mask`` (uint8) is 1 where the model saw nothing. For a HU scan the
+    voxels the model saw hold the input itself in ``reconstruction`` (and 0 in ``error``):
+    the model's prediction, resampled from its grid, only where it was hidden. ``scores``
+    are PSNR / SSIM / MSE on the model's grid over masked voxels, and
     ``interpolation_*`` the same for the hidden voxels interpolated from the visible ones
     (:func:`~maesil_core.metrics.interpolation_scores`), the score to beat; ``mean_fill_mse``
     the MSE of filling them with the mean of each tile's visible voxels.
@@ -213,23 +216,43 @@ class Reconstruction:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
-        """Write masked / reconstruction / mask / error ``.nii.gz`` with the input's affine."""
+        """Write masked / reconstruction / mask / error ``.nii.gz`` with the input's affine:
+        all four or none (each is written under a temporary name first; a failure, such as a
+        full disk, removes them and leaves what ``out_dir`` held before).
+
+        HU results are stored as int16 (the input's own HU, and the prediction to 1 HU: about
+        2 bytes a voxel, like the input); the error map and [0, 1] results as uint8 with a
+        NIfTI slope (readers get the values back to 1/255 of their range: the 256 levels a
+        colour map or a grey window shows). About 1.7 x the size of an int16 input .nii.gz.
+        """
         from .data import save_volume
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            "masked": (self.masked, np.float32),
-            "reconstruction": (self.reconstruction, np.float32),
-            "mask": (self.mask, np.uint8),
-            "error": (self.error, np.float32),
-        }
-        written = {}
-        for name, (arr, dtype) in arrays.items():
-            written[name] = save_volume(
-                arr, self.affine, out_dir / f"{name}.nii.gz", overwrite=overwrite, dtype=dtype
-            )
-        return written
+        names = ("masked", "reconstruction", "mask", "error")
+        targets = {name: out_dir / f"{name}.nii.gz" for name in names}
+        existing = [p for p in targets.values() if p.exists()]
+        if existing and not overwrite:
+            save_volume(self.mask, self.affine, existing[0])  # its one-line refusal
+        staged: dict[str, Path] = {}
+        try:
+            for name in names:
+                arr = getattr(self, name)
+                tmp = out_dir / f".{name}.partial.nii.gz"
+                if name == "mask":
+                    save_volume(arr, self.affine, tmp, overwrite=True, dtype=np.uint8)
+                elif name == "error" or arr.dtype == np.float32:
+                    save_volume(arr, self.affine, tmp, overwrite=True, quantize=np.uint8)
+                else:
+                    save_volume(arr, self.affine, tmp, overwrite=True)
+                staged[name] = tmp
+        except BaseException:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
+            raise
+        for name, tmp in staged.items():
+            os.replace(tmp, targets[name])
+        return targets
 
 
 def reconstruct(
@@ -247,7 +270,8 @@ def reconstruct(
 ) -> Reconstruction:
     """Mask and reconstruct a whole CT with a pretrained model, tile by tile (on the CPU with
     ``threads`` torch threads, 0: auto, one per free core, :mod:`maesil_core.threads`)."""
-    from .data import inference_transforms, invert_to_input, load_volume
+    from .data import inference_transforms, load_volume
+    from .data.inverse import iter_input_slabs
     from .inference import reconstruct_volume
     from .metrics import interpolation_scores, reconstruction_scores
 
@@ -295,35 +319,44 @@ def reconstruct(
         scores["mean_fill_mse"] = fill.pop("mean_fill_mse")
         scores.update({f"interpolation_{k}": v for k, v in fill.items()})
 
-    # back onto the input's own voxel grid (orientation, spacing, shape)
-    def back(arr: torch.Tensor, nearest: bool = False) -> np.ndarray:
-        return np.asarray(invert_to_input(arr, sample, transform, nearest=nearest))[0]
-
-    recon = back(tiled.recon)
-    mask = back(tiled.mask, nearest=True) > 0.5
-    shown = back(torch.as_tensor(np.asarray(unit)))
-    if recon.shape != volume.array.shape:
-        raise RuntimeError(f"inverse geometry gave {recon.shape}, input is {volume.array.shape}")
-
+    # back onto the input's own voxel grid (orientation, spacing, shape), slab by slab: at
+    # 512 x 512 x 400 a float32 copy is 0.4 GB and MONAI's inverse adds a 1.2 GB sampling grid
     hu = _uses_hu(cfg, volume)
-    if hu:
-        low, high = cfg.data.window()
-        to_units = lambda a: low + a * (high - low)  # noqa: E731
-        units = "HU"
-        masked = np.where(mask, low, np.clip(volume.array, low, high))
-        reconstruction = to_units(recon)
-        error = np.abs(reconstruction - np.clip(volume.array, low, high))
-    else:
-        units = "unit"
-        masked = np.where(mask, 0.0, shown)
-        reconstruction = recon
-        error = np.abs(recon - shown)
+    shape = volume.array.shape
+    model_affine = np.asarray(unit.affine, dtype=np.float64)
+    mask = np.empty(shape, np.uint8)  # 1 where the model saw nothing
+    for z, values in iter_input_slabs(
+        tiled.mask[0].numpy().astype(np.uint8), model_affine, volume.affine, shape, nearest=True
+    ):
+        mask[:, :, z] = values
+    # HU scans: int16 HU, exact for the input's own voxels (integers), 1 HU steps for the
+    # prediction (far below what a window shows); other scans: float32 in the model's [0, 1]
+    dtype = np.int16 if hu else np.float32
+    reconstruction, masked, error = (np.empty(shape, dtype) for _ in range(3))
+    low, high = cfg.data.window() if hu else (0.0, 1.0)
+    shown_slabs = (
+        None if hu else iter_input_slabs(np.asarray(unit)[0], model_affine, volume.affine, shape)
+    )
+    for z, values in iter_input_slabs(tiled.recon[0].numpy(), model_affine, volume.affine, shape):
+        hidden = mask[:, :, z].astype(bool)
+        if hu:  # visible voxels: the input itself, not its model-grid copy resampled back
+            pred = np.clip(low + values * (high - low), low, high)  # the window it learnt
+            seen = np.rint(np.clip(volume.array[:, :, z], low, high))
+            reconstruction[:, :, z] = np.where(hidden, np.rint(pred), seen)
+            masked[:, :, z] = np.where(hidden, low, seen)
+            error[:, :, z] = np.where(hidden, np.rint(np.abs(pred - seen)), 0)
+        else:
+            _, seen = next(shown_slabs)
+            reconstruction[:, :, z] = values
+            masked[:, :, z] = np.where(hidden, 0.0, seen)
+            error[:, :, z] = np.abs(values - seen)
+    units = "HU" if hu else "unit"
     return Reconstruction(
         image=volume.array,
-        masked=masked.astype(np.float32),
-        reconstruction=reconstruction.astype(np.float32),
-        mask=mask.astype(np.uint8),
-        error=error.astype(np.float32),
+        masked=masked,
+        reconstruction=reconstruction,
+        mask=mask,
+        error=error,
         affine=volume.affine,
         scores=scores,
         units=units,

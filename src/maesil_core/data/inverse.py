@@ -1,7 +1,8 @@
 """Results on the model grid back onto the input's own voxel grid (orientation, spacing,
 shape): :func:`invert_to_input` through MONAI's ``Invertd`` (any grid, floating point),
 :func:`labels_to_input` for label maps by one nearest-neighbour gather (axis-aligned grids,
-the label map's own dtype).
+the label map's own dtype), :func:`to_input_grid` slab by slab for any grid, linear or nearest
+(what ``invert_to_input`` gives, without its full-size float copy and sampling grid).
 
 Both take the dict and the ``Compose`` of :func:`.transforms.inference_transforms`, whose
 image MetaTensor recorded the spatial operations.
@@ -10,7 +11,7 @@ image MetaTensor recorded the spatial operations.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
+from .io import Volume
 from .transforms import IMAGE_KEY
 
 
@@ -112,3 +114,68 @@ def labels_to_input(
     # model axes in the order of the input axes, then one gather: out[i, j, k]
     moved = padded.transpose([int(b) for b in perm])
     return moved[np.ix_(*index)]
+
+
+def iter_input_slabs(
+    model_array: np.ndarray,
+    model_affine: np.ndarray,
+    volume_affine: np.ndarray,
+    shape: Sequence[int],
+    *,
+    nearest: bool = False,
+    slab: int = 16,
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """``model_array`` (D, H, W) on the model grid, resampled onto the input's voxel grid
+    (``shape`` (X, Y, Z) with ``volume_affine``) one slab of ``slab`` slices at a time:
+    yields ``(z slice, values (X, Y, slab))``.
+
+    What :func:`invert_to_input` gives for an inference chain (orientation and spacing are
+    both in the affines: model voxel -> world -> input voxel), without MONAI's full-size
+    float32 copy and sampling grid (a 512 x 512 x 400 CT: 0.4 GB + 1.2 GB per array). Linear
+    interpolation gives float32 slabs; ``nearest`` keeps ``model_array``'s dtype (labels).
+    """
+    from scipy.ndimage import affine_transform
+
+    matrix = np.linalg.inv(np.asarray(model_affine, np.float64)) @ np.asarray(volume_affine)
+    rot, shift = matrix[:3, :3], matrix[:3, 3]
+    src = np.asarray(model_array)
+    if not nearest and src.dtype != np.float32:
+        src = src.astype(np.float32)
+    nx, ny, nz = (int(v) for v in shape)
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        values = affine_transform(
+            src,
+            rot,
+            offset=rot @ np.array([0.0, 0.0, z0]) + shift,
+            output_shape=(nx, ny, z1 - z0),
+            order=0 if nearest else 1,
+            mode="nearest",
+            output=src.dtype,
+        )
+        yield slice(z0, z1), values
+
+
+def to_input_grid(
+    model_array: np.ndarray,
+    sample: Mapping[Hashable, Any],
+    volume: Volume,
+    *,
+    nearest: bool = False,
+    dtype: Any = None,
+    convert: Any = None,
+) -> np.ndarray:
+    """``model_array`` (D, H, W) from the inference chain's ``sample`` (its ``image``
+    MetaTensor's affine) on ``volume``'s own grid, built slab by slab into one array of
+    ``dtype`` (default: float32, or the input's dtype with ``nearest``); ``convert(values,
+    z)`` maps each slab first (e.g. to HU)."""
+    affine = np.asarray(torch.as_tensor(sample[IMAGE_KEY].affine), np.float64)
+    shape = volume.array.shape
+    out = None
+    for z, values in iter_input_slabs(model_array, affine, volume.affine, shape, nearest=nearest):
+        if convert is not None:
+            values = convert(values, z)
+        if out is None:
+            out = np.empty(shape, dtype=dtype or values.dtype)
+        out[:, :, z] = values
+    return out

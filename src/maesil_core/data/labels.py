@@ -118,12 +118,13 @@ class LabelSet:
         if source.min() < 0:
             raise DataError("label maps must not hold negative values.")
         lut = self._lut(int(source.max()), list(range(1, len(self) + 1)))
-        return lut[source.astype(np.int64)]
+        return apply_lut(lut.astype(_smallest(len(self))), source)
 
     def index_to_ids(self, index: np.ndarray) -> np.ndarray:
-        """Predicted indices 0..K -> output ids (0 stays background)."""
-        lut = np.array([0, *self.ids], dtype=np.int32)
-        return lut[np.asarray(index).astype(np.int64)]
+        """Predicted indices 0..K -> output ids (0 stays background), in the smallest integer
+        type that holds them (uint8 for ids below 256: 1 byte a voxel)."""
+        lut = np.array([0, *self.ids], dtype=_smallest(max(self.ids, default=0)))
+        return apply_lut(lut, np.asarray(index))
 
     def to_ids(self, source: np.ndarray) -> np.ndarray:
         """Source label map -> output ids (select / rename / merge, the rest -> 0)."""
@@ -277,3 +278,19 @@ def find_label_names(label_file: str | Path) -> dict[int, str] | None:
             if names:
                 return names
     return None
+
+
+def _smallest(largest: int) -> type:
+    """The smallest integer type for values 0..``largest``."""
+    return np.uint8 if largest < 256 else np.int16 if largest < 32768 else np.int32
+
+
+def apply_lut(lut: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """``lut[source]`` for an integer map (X, Y, Z), slab by slab along the last axis: no
+    full-size int64 copy of the indices (0.8 GB at 512 x 512 x 400)."""
+    out = np.empty(source.shape, lut.dtype)
+    if source.ndim == 0 or source.shape[-1] == 0:
+        return lut[source.astype(np.intp)]
+    for z in range(0, source.shape[-1], 8):
+        out[..., z : z + 8] = lut[source[..., z : z + 8].astype(np.intp)]
+    return out
