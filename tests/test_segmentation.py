@@ -171,6 +171,7 @@ def test_segment_cli_writes_dicom_seg_of_a_dicom_series(
     series = shared_data / "dicom_ct"
     nifti, dcm = tmp_path / "seg.nii.gz", tmp_path / "seg.dcm"
     common = ["segment", "--checkpoint", finetuned_run, "--input", series, "--overlap", "0"]
+    common += ["--threads", "1"]
     code, _, err = run_cli(capsys, *common, "--out", nifti)
     assert code == 0, err
     code, stdout, err = run_cli(capsys, *common, "--format", "dicom-seg", "--out", dcm)

@@ -32,6 +32,7 @@ from .segmentation import evaluate, finetune, segment
 from .threads import torch_threads
 from .train import FitResult, fit
 from .train import distributed as D
+from .train.optim import autocast_dtype
 
 
 def _resuming(step: int, steps: int) -> str:
@@ -265,11 +266,13 @@ def reconstruct(
     device: str = "auto",
     batch_size: int = 4,
     threads: int | None = 0,
+    precision: str = "auto",
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
 ) -> Reconstruction:
     """Mask and reconstruct a whole CT with a pretrained model, tile by tile (on the CPU with
-    ``threads`` torch threads, 0: auto, one per free core, :mod:`maesil_core.threads`)."""
+    ``threads`` torch threads, 0: auto, one per free core, :mod:`maesil_core.threads`;
+    ``precision`` auto: bf16 on a GPU that has it, fp32 elsewhere, or bf16 / fp32)."""
     from .data import inference_transforms, load_volume
     from .data.inverse import iter_input_slabs
     from .inference import reconstruct_volume
@@ -297,6 +300,7 @@ def reconstruct(
             progress({"phase": "reconstruct", "step": done, "steps": total})
 
     dev = D.select_device(device)
+    amp_dtype = autocast_dtype(precision, dev)  # a precision the device lacks: refused
     with torch_threads(threads, dev):
         tiled = reconstruct_volume(
             model,
@@ -306,6 +310,7 @@ def reconstruct(
             seed=seed,
             batch_size=batch_size,
             device=dev,
+            amp_dtype=amp_dtype,
             progress=tile_progress,
             cancel=is_cancelled,
         )

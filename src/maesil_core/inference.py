@@ -81,12 +81,15 @@ def reconstruct_volume(
     seed: int = 0,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> TiledReconstruction:
     """Mask and reconstruct every superpatch of ``image`` (C, D, H, W) in [0, 1].
 
-    The masks are drawn from ``seed``, so the same call gives the same picture.
+    The masks are drawn from ``seed``, so the same call gives the same picture. With
+    ``amp_dtype`` (bf16) the model runs under autocast and the pictures are kept in float32;
+    a batch whose autocast output is not finite is run again in float32.
     ``progress(done, total)`` is called after each batch of tiles; ``cancel()`` is checked
     between batches and raises :class:`~maesil_core.errors.Cancelled`.
     """
@@ -102,9 +105,16 @@ def reconstruct_volume(
     generator = torch.Generator(device=device).manual_seed(seed)
     done = 0
     for chunk, tiles in iter_tiles(image, tile, batch_size, device, cancel):
-        r, m, p = model.reconstruct(
-            tiles, mode=mode, ratio=ratio, generator=generator, return_raw=True
-        )
+        state = generator.get_state()  # the same masks if the batch must run again
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            r, m, p = model.reconstruct(
+                tiles, mode=mode, ratio=ratio, generator=generator, return_raw=True
+            )
+        if amp_dtype is not None and not (torch.isfinite(r).all() and torch.isfinite(p).all()):
+            generator.set_state(state)
+            r, m, p = model.reconstruct(
+                tiles, mode=mode, ratio=ratio, generator=generator, return_raw=True
+            )
         for n, (i, j, k) in enumerate(chunk):
             sl = (slice(None), slice(i, i + tile[0]), slice(j, j + tile[1]), slice(k, k + tile[2]))
             recon[sl] = r[n].float().cpu()

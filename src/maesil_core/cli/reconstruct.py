@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device or "auto",
         threads=args.threads,
+        precision=args.precision,
         progress=Progress(),
     )
     written = rec.save(out, overwrite=args.force)
@@ -97,6 +98,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-ratio", type=float, help="default: the model's")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto (default): bf16 on a GPU that has it, fp32 on the CPU",
+    )
     add_threads_option(p)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs in --out")
     p.add_argument("--json", action="store_true", help="also print the scores as JSON")

@@ -23,6 +23,7 @@ from .common import (
     Progress,
     add_command,
     add_run_options,
+    add_threads_option,
     check_output_dir,
     check_output_file,
     install_cancel,
@@ -233,22 +234,32 @@ def _segment_outputs(args: argparse.Namespace) -> list[Path]:
     return targets
 
 
+def _threads(args: argparse.Namespace):
+    """The torch threads of an inference command (--threads; auto: one per free core), for
+    the command's duration (nothing changes on a GPU)."""
+    from ..threads import torch_threads
+    from ..train import distributed as D
+
+    return torch_threads(args.threads, D.select_device(args.device or "auto"))
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from .. import segmentation as ft
 
     targets = _segment_outputs(args)
     segmenter = ft.Segmenter.load(args.checkpoint)  # a wrong checkpoint: refused before the CT
-    result = segmenter.segment(
-        args.input,
-        overlap=args.overlap,
-        blend=args.blend,
-        sw_batch_size=args.sw_batch_size,
-        largest_component=args.largest_component,
-        body_mask=args.body_mask,
-        device=args.device or "auto",
-        precision=args.precision,
-        progress=Progress(),
-    )
+    with _threads(args):
+        result = segmenter.segment(
+            args.input,
+            overlap=args.overlap,
+            blend=args.blend,
+            sw_batch_size=args.sw_batch_size,
+            largest_component=args.largest_component,
+            body_mask=args.body_mask,
+            device=args.device or "auto",
+            precision=args.precision,
+            progress=Progress(),
+        )
     if args.format == "dicom-seg":
         from ..interop.dicom_seg import save_dicom_seg
 
@@ -280,19 +291,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .. import segmentation as ft
 
     csv_path = _evaluation_csv(args)  # refuse an existing --csv before the work, not after
-    report = ft.evaluate(
-        args.checkpoint,
-        _paths(args.images),
-        _paths(args.labels),
-        labels_map=args.labels_map,
-        label_names=args.label_names,
-        resample_labels=args.resample_labels,
-        overlap=args.overlap,
-        largest_component=args.largest_component,
-        body_mask=args.body_mask,
-        device=args.device or "auto",
-        progress=Progress(),
-    )
+    with _threads(args):
+        report = ft.evaluate(
+            args.checkpoint,
+            _paths(args.images),
+            _paths(args.labels),
+            labels_map=args.labels_map,
+            label_names=args.label_names,
+            resample_labels=args.resample_labels,
+            overlap=args.overlap,
+            largest_component=args.largest_component,
+            body_mask=args.body_mask,
+            device=args.device or "auto",
+            progress=Progress(),
+        )
     print(report.table())
     report.save_csv(csv_path)
     print(f"saved: {csv_path}")
@@ -473,6 +485,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto (default): the windows in bf16 on a GPU that has it, fp32 on the CPU",
     )
+    add_threads_option(p)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
     p = command("evaluate", "Dice and HD95 per organ of a fine-tuned checkpoint", cmd_evaluate)
@@ -507,4 +520,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where to save the table (default: evaluation.csv in the run, or evaluation-2.csv, "
         "... when it exists)",
     )
+    add_threads_option(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing --csv")
