@@ -123,7 +123,8 @@ def test_a_signal_during_training_writes_a_checkpoint_and_exits_75(sig, ct, tmp_
     step = load_checkpoint(last).step
     proc = start(tiny(ct, run, "--resume"))
     end = time.monotonic() + 300
-    while (run / ".maesil.lock").read_text().strip() != str(proc.pid):
+    lock = run / ".maesil.lock"  # made by the run that holds the folder, with its pid
+    while not lock.is_file() or lock.read_text().strip() != str(proc.pid):
         assert proc.poll() is None and time.monotonic() < end, proc.communicate()[1][-3000:]
         time.sleep(0.02)
     proc.send_signal(sig)

@@ -112,7 +112,10 @@ def claimed_run_dir(run_dir: str | Path, *, resume: bool) -> Iterator[None]:
         if main_rank and (run_dir.is_dir() or not (resume or run_dir.exists())):
             lock = _lock(run_dir)
         yield
-    except BaseException:
+    finally:  # failed, or cancelled before its first checkpoint: leave nothing
+        if lock is not None:  # no file left: a run folder holds only its outputs
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            lock.close()  # releases the flock
         if not resume and main_rank and run_dir.is_dir() and not list_checkpoints(run_dir):
             for name in set(os.listdir(run_dir)) - before:
                 target = run_dir / name
@@ -123,10 +126,6 @@ def claimed_run_dir(run_dir: str | Path, *, resume: bool) -> Iterator[None]:
             for folder in made:  # run_dir first, then the parents it made, while empty
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
-        raise
-    finally:
-        if lock is not None:
-            lock.close()  # releases the flock; the file stays (unlinking it would race)
 
 
 def _lock(run_dir: Path):
