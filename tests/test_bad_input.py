@@ -89,12 +89,14 @@ def _newest(run: Path) -> Path:
 @pytest.fixture(scope="module")
 def unwritable(tmp_path_factory) -> Path:
     """A folder no file can be created in, also for root: a chmod 555 folder where that stops
-    the user, else a path under /sys (read-only for everyone); skipped where neither is."""
+    the user, else /sys/kernel (read-only sysfs), else /proc (no file can be created there
+    on Linux, whoever asks). Finding none is a failure, not a skip: the module's every case
+    depends on this fixture."""
     import tempfile
 
     folder = tmp_path_factory.mktemp("readonly")
     folder.chmod(0o555)
-    for candidate in (folder, Path("/sys/kernel")):
+    for candidate in (folder, Path("/sys/kernel"), Path("/proc")):
         try:
             with tempfile.TemporaryFile(dir=candidate):
                 pass
@@ -102,7 +104,7 @@ def unwritable(tmp_path_factory) -> Path:
             yield candidate
             break
     else:
-        pytest.skip("no folder here is unwritable for this user")
+        pytest.fail("no folder here is unwritable for this user, not even /proc")
     folder.chmod(0o755)
 
 
