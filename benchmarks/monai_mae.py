@@ -104,7 +104,7 @@ class MonaiMAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(
-        self, x, *, mode=None, ratio=None, mask=None, generator=None, return_raw=False
+        self, x, *, mode=None, ratio=None, mask=None, generator=None, return_raw=False, valid=None
     ) -> tuple[torch.Tensor, ...]:
         if mask is None:
             mask = TokenMask.draw(

@@ -252,7 +252,9 @@ class _MaskOnly(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def reconstruct(self, x, *, mode=None, ratio=None, generator=None, return_raw=False):
+    def reconstruct(
+        self, x, *, mode=None, ratio=None, generator=None, return_raw=False, valid=None
+    ):
         from maesil_core.models.masking import make_mask, mask_to_voxels
 
         m = make_mask(self.cfg, x.shape[0], mode=mode, ratio=ratio, generator=generator)

@@ -48,6 +48,18 @@ def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:
     return F.pad(x.float(), pad, value=0.0)
 
 
+def tile_valid(
+    corners: Sequence[tuple[int, int, int]], shape: Sequence[int], tile: Sequence[int]
+) -> torch.Tensor:
+    """(b, 1, *tile) float, 1.0 on the voxels of each tile at ``corners`` that lie inside
+    ``shape`` and 0.0 on the padding :func:`iter_tiles` adds at the far ends."""
+    valid = torch.zeros((len(corners), 1, *tile), dtype=torch.float32)
+    for n, corner in enumerate(corners):
+        inside = tuple(slice(0, min(t, s - c)) for c, s, t in zip(corner, shape, tile))
+        valid[(n, slice(None), *inside)] = 1.0
+    return valid
+
+
 def iter_tiles(
     image: torch.Tensor,
     tile: Sequence[int],
@@ -105,16 +117,15 @@ def reconstruct_volume(
     generator = torch.Generator(device=device).manual_seed(seed)
     done = 0
     for chunk, tiles in iter_tiles(image, tile, batch_size, device, cancel):
+        # the padding of edge tiles is no visible voxel for the model's interpolation prior
+        kw = {"mode": mode, "ratio": ratio, "generator": generator, "return_raw": True}
+        kw["valid"] = tile_valid(chunk, spatial, tile).to(device)  # (b, 1, *tile)
         state = generator.get_state()  # the same masks if the batch must run again
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            r, m, p = model.reconstruct(
-                tiles, mode=mode, ratio=ratio, generator=generator, return_raw=True
-            )
+            r, m, p = model.reconstruct(tiles, **kw)
         if amp_dtype is not None and not (torch.isfinite(r).all() and torch.isfinite(p).all()):
             generator.set_state(state)
-            r, m, p = model.reconstruct(
-                tiles, mode=mode, ratio=ratio, generator=generator, return_raw=True
-            )
+            r, m, p = model.reconstruct(tiles, **kw)
         for n, (i, j, k) in enumerate(chunk):
             sl = (slice(None), slice(i, i + tile[0]), slice(j, j + tile[1]), slice(k, k + tile[2]))
             recon[sl] = r[n].float().cpu()

@@ -165,10 +165,11 @@ class _ConvAutoencoderBase(nn.Module):
         mask: torch.Tensor | None = None,
         generator=None,
         return_raw: bool = False,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """``(recon, mask[, raw])`` with recon = raw = the output and mask all zeros.
 
-        ``mode``, ``ratio``, ``mask`` and ``generator`` are accepted for a uniform interface and
+        ``mode``, ``ratio``, ``mask``, ``generator`` and ``valid`` are accepted for a uniform interface and
         ignored: an autoencoder sees the whole input.
         """
         self._check_input(x)

@@ -235,8 +235,10 @@ class GLMAE(MAESIL):
         mask: torch.Tensor | None = None,
         generator=None,
         return_raw: bool = False,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """Same contract as :meth:`MAESIL.reconstruct`, through the V^3 local-view crops."""
+        """Same contract as :meth:`MAESIL.reconstruct`, through the V^3 local-view crops. ``valid`` is
+        unused: no interpolation prior to keep off the padding."""
         self._check_input(x)
         if mask is None:
             mask = TokenMask.draw(

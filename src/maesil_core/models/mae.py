@@ -113,8 +113,10 @@ class SimMIM(nn.Module):
         mask: torch.Tensor | None = None,
         generator=None,
         return_raw: bool = False,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """Same contract as :meth:`MAESIL.reconstruct`: input on visible, prediction on masked."""
+        """Same contract as :meth:`MAESIL.reconstruct`: input on visible, prediction on masked. ``valid`` is
+        unused: no interpolation prior to keep off the padding."""
         self._check_input(x)
         if mask is None:
             mask = TokenMask.draw(

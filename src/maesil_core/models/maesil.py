@@ -56,14 +56,21 @@ def gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
 
 
 def interpolate_hidden(
-    x: torch.Tensor, hidden: torch.Tensor, sigma: Sequence[float]
+    x: torch.Tensor,
+    hidden: torch.Tensor,
+    sigma: Sequence[float],
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (B, C, D, H, W) with its hidden voxels, hidden (B, 1, D, H, W) 1.0 where hidden ->
     (B, C, D, H, W): visible voxels kept, hidden ones the Gaussian-weighted mean (``sigma``
     voxels per axis) of the visible ones around them (normalised convolution), or the mean of
     all visible ones where none is near: the no-learning reference
-    ``metrics.fill_from_visible`` of one superpatch, in torch."""
+    ``metrics.fill_from_visible`` of one superpatch, in torch. ``valid`` (B, 1, D, H, W), 0 on
+    padding: padding is not a visible voxel, so a superpatch at the edge of a volume is filled
+    from its real voxels only (as the reference fills the real part of an edge tile)."""
     seen = 1.0 - hidden
+    if valid is not None:
+        seen = seen * valid.to(x.dtype)
     num = gaussian_blur(x * seen, sigma)  # (B, C, D, H, W)
     den = gaussian_blur(seen.expand_as(x), sigma)
     mean = (x * seen).sum((2, 3, 4), keepdim=True) / seen.sum((2, 3, 4), keepdim=True).clamp(min=1)
@@ -168,14 +175,17 @@ class MAESIL(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))  # (B, L, P)
 
-    def predict(self, x: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    def predict(
+        self, x: torch.Tensor, mask: TokenMask, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (B, C, *superpatch), mask -> pred (B, L, P): encoder, decoder and, with
-        ``decoder_prior``, the interpolation of the hidden voxels the decoder corrects."""
+        ``decoder_prior``, the interpolation of the hidden voxels the decoder corrects (from
+        the visible voxels that are not padding: ``valid`` (B, 1, *superpatch), 0 on padding)."""
         pred = self.forward_decoder(self.forward_encoder(x, mask), mask)  # (B, L, P)
         if self.decoder_prior == "interpolation":
             with torch.no_grad():
                 hidden = mask.to_voxels(self.patch).to(x.dtype)  # (B, 1, D, H, W)
-                prior = interpolate_hidden(x, hidden, [p / 2 for p in self.patch])
+                prior = interpolate_hidden(x, hidden, [p / 2 for p in self.patch], valid)
             pred = pred + self.patchify(prior)
         return pred
 
@@ -237,7 +247,7 @@ class MAESIL(nn.Module):
         if mask is None:
             mask = TokenMask.draw(self.cfg, x.shape[0], device=x.device, generator=generator)
         mask = TokenMask.of(mask, self.grid)
-        pred = self.predict(x, mask)  # (B, L, P); the encoder sees the visible tokens only
+        pred = self.predict(x, mask, valid)  # (B, L, P); the encoder sees visible tokens only
         loss = self.forward_loss(x, pred, mask, valid)
         return PretrainOutput(loss=loss, pred=pred, mask=mask, logs={})
 
@@ -251,13 +261,15 @@ class MAESIL(nn.Module):
         mask: torch.Tensor | None = None,
         generator=None,
         return_raw: bool = False,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """The MAE "reconstruction + visible" picture.
 
         Returns ``(recon, voxel_mask)``: recon (B, C, D, H, W) is the input on visible
         patches and the prediction on masked ones; voxel_mask (B, 1, D, H, W) is 1.0 where
         masked. ``return_raw=True`` appends the raw prediction on every patch (B, C, D, H, W).
-        A given ``mask`` (B, L) overrides ``mode``/``ratio``.
+        A given ``mask`` (B, L) overrides ``mode``/``ratio``. ``valid`` (B, 1, D, H, W), 0 on
+        the padding of a superpatch at a volume's edge (see :meth:`predict`).
         """
         self._check_input(x)
         if mask is None:
@@ -265,5 +277,5 @@ class MAESIL(nn.Module):
                 self.cfg, x.shape[0], mode=mode, ratio=ratio, device=x.device, generator=generator
             )
         mask = TokenMask.of(mask, self.grid)
-        raw = self.to_voxels(x, self.predict(x, mask).to(x.dtype))
+        raw = self.to_voxels(x, self.predict(x, mask, valid).to(x.dtype))
         return paste_visible(x, raw, mask.mask, self.grid, self.patch, return_raw)

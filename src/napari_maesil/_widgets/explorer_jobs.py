@@ -119,24 +119,30 @@ def superpatch_job(grid: ModelGrid, corner, mode, ratio, seed, *, progress, canc
     """Mask + reconstruct one superpatch; the layers on the tile, and scores."""
     import torch
 
+    from maesil_core.inference import tile_valid
     from maesil_core.metrics import interpolation_scores, reconstruction_scores
 
     x = torch.from_numpy(grid.crop(corner))[None, None]
+    valid = tile_valid([corner], grid.unit.shape, grid.tile)  # (1, 1, *tile), 0 on padding
     gen = torch.Generator().manual_seed(int(seed))
     progress({"phase": "reconstruct", "step": 0, "steps": 1})
     recon, mask, raw = grid.model.reconstruct(
-        x, mode=mode, ratio=ratio, generator=gen, return_raw=True
+        x, mode=mode, ratio=ratio, generator=gen, return_raw=True, valid=valid
     )
     progress({"phase": "reconstruct", "step": 1, "steps": 1})
     target = x[0, 0].numpy()
     m = mask[0, 0].numpy() > 0.5
     pred = raw[0, 0].float().numpy()
-    scores = reconstruction_scores(pred, target, m)
+    # scored on the tile's real voxels (an edge tile's padding is not the CT's)
+    real = tuple(slice(0, min(t, s - c)) for c, s, t in zip(corner, grid.unit.shape, grid.tile))
+    scores = reconstruction_scores(pred[real], target[real], m[real])
     # baselines: the hidden voxels interpolated from the visible ones (the score to beat;
     # a barely trained model does not), or filled with the mean of the whole CT
-    base_scores = interpolation_scores(target, m, grid.model.cfg.patch)
-    volume_fill = np.full_like(target, float(grid.unit.mean()))
-    base_scores["volume_mean_mse"] = reconstruction_scores(volume_fill, target, m)["mse"]
+    base_scores = interpolation_scores(target[real], m[real], grid.model.cfg.patch)
+    volume_fill = np.full_like(target[real], float(grid.unit.mean()))
+    base_scores["volume_mean_mse"] = reconstruction_scores(volume_fill, target[real], m[real])[
+        "mse"
+    ]
     out = {
         "corner": corner,
         "target": target,
