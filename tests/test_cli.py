@@ -75,7 +75,7 @@ def test_reconstruct_writes_aligned_volumes_and_figure(trained_run, tmp_path):
     assert 10 < scores["interpolation_psnr"] < 60 and "to beat" in result.stdout
     assert scores["mean_fill_mse"] > 0 and "the mean of the visible voxels" in result.stdout
     src = nib.load(ct)
-    for name in ("masked", "reconstruction", "mask", "error"):
+    for name in ("masked", "reconstruction", "interpolation", "mask", "error"):
         img = nib.load(out / f"{name}.nii.gz")
         assert img.shape == src.shape, name
         np.testing.assert_allclose(img.affine, src.affine, atol=1e-4)
@@ -83,6 +83,13 @@ def test_reconstruct_writes_aligned_volumes_and_figure(trained_run, tmp_path):
     assert set(np.unique(mask)) <= {0, 1}
     assert 0.55 < mask.mean() < 0.95  # 0.75 of every superpatch, padding at the borders aside
     assert (out / "figure.png").stat().st_size > 20_000
+    # the figure's columns: the reference picture beside the model's (PNG text)
+    from PIL import Image
+
+    with Image.open(out / "figure.png") as png:
+        panels = png.text["Panels"].split(" | ")
+        assert "to beat" in png.text["Title"]
+    assert panels == ["CT", "masked", "reconstruction", "interpolation (reference)", "error"]
 
     again = run_cli("reconstruct", "--checkpoint", trained_run, "--input", ct, "--out", out)
     assert_usage_error(again, "--force")

@@ -271,7 +271,7 @@ def test_a_full_disk_while_writing_reconstruct_outputs_leaves_the_earlier_ones(
     argv = ["reconstruct", "--checkpoint", str(tiny_runs["pretrain"]), "--input", str(ct)]
     assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
     earlier = {p.name: p.read_bytes() for p in out.iterdir()}
-    _disk_full_on(monkeypatch, "mask")  # the third of the four volumes
+    _disk_full_on(monkeypatch, "mask")  # the fourth of the five volumes
     code = main([*argv, "--out", str(out), "--force", "--seed", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "disk full" in err.lower() and "Traceback" not in err, err

@@ -68,13 +68,14 @@ def test_dice_and_hd95_from_index_maps_equal_monais_on_one_hots(shared_data):
     assert np.isnan(hd_ours[2]) and np.isnan(hd_ours[3])
 
 
-def test_reconstruction_outputs_are_int16_hu_and_at_most_twice_the_input(
+def test_reconstruction_outputs_are_int16_hu_with_the_interpolation_reference(
     tiny_runs, shared_data, tmp_path
 ):
     """abdomen_ct (int16 HU): reconstruction / masked in int16 HU on the input's grid, the
     visible voxels the input itself, the hidden ones the model's prediction inside the window;
-    the error map back to 1/255 of its range from its uint8 file; the four files together at
-    most twice the input file."""
+    the error map back to 1/255 of its range from its uint8 file; the five files together at
+    most 2.5 x the input file; the interpolation reference equal to metrics.fill_from_visible
+    on the hidden voxels."""
     import nibabel as nib
 
     from maesil_core import api
@@ -99,5 +100,25 @@ def test_reconstruction_outputs_are_int16_hu_and_at_most_twice_the_input(
     err = nib.load(str(written["error"])).get_fdata()
     step = float(result.error.max()) / 255
     assert np.abs(err - result.error).max() <= step / 2 + 1e-3
+    assert set(written) == set(api.Reconstruction.FILES)
+    assert np.array_equal(back["interpolation"], result.interpolation)
     total = sum(p.stat().st_size for p in written.values())
-    assert total <= 2 * ct.stat().st_size, (total, ct.stat().st_size)
+    assert total <= 2.5 * ct.stat().st_size, (total, ct.stat().st_size)
+
+    # the interpolation reference: the input where the model saw it; where hidden, exactly
+    # metrics.fill_from_visible (sigma half a patch, per superpatch) on the model grid,
+    # which for abdomen_ct (RAS, 3 mm) under the tiny preset is the input's own grid
+    from maesil_core.metrics import fill_from_visible
+
+    cfg = load_checkpoint(tiny_runs["pretrain"]).config
+    sample = inference_transforms(cfg.data)({"image": load_volume(ct)})
+    unit = np.asarray(sample["image"])[0]
+    assert unit.shape == hidden.shape
+    sigma = [p / 2 for p in cfg.model.patch]
+    fill = fill_from_visible(unit, hidden, sigma, cfg.model.superpatch)
+    expected = np.rint(np.clip(low + fill[hidden] * (high - low), low, high))
+    ref = result.interpolation
+    assert ref.dtype == np.int16 and np.array_equal(ref[~hidden], np.rint(image[~hidden]))
+    diff = np.abs(ref[hidden] - expected)
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+    assert not np.array_equal(ref[hidden], result.reconstruction[hidden])

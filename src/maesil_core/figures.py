@@ -10,6 +10,8 @@ from .files import atomic_write
 
 #: screen-left / screen-right patient directions of each view, as drawn on the figure
 VIEW_SIDES = {"axial": ("R", "L"), "coronal": ("R", "L"), "sagittal": ("A", "P")}
+#: the column of the no-learning reference: the hidden voxels interpolated from the visible
+REFERENCE_PANEL = "interpolation (reference)"
 
 
 def orthogonal_slices(vol: np.ndarray, center: tuple[int, int, int]) -> list[np.ndarray]:
@@ -54,7 +56,8 @@ def reconstruction_figure(
     error). Volumes are reoriented to RAS with nibabel so the picture reads the same for any
     input orientation, then drawn the radiological way (:func:`orthogonal_slices`; the
     patient's right on the screen's left, letters at the edges); aspect follows the voxel
-    spacing. The title is also stored as the PNG's ``Title`` text."""
+    spacing. The title is also stored as the PNG's ``Title`` text, the columns' names as its
+    ``Panels`` text (`` | `` between them)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -113,7 +116,9 @@ def reconstruction_figure(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    meta = {"Title": title, "Software": "napari-maesil"} if title else None
+    meta = {"Software": "napari-maesil", "Panels": " | ".join(names)}
+    if title:
+        meta["Title"] = title
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", metadata=meta))
     return Path(path)
 

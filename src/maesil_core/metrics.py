@@ -128,17 +128,32 @@ def fill_with_visible_mean(
     return np.where(seen, target, target[seen].mean() if seen.any() else 0.0)
 
 
+def interpolation_fill(
+    target: np.ndarray,
+    mask: np.ndarray,
+    patch: tuple[int, ...] | list[int],
+    tile: tuple[int, ...] | list[int] | None = None,
+) -> np.ndarray:
+    """The reference picture (D, H, W) float64: :func:`fill_from_visible` with sigma half a
+    ``patch``, per ``tile`` if given (the superpatch of a tiled reconstruction)."""
+    return fill_from_visible(target, mask, [float(p) / 2 for p in patch], tile)
+
+
 def interpolation_scores(
     target: np.ndarray,
     mask: np.ndarray,
     patch: tuple[int, ...] | list[int],
     tile: tuple[int, ...] | list[int] | None = None,
+    *,
+    fill: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """:func:`reconstruction_scores` of :func:`fill_from_visible` (sigma half a ``patch``,
+    """:func:`reconstruction_scores` of :func:`interpolation_fill` (sigma half a ``patch``,
     per ``tile`` if given) on the hidden voxels: the score a masked autoencoder has to beat.
-    Also ``mean_fill_mse``: the MSE of :func:`fill_with_visible_mean` on the same voxels."""
-    sigma = [float(p) / 2 for p in patch]
-    scores = reconstruction_scores(fill_from_visible(target, mask, sigma, tile), target, mask)
+    Also ``mean_fill_mse``: the MSE of :func:`fill_with_visible_mean` on the same voxels.
+    ``fill``: that picture, when the caller already made it (to show it beside the model's)."""
+    if fill is None:
+        fill = interpolation_fill(target, mask, patch, tile)
+    scores = reconstruction_scores(fill, target, mask)
     scores["mean_fill_mse"] = mse(fill_with_visible_mean(target, mask, tile), target, mask)
     return scores
 

@@ -17,10 +17,10 @@ def run(args: argparse.Namespace) -> int:
     from .. import api
     from ..checkpoint import load_checkpoint
     from ..errors import ConfigError
-    from ..figures import reconstruction_figure, reconstruction_title
+    from ..figures import REFERENCE_PANEL, reconstruction_figure, reconstruction_title
 
     out = check_output_dir(args.out)
-    targets = [out / f"{n}.nii.gz" for n in ("masked", "reconstruction", "mask", "error")]
+    targets = [out / f"{n}.nii.gz" for n in api.Reconstruction.FILES]
     targets.append(out / "figure.png")
     existing = [str(p) for p in targets if p.exists()]
     if existing and not args.force:
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         "CT": rec.image,
         "masked": rec.masked,
         "reconstruction": rec.reconstruction,
+        REFERENCE_PANEL: rec.interpolation,  # the score to beat, as a picture
         "error": rec.error,
     }
     fig = reconstruction_figure(
