@@ -461,7 +461,7 @@ def test_explorer_superpatch_layers_aligned_and_better_than_mean(
     expected = w.tile_at(ct.data_to_world(body))
     assert w.tile.value == expected
 
-    names = ["masked input", "reconstruction", "|error|", "mask"]
+    names = ["masked input", "reconstruction", "interpolation (reference)", "|error|", "mask"]
     assert all(n in viewer.layers for n in names)
     for n in names:
         layer = viewer.layers[n]
@@ -492,12 +492,34 @@ def test_explorer_superpatch_layers_aligned_and_better_than_mean(
     assert out["scores"]["mse"] < out["baseline"]["volume_mean_mse"], out
     np.testing.assert_allclose(out["recon"][~out["mask"]], out["target"][~out["mask"]])
     assert "PSNR" in w.scores.value and "SSIM" in w.scores.value
+    # the interpolation reference: the CT where visible; where hidden, exactly
+    # metrics.fill_from_visible (sigma half a patch) on the superpatch's real voxels, and
+    # its layer shows it in HU, on the superpatch's place
+    from maesil_core.metrics import fill_from_visible
 
-    # shown first: original | masked input | reconstruction side by side (grid mode), the
-    # error map one checkbox away
+    hidden, target, ref = out["mask"], out["target"], out["reference"]
+    corner = out["corner"]
+    real = tuple(slice(0, min(t, n - c)) for c, n, t in zip(corner, grid.unit.shape, grid.tile))
+    sigma = [p / 2 for p in grid.cfg.model.patch]
+    expected = fill_from_visible(target[real], hidden[real], sigma)
+    np.testing.assert_allclose(ref[real], expected, atol=1e-6)
+    assert not np.allclose(ref[real][hidden[real]], target[real][hidden[real]], atol=1e-3)
+    layer = viewer.layers["interpolation (reference)"]
+    np.testing.assert_allclose(layer.scale, viewer.layers["mask"].scale)
+    from napari_maesil._geometry import volume_to_layer
+
+    in_hu, _, _ = volume_to_layer(grid.to_units(ref), grid.affine_at(corner))
+    np.testing.assert_allclose(layer.data, in_hu, atol=1e-3)
+    assert "interpolating the visible" in w.scores.value
+
+    # shown first: original | masked input | reconstruction | interpolation reference side
+    # by side (grid mode), the error map one checkbox away
     assert viewer.canvas.grid.enabled
     shown = [layer.name for layer in viewer.layers if layer.visible]
-    assert shown == ["original", "masked input", "reconstruction"]
+    assert shown == ["original", "masked input", "reconstruction", "interpolation (reference)"]
+    w.show_reference.value = False  # one click hides it
+    assert not viewer.layers["interpolation (reference)"].visible
+    w.show_reference.value = True
     # each viewbox is fitted to the superpatch, not to the (hidden) CT it came from
     ext = np.asarray(viewer.layers["original"].extent.world)[:, -2:]
     framed = viewer.camera.zoom
@@ -509,6 +531,7 @@ def test_explorer_superpatch_layers_aligned_and_better_than_mean(
     assert not viewer.canvas.grid.enabled and ct.visible
     assert viewer.layers["superpatch grid"].visible and viewer.layers["reconstruction"].visible
     assert not viewer.layers["original"].visible
+    assert not viewer.layers["interpolation (reference)"].visible  # it would cover it
 
     # 3D view: pick by a ray through the grid
     viewer.dims.ndisplay = 3
@@ -547,8 +570,15 @@ def test_explorer_whole_volume_and_bad_checkpoint(
     click(qtbot, w.whole_button)
     wait_done(qtbot, w)
     grid = w.grid
-    for n in ("masked input", "reconstruction", "|error|", "mask"):
+    for n in ("masked input", "reconstruction", "interpolation (reference)", "|error|", "mask"):
         assert viewer.layers[n].data.shape == grid.unit.shape[::-1]
+    # the whole volume's reference: each superpatch's hidden voxels from its visible ones
+    from maesil_core.metrics import interpolation_fill
+
+    out = w.last_output
+    expected = interpolation_fill(grid.unit, out["mask"], grid.cfg.model.patch, grid.tile)
+    np.testing.assert_allclose(out["reference"], expected, atol=1e-6)
+    assert "interpolating the visible" in w.scores.value
     # the whole reconstruction covers the CT's extent in world coordinates
     rec = viewer.layers["reconstruction"]
     ct_lo, ct_hi = ct.extent.world

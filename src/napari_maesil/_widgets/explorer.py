@@ -6,12 +6,15 @@ that grid from its first voxel (the tiling of ``reconstruct_volume``); the grid 
 a Labels layer (one id per superpatch, outlines in 2D) so clicking it, or its value under
 the cursor, picks a superpatch in 2D and in 3D. Results are added on the model grid, placed
 in world coordinates with the same convention as the CT (see ``napari_maesil._geometry``):
-the CT as the model sees it ("original"), the masked input, the reconstruction, |error| (in
+the CT as the model sees it ("original"), the masked input, the reconstruction, the
+interpolation reference (the hidden voxels interpolated from the visible ones,
+``metrics.interpolation_fill``: what a smoothing filter gives without learning), |error| (in
 HU for HU scans) and the mask (Labels, 1 = hidden from the model).
 
-What is shown first: the original, the masked input and the reconstruction side by side
-(napari's grid mode, the other layers hidden until side by side is switched off), so the
-three compare at a glance; |error| is one checkbox away. Every array is computed in the
+What is shown first: the original, the masked input, the reconstruction and the
+interpolation reference side by side (napari's grid mode, the other layers hidden until side
+by side is switched off), so the model's picture compares at a glance with what smoothing
+alone gives; |error| is one checkbox away, and the reference one checkbox from hidden. Every array is computed in the
 job's thread; the Qt thread only puts finished layers in the viewer.
 """
 
@@ -42,11 +45,14 @@ LAYER_NAMES = {
     "original": "original",
     "masked": "masked input",
     "recon": "reconstruction",
+    "reference": "interpolation (reference)",
     "error": "|error|",
     "mask": "mask",
 }
-#: the layers compared side by side, in grid order
+#: the layers compared side by side, in grid order (and the reference, unless unticked)
 SIDE_BY_SIDE = ("original", "masked", "recon")
+#: the result layers, in the order they are added
+RESULTS = (*SIDE_BY_SIDE, "reference", "error")
 
 
 # ---------------------------------------------------------------------------- widget
@@ -77,11 +83,18 @@ class ExplorerWidget(JobWidget):
         self.seed = SpinBox(min=0, max=2**31 - 1, value=0, label="Seed")
         self.whole_button = PushButton(text="Whole volume (all superpatches)")
         self.side_by_side = CheckBox(
-            value=True, text="Side by side: original | masked input | reconstruction"
+            value=True, text="Side by side: original | masked input | reconstruction | reference"
         )
         self.side_by_side.tooltip = (
-            "napari's grid mode with the three result layers only; switch off to see the "
+            "napari's grid mode with the result layers only; switch off to see the "
             "results over the CT and to pick superpatches by clicking"
+        )
+        self.show_reference = CheckBox(
+            value=True, text="Show the interpolation reference beside the reconstruction"
+        )
+        self.show_reference.tooltip = (
+            "the hidden voxels interpolated from the visible ones (no learning): what the "
+            "reconstruction shows beyond it, a smoothing filter could not"
         )
         self.show_error = CheckBox(value=False, text="Show |error| (hidden voxels)")
         self.scores = wrapped_label("Scores")
@@ -89,7 +102,8 @@ class ExplorerWidget(JobWidget):
             [
                 self.checkpoint, self.image, self.load_button, self.tile,
                 self.pick_by_click, self.cursor_button, self.mode, self.ratio, self.seed,
-                self.start_button, self.whole_button, self.side_by_side, self.show_error,
+                self.start_button, self.whole_button, self.side_by_side,
+                self.show_reference, self.show_error,
                 self.cancel_button, self.progress_bar, self.status, self.scores,
             ]
         )  # fmt: skip
@@ -105,6 +119,7 @@ class ExplorerWidget(JobWidget):
         self.cursor_button.changed.connect(self.pick_from_cursor)
         self.tile.changed.connect(self._highlight)
         self.side_by_side.changed.connect(self._apply_view)
+        self.show_reference.changed.connect(self._apply_view)
         self.show_error.changed.connect(self._apply_view)
         self.add_mouse_callback(self._on_click)
         self.connect_viewer(v.dims.events.ndisplay, self._style_grid)
@@ -294,7 +309,7 @@ class ExplorerWidget(JobWidget):
         see ``JobWidget.launch``), then arrange the view."""
         self.last_output = out.raw
         layers = {}
-        for key in ("original", "masked", "recon", "error"):
+        for key in RESULTS:
             data, geo = out.layers[key]
             layers[key] = self._put_layer(
                 key,
@@ -332,17 +347,20 @@ class ExplorerWidget(JobWidget):
             self.viewer.reset_view(layers=shown)
 
     def _apply_view(self, *_: Any) -> None:
-        """Side by side (grid mode: original | masked input | reconstruction [| |error|]),
-        or the results over the CT; |error| shown only when asked."""
+        """Side by side (grid mode: original | masked input | reconstruction [| interpolation
+        reference] [| |error|]), or the results over the CT (the reference hidden there: it
+        would cover the reconstruction; its eye in the layer list shows it); |error| shown
+        only when asked."""
         layers = self.viewer.layers
-        names = {key: LAYER_NAMES[key] for key in (*SIDE_BY_SIDE, "error", "mask")}
+        names = {key: LAYER_NAMES[key] for key in (*RESULTS, "mask")}
         have = all(n in layers for n in names.values())
         grid = self._grid_mode()
         if not have:
             return
         error = names["error"]
         if self.side_by_side.value:
-            shown = {names[k] for k in SIDE_BY_SIDE} | ({error} if self.show_error.value else set())
+            asked = {"reference": self.show_reference.value, "error": self.show_error.value}
+            shown = {names[k] for k in SIDE_BY_SIDE} | {names[k] for k, on in asked.items() if on}
             if self._hidden_for_grid is None:
                 self._hidden_for_grid = {layer.name: layer.visible for layer in layers}
             for layer in layers:
@@ -359,6 +377,7 @@ class ExplorerWidget(JobWidget):
                 layer.visible = saved[layer.name]
         layers[names["original"]].visible = False  # the CT itself is below
         layers[names["masked"]].visible = False
+        layers[names["reference"]].visible = False
         layers[names["recon"]].visible = True
         layers[names["mask"]].visible = True
         layers[error].visible = bool(self.show_error.value)
