@@ -111,8 +111,9 @@ def reconstruction_figure(
                 )
             if row == 0:
                 ax.set_title(name)
-            if col == 0:
-                ax.set_ylabel(["axial", "coronal", "sagittal"][row])
+            if col == 0:  # a thin slab's short rows: the name across, not along the edge
+                flat = ratios[row] < 0.5
+                ax.set_ylabel(view, rotation=0 if flat else 90, ha="right" if flat else "center")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
