@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("checkpoint", "resume_state", "data", "metrics", "figures"),  # files in and out
     ("models",),  # architectures, masking, the model registry
     ("train", "runs", "inference"),  # the training loop, run folders, tiled inference
-    ("api", "segmentation", "classification", "probe", "interop"),  # tasks and the Python API
+    ("api", "segmentation", "classification", "probe", "probe_monitor", "interop"),  # tasks, API
     ("cli", "__main__"),  # the command line
 ]
 GUI = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt", "vispy")

@@ -326,6 +326,10 @@ def probe(x, images, labels, checkpoint=pre_ckpt):
     ]  # fmt: skip
 
 
+def probe_flags(x):
+    return ["--probe-images", x.ct, "--probe-labels", x.lab, "--probe-classes", "liver"]
+
+
 CASES = [
     # ---- images
     Case("4d-nifti", ("four_d.nii.gz", "several channels"), lambda x: segment(x, x.four_d)),
@@ -374,6 +378,10 @@ CASES = [
     Case("roi-0", ("--roi 0", "positive"), lambda x: finetune(x, x.ct, x.lab, "--roi", 0)),
     Case("overlap-1", ("overlap", "[0, 1)"), lambda x: segment(x, x.ct, "--overlap", 1)),
     # ---- outputs
+    Case("probe-without-labels", ("--probe-images", "--probe-labels"), lambda x: pretrain(x, "--data", x.ct, "--probe-images", x.ct)),
+    Case("probe-every-0", ("--probe-every", "at least 1"), lambda x: pretrain(x, "--data", x.ct, *probe_flags(x), "--probe-every", 0)),
+    Case("probe-test-without-labels", ("--probe-test-images", "--probe-test-labels"), lambda x: pretrain(x, "--data", x.ct, *probe_flags(x), "--probe-test-images", x.ct)),
+    Case("probe-class-not-in-names", ("--probe-classes", "unknown class name 'livr'", "liver"), lambda x: pretrain(x, "--data", x.ct, "--probe-images", x.ct, "--probe-labels", x.lab, "--probe-classes", "livr")),
     Case("out-is-a-file", ("a_file.txt is a file",), lambda x: ["pretrain", "--out", x.a_file, "--steps", 1]),
     Case("out-under-a-file", ("a_file.txt is a file", "no folder can be made"), lambda x: segment(x, x.ct)[:-1] + [x.a_file / "seg.nii.gz"]),
     Case("out-read-only", ("cannot write in", "writable"), lambda x: reconstruct(x, x.ct)[:-1] + [x.unwritable / "recon"]),

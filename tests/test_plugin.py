@@ -395,6 +395,39 @@ def test_pretrain_cancel_and_resume(viewer, qtbot, shared_data, tmp_path):
     assert w.history[0][0] > stopped_at
 
 
+def test_pretrain_widget_plots_the_probe(viewer, qtbot, shared_data, tmp_path, errors):
+    """The probe while training, from the widget: without a probe CT it names the field;
+    with abdomen_ct and its labels, every 3 of 6 steps, the probe plot gets the liver
+    curve at steps 3 and 6 (the metrics.csv values) and the two references beside it."""
+    import csv
+
+    ab = shared_data / "abdomen_ct"
+    ct = open_ct(viewer, ab / "ct.nii.gz")
+    w = _setup_pretrain(viewer, tmp_path / "run", ct.name, steps=6)
+    w.probe_on.value = True
+    w.probe_classes.value = "liver"
+    w.probe_every.value = 3
+    w.start()
+    assert not w.running and "\u201cProbe CT\u201d" in errors[-1], errors
+    w.probe_image.value = str(ab / "ct.nii.gz")
+    w.probe_labels.value = str(ab / "labels.nii.gz")
+    click(qtbot, w.start_button)
+    wait_done(qtbot, w)
+    assert w.last_result.error is None, w.last_result.error
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        written = [(int(r["step"]), float(r["probe_liver"])) for r in csv.DictReader(f)
+                   if r.get("probe_liver")]  # fmt: skip
+    assert [s for s, _ in written] == [3, 6]
+    assert [(s, round(d, 5)) for s, d in w.probe_history["liver"]] == [
+        (s, round(d, 5)) for s, d in written
+    ]
+    assert all(0.0 <= d <= 1.0 for _, d in written)
+    assert {"liver (random init)", "liver (patch stats)"} <= set(w.probe_history)
+    drawn = {line.get_label() for line in w.probe_plot.axes.get_lines()}
+    assert {"liver", "liver (random init)", "liver (patch stats)"} <= drawn
+    assert not w.probe_plot.widget.isHidden()  # shown once the probe is on
+
+
 def test_pretrain_bad_settings_notify(viewer, tmp_path, errors):
     from napari_maesil._widgets.pretrain import PretrainWidget
 

@@ -22,10 +22,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .config import RunConfig, preset
+from .config import ProbeConfig, RunConfig, preset
 from .errors import ConfigError, DataError
 from .models.registry import build_from_checkpoint
 from .probe import probe
+from .probe_monitor import recorded
 from .progress import CancelFlag, ProgressFn, cancel_fn
 from .runs import claimed_run_dir, prepare_run_dir, resume_from, resumed_config
 from .segmentation import evaluate, finetune, segment
@@ -72,10 +73,16 @@ def pretrain(
     *,
     resume: bool = False,
     force: bool = False,
+    probe: ProbeConfig | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFlag = None,
 ) -> FitResult:
     """Pretrain ``cfg.model.method`` on CT files/folders/globs/lists (None: the phantom).
+
+    ``probe`` scores a linear probe of the encoder every ``probe.every`` steps into the
+    metrics (``probe_<class>`` columns, with the random-init and patch-statistics references:
+    :mod:`maesil_core.probe_monitor`); a resumed run keeps the probe it recorded unless
+    another is given.
 
     With ``resume`` the run continues from its newest checkpoint with the config saved in the
     run; of ``cfg`` only the steps (to extend the run), device and threads are taken
@@ -83,18 +90,24 @@ def pretrain(
     (or the phantom, if it trained on that); ``data`` given replaces them (moved files).
     """
     run_dir = Path(run_dir)
+    if probe is not None:
+        probe.validate()
     with claimed_run_dir(run_dir, resume=resume):
         start_step = 0
         if resume:
-            cfg, start_step, data = _resumed_pretraining(run_dir, cfg, data)
+            cfg, start_step, data, probe = _resumed_pretraining(run_dir, cfg, data, probe)
         cfg = (cfg or preset("tiny")).validate()
-        return _pretrain(data, run_dir, cfg, resume, force, start_step, progress, cancel)
+        return _pretrain(data, run_dir, cfg, resume, force, start_step, probe, progress, cancel)
 
 
 def _resumed_pretraining(
-    run_dir: Path, cfg: RunConfig | None, data: Sequence[str | Path] | None
-) -> tuple[RunConfig, int, Sequence[str | Path] | None]:
-    """The config, step and data a resumed pretraining run continues with."""
+    run_dir: Path,
+    cfg: RunConfig | None,
+    data: Sequence[str | Path] | None,
+    probe: ProbeConfig | None,
+) -> tuple[RunConfig, int, Sequence[str | Path] | None, ProbeConfig | None]:
+    """The config, step, data and probe a resumed pretraining run continues with (the
+    probe it recorded, unless ``probe`` is given: its columns go on)."""
     last = resume_from(run_dir)
     if last.kind != "pretrain":
         raise ConfigError(
@@ -111,7 +124,9 @@ def _resumed_pretraining(
                 "an older version): resume it with `data` and the same scans."
             )
         data = extra["data"]  # None: the run trained on the phantom
-    return resumed_config(last.config, cfg), last.step, data
+    if probe is None and last.meta.extra.get("probe"):
+        probe = ProbeConfig.from_dict(last.meta.extra["probe"])
+    return resumed_config(last.config, cfg), last.step, data, probe
 
 
 def _pretrain(
@@ -121,10 +136,11 @@ def _pretrain(
     resume: bool,
     force: bool,
     start_step: int,
+    probe: ProbeConfig | None,
     progress: ProgressFn | None,
     cancel: CancelFlag,
 ) -> FitResult:
-    """:func:`pretrain` once the config is settled: the run folder, data, model, fit."""
+    """:func:`pretrain` once the config is settled: the run folder, data, probe, model, fit."""
     from .data import check_inputs, infinite, make_pretrain_loader, resolve_inputs
     from .data.batch_augment import BatchAugment, to_device
     from .data.datasets import augment_on_device
@@ -152,6 +168,7 @@ def _pretrain(
         if not data:
             listing = listing.replace("found", "no data given: the built-in CT phantom,", 1)
         progress({"phase": "prepare", "message": listing})
+    evaluate = _probe_hook(cfg, probe, dist_info.is_main, device, progress, cancel)
     stream_seed = data_seed(cfg.train.seed, start_step)
     loader = make_pretrain_loader(
         files,
@@ -179,12 +196,33 @@ def _pretrain(
         run_dir,
         kind="pretrain",
         # what --resume trains on when no data is given (None: the phantom)
-        extra_meta={"n_volumes": len(files), "data": _as_recorded(data)},
+        extra_meta={"n_volumes": len(files), "data": _as_recorded(data), "probe": recorded(probe)},
+        evaluate=evaluate,
+        eval_every=probe.every if probe is not None else None,
         progress=progress,
         cancel=cancel,
         resume=resume,
         device=device,
     )
+
+
+def _probe_hook(
+    cfg: RunConfig,
+    probe: ProbeConfig | None,
+    is_main: bool,
+    device: torch.device,
+    progress: ProgressFn | None,
+    cancel: CancelFlag,
+) -> Any:
+    """The training loop's ``evaluate`` for ``probe`` (None without one): the monitor on
+    the main rank (its data read and references scored now), nothing on the others."""
+    if probe is None:
+        return None
+    if not is_main:
+        return lambda model: {}
+    from .probe_monitor import ProbeMonitor
+
+    return ProbeMonitor(cfg, probe, device=device, progress=progress, cancel=cancel_fn(cancel))
 
 
 # --------------------------------------------------------------------------- reconstruction

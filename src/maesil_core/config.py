@@ -6,6 +6,8 @@ One dataclass per concern:
 - :class:`ModelConfig`  the architecture (method, superpatch and patch size, widths, masking).
 - :class:`TrainConfig`  the optimisation (steps, batch, lr schedule, precision, checkpoints).
 - :class:`RunConfig`    the three together; a *preset* is just a named ``RunConfig``.
+- :class:`ProbeConfig`  an optional linear probe scored while pretraining (not part of a run's
+  model: it is recorded beside the run's data, so ``resume`` keeps probing).
 
 Spatial sizes are voxel counts along the array axes (D, H, W) of the RAS-oriented volume
 (MONAI's channel-first layout ``(C, D, H, W)`` after ``Orientation("RAS")``).
@@ -365,6 +367,90 @@ class RunConfig:
         return new
 
 
+@dataclass
+class ProbeConfig:
+    """A linear probe scored while pretraining (:mod:`maesil_core.probe_monitor`): per-class
+    Dice of a linear read-out of the encoder's frozen tokens every ``every`` steps and at the
+    end, beside the same probe on the architecture at random initialisation and on raw patch
+    statistics (scored once, at the start): whether the encoder still learns anatomy, not
+    only whether the loss still falls.
+
+    The probe trains on ``images`` / ``labels`` and is scored on ``test_images`` /
+    ``test_labels``; without them, on the last of several labelled CTs, or with one labelled
+    CT on its other half along the head-feet axis (the same patient: a weaker test). Paths as
+    for ``finetune`` (files, folders, globs, lists). Errors name the settings as the
+    ``maesil pretrain`` flags call them (``probe_images``, ``probe_every``, ...).
+    """
+
+    images: tuple[str, ...] = ()  #: labelled CTs the probe is trained on
+    labels: tuple[str, ...] = ()  #: their label maps, same order
+    classes: tuple[str, ...] = ()  #: class names or ids; () = every label present
+    label_names: str | None = None  #: label_names.json; default: the one beside the labels
+    test_images: tuple[str, ...] = ()  #: CTs it is scored on; () = held out from ``images``
+    test_labels: tuple[str, ...] = ()
+    resample_labels: bool = False  #: align label maps of another grid in world coordinates
+    every: int = 100  #: steps between probe scores (one is also taken at the last step)
+    max_voxels: int = 50_000  #: training voxels sampled for the classifier (as maesil probe)
+    random_inits: int = 3  #: random initialisations averaged for that reference
+    seed: int = 0  #: the training voxels and the random initialisations
+
+    def __post_init__(self) -> None:
+        for name in ("images", "labels", "classes", "test_images", "test_labels"):
+            value = getattr(self, name)
+            if isinstance(value, (str, Path, int)):
+                value = (value,)
+            setattr(self, name, tuple(str(v) for v in (value or ())))
+        if self.label_names is not None:
+            self.label_names = str(self.label_names)
+
+    def validate(self) -> ProbeConfig:
+        """A ConfigError naming the ``maesil pretrain`` setting when the probe cannot run."""
+        if not self.images:
+            raise ConfigError(
+                "the probe needs labelled CTs: give `probe_images` with `probe_labels` (and "
+                "`probe_classes`), or leave every probe setting out.",
+                option="probe_images",
+            )
+        if not self.labels:
+            raise ConfigError(
+                "`probe_images` needs their label maps: give `probe_labels` in the same order.",
+                option="probe_labels",
+            )
+        if bool(self.test_images) != bool(self.test_labels):
+            have, lack = (
+                ("probe_test_images", "probe_test_labels")
+                if self.test_images
+                else ("probe_test_labels", "probe_test_images")
+            )
+            raise ConfigError(
+                f"`{have}` needs `{lack}` too (or leave both out: the probe then holds out part "
+                "of `probe_images`).",
+                option=lack,
+            )
+        if self.every < 1:
+            raise ConfigError(
+                f"`probe_every` must be at least 1 step, got {self.every}.", option="probe_every"
+            )
+        if self.max_voxels < 100:
+            raise ConfigError(
+                f"probe max_voxels must be at least 100, got {self.max_voxels}.",
+                option="probe_max_voxels",
+            )
+        if self.random_inits < 1:
+            raise ConfigError(
+                f"probe random_inits must be at least 1, got {self.random_inits}.",
+                option="probe_random_inits",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeConfig:
+        return _build(cls, d)
+
+
 def _build(cls: type, values: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     if not isinstance(values, dict):
@@ -384,7 +470,12 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-_SECTIONS = {"DataConfig": "data", "ModelConfig": "model", "TrainConfig": "train"}
+_SECTIONS = {
+    "DataConfig": "data",
+    "ModelConfig": "model",
+    "TrainConfig": "train",
+    "ProbeConfig": "probe",
+}
 
 
 def _typed(value: Any, hint: Any, name: str) -> Any:

@@ -108,7 +108,7 @@ def prepare_probe_data(
     test_labels: Any,
     *,
     classes: Sequence[str | int] | None = None,
-    label_names: str | Path | None = None,
+    label_names: str | Path | dict | None = None,
     labels_map: str | Path | dict | None = None,
     resample_labels: bool = False,
 ) -> ProbeData:
@@ -116,10 +116,14 @@ def prepare_probe_data(
 
     Label names come from ``label_names`` or the ``label_names.json`` beside the training
     labels, classes from ``classes`` / ``labels_map`` (as in ``finetune``); the test labels
-    are mapped through the same source ids.
+    are mapped through the same source ids. ``test_images`` None: no test cases.
     """
     pairs = resolve_labelled(images, labels, what="probe training")
-    test_pairs = resolve_labelled(test_images, test_labels, what="probe test")
+    test_pairs = (
+        resolve_labelled(test_images, test_labels, what="probe test")
+        if test_images is not None
+        else []  # the caller holds part of the training data out (probe_monitor)
+    )
     source_names = label_names_for([lab for _, lab in pairs], label_names)
     loaded = [load_pair(i, lab, resample_labels) for i, lab in pairs]
     test_loaded = [load_pair(i, lab, resample_labels) for i, lab in test_pairs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .common import (
     Progress,
@@ -16,12 +17,19 @@ from .common import (
     run_config_from_args,
     stopped_early,
 )
+from .probe import add_probe_data_options
+
+if TYPE_CHECKING:
+    from ..config import ProbeConfig
 
 EXAMPLES = """examples:
   maesil pretrain --out runs/demo                                 # tiny preset on the built-in CT phantom
   maesil pretrain --data ../shared/data/abdomen_ct/ct.nii.gz ../shared/data/chest_ct --out runs/ct --preset tiny --steps 300
   maesil pretrain --data scans/ dataset.json list.txt 'more/*.nii.gz' --out runs/base --preset base --device cuda
   maesil pretrain --out runs/ct --resume --steps 600               # continue (and extend) a run
+  maesil pretrain --data ../shared/data/chest_ct --out runs/probed --preset tiny --steps 300 \\
+      --probe-images ../shared/data/abdomen_ct/ct.nii.gz --probe-labels ../shared/data/abdomen_ct/labels.nii.gz \\
+      --probe-classes liver spleen --probe-every 50   # + probe_liver, probe_spleen in metrics.csv
   torchrun --nproc-per-node 4 -m maesil_core pretrain --data scans/ --out runs/ddp --preset base"""
 
 
@@ -39,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, key, None) is not None:
                 cfg = cfg.override("model", **{key: getattr(args, key)})
         cfg.validate()
+    probe = probe_config_from_args(args)
     cancel = install_cancel()
     result = api.pretrain(
         args.data,
@@ -46,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         cfg,
         resume=args.resume,
         force=args.force,
+        probe=probe,
         progress=Progress(),
         cancel=cancel,
     )
@@ -57,6 +67,38 @@ def run(args: argparse.Namespace) -> int:
     if result.cancelled:
         return stopped_early("pretrain", args.out, result.step)
     return 0
+
+
+#: the probe flags: ``--probe-NAME`` sets ProbeConfig.NAME
+PROBE_FLAGS = (
+    "images", "labels", "classes", "label_names", "test_images", "test_labels",
+    "resample_labels", "every",
+)  # fmt: skip
+
+
+def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig | None:
+    """The ProbeConfig the ``--probe-*`` flags describe (validated), None without any."""
+    from ..config import ProbeConfig
+
+    values = {name: getattr(args, f"probe_{name}", None) for name in PROBE_FLAGS}
+    given = {k: v for k, v in values.items() if v is not None and v is not False}  # 0 counts
+    if not given:
+        return None
+    return ProbeConfig(**given).validate()
+
+
+def add_probe_options(p: argparse.ArgumentParser) -> None:
+    """``--probe-*``: a linear probe of the encoder scored while it trains."""
+    g = p.add_argument_group(
+        "probe while training",
+        "score a linear probe of the frozen encoder every --probe-every steps (per-class "
+        "Dice in metrics.csv and TensorBoard as probe_CLASS, beside random init and patch "
+        "statistics; see maesil probe)",
+    )
+    add_probe_data_options(g, prefix="probe-")
+    g.add_argument(
+        "--probe-every", type=int, metavar="N", help="steps between probe scores (default 100)"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,3 +134,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where the crops are augmented: in the loader's CPU processes or on the batch on "
         "the training device (default auto: the device when it is a GPU)",
     )
+    add_probe_options(p)

@@ -63,6 +63,43 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_probe_data_options(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, prefix: str = ""
+) -> None:
+    """The probe's labelled data: ``--images``, ``--labels``, ``--test-images``, ... for
+    ``maesil probe`` (required); ``--probe-images``, ... with ``prefix="probe-"`` for
+    ``maesil pretrain`` (optional; the test CTs default to part of the training ones)."""
+    need = not prefix
+    held_out = "" if need else " (default: the last of several, or the other half of one)"
+    path = {"nargs": "+", "required": need, "metavar": "PATH"}
+    p.add_argument(f"--{prefix}images", **path, help="labelled CTs the probe is trained on")
+    p.add_argument(f"--{prefix}labels", **path, help="their label maps, same order")
+    p.add_argument(f"--{prefix}test-images", **path, help="CTs the probe is scored on" + held_out)
+    p.add_argument(f"--{prefix}test-labels", **path, help="their label maps")
+    p.add_argument(
+        f"--{prefix}classes",
+        nargs="+",
+        metavar="NAME",
+        help="classes, by name or id (default: all labels)",
+    )
+    p.add_argument(
+        f"--{prefix}label-names",
+        metavar="FILE",
+        help="label_names.json of the source labels (default: beside the labels)",
+    )
+    if need:  # pretraining's probe takes classes only
+        p.add_argument(
+            "--labels-map",
+            metavar="FILE",
+            help="JSON mapping file: select / rename / merge classes",
+        )
+    p.add_argument(
+        f"--{prefix}resample-labels",
+        action="store_true",
+        help="resample label maps onto their image by world coordinates",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``probe`` to the ``maesil`` parser."""
     p = add_command(
@@ -73,34 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         EXAMPLE,
     )
     p.add_argument("--checkpoint", required=True, help="pretraining run dir or .safetensors")
-    p.add_argument(
-        "--images", nargs="+", required=True, metavar="PATH", help="CTs the probe is trained on"
-    )
-    p.add_argument(
-        "--labels", nargs="+", required=True, metavar="PATH", help="their label maps, same order"
-    )
-    p.add_argument(
-        "--test-images", nargs="+", required=True, metavar="PATH", help="CTs the probe is scored on"
-    )
-    p.add_argument(
-        "--test-labels", nargs="+", required=True, metavar="PATH", help="their label maps"
-    )
-    p.add_argument(
-        "--classes", nargs="+", metavar="NAME", help="classes, by name or id (default: all labels)"
-    )
-    p.add_argument(
-        "--label-names",
-        metavar="FILE",
-        help="label_names.json of the source labels (default: beside the labels)",
-    )
-    p.add_argument(
-        "--labels-map", metavar="FILE", help="JSON mapping file: select / rename / merge classes"
-    )
-    p.add_argument(
-        "--resample-labels",
-        action="store_true",
-        help="resample label maps onto their image by world coordinates",
-    )
+    add_probe_data_options(p)
     p.add_argument(
         "--seed", type=int, default=0, help="training voxels and random inits (default 0)"
     )

@@ -106,11 +106,13 @@ def crop_volume(vol: Volume, box: Sequence[tuple[int | None, int | None]], tag: 
     return Volume(array=array, affine=affine, path=path, is_hu=vol.is_hu)
 
 
-def label_names_for(label_paths: Sequence[Any], label_names: str | Path | None):
-    """``{id: name}`` from ``label_names`` (a label_names.json), else from the first one found
-    beside the label maps; None when there is none."""
+def label_names_for(label_paths: Sequence[Any], label_names: str | Path | dict | None):
+    """``{id: name}`` from ``label_names`` (a label_names.json, or the dict read from one),
+    else from the first one found beside the label maps; None when there is none."""
     from ..data.io import read_label_names
 
+    if isinstance(label_names, dict):  # already read
+        return label_names
     if label_names is not None:
         return read_label_names(label_names)
     for p in label_paths:

@@ -262,8 +262,9 @@ def fit(
 
     progress receives ``{"step", "steps", "loss", "lr", "volumes_per_s", "elapsed_s",
     "eta_s", "phase", ...logs}`` every ``log_every`` steps and at checkpoints / the end.
-    ``evaluate(model) -> {"val_...": value}`` runs every ``eval_every`` steps on rank 0;
-    with ``best_metric`` the best-scoring weights are kept as ``best.safetensors``.
+    ``evaluate(model) -> {"val_...": value}`` runs every ``eval_every`` steps (a row is
+    logged there too) and at the last, on rank 0 (give it on every rank: the ranks log
+    together); with ``best_metric`` the best-scoring weights are kept as ``best.safetensors``.
     """
     tc = cfg.train
     run_dir = Path(run_dir)
@@ -338,7 +339,8 @@ def fit(
             tc.checkpoint_minutes > 0 and now - t_last_ckpt > 60 * tc.checkpoint_minutes
         )
         ckpt_due = D.any_rank(ckpt_due, state.device)
-        logged = state.step % tc.log_every == 0 or state.step == tc.steps or ckpt_due
+        eval_due = evaluate is not None and bool(eval_every) and state.step % eval_every == 0
+        logged = state.step % tc.log_every == 0 or state.step == tc.steps or ckpt_due or eval_due
         if logged:
             last_row = record(lr, now, logs)
         # checked after the progress report, so a cancel asked for in a callback stops here

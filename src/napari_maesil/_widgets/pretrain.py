@@ -11,6 +11,7 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSpinBox,
+    LineEdit,
     Select,
     SpinBox,
 )
@@ -40,6 +41,7 @@ def _pretrain_job(
     cfg: Any,
     resume: bool,
     force: bool,
+    probe: Any = None,
     *,
     progress: Any,
     cancel: Any,
@@ -66,7 +68,14 @@ def _pretrain_job(
             del data, array
     progress({"phase": "prepare", "message": "loading and caching the volumes"})
     return api.pretrain(
-        files or None, run_dir, cfg, resume=resume, force=force, progress=progress, cancel=cancel
+        files or None,
+        run_dir,
+        cfg,
+        resume=resume,
+        force=force,
+        probe=probe,
+        progress=progress,
+        cancel=cancel,
     )
 
 
@@ -79,6 +88,8 @@ class PretrainWidget(JobWidget):
         "out": "out_dir",
         "force": "overwrite",
         "crops_per_volume": "crops",
+        "probe_images": "probe_image",
+        "probe_test_images": "probe_test_image",
     }
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -139,23 +150,52 @@ class PretrainWidget(JobWidget):
             labels=True,
         )  # fmt: skip
         self.advanced.visible = False
+
+        # the linear probe while training (maesil_core.probe_monitor)
+        self.probe_on = CheckBox(value=False, text="Probe the encoder while training")
+        self.probe_image = FileEdit(mode="r", label="Probe CT", value="")
+        self.probe_labels = FileEdit(mode="r", label="Probe labels", value="")
+        self.probe_classes = LineEdit(value="liver spleen", label="Probe classes")
+        self.probe_every = SpinBox(min=1, max=10_000_000, value=100, label="Probe every")
+        self.probe_test_image = FileEdit(mode="r", label="Probe test CT", value="")
+        self.probe_test_labels = FileEdit(mode="r", label="Probe test labels", value="")
+        self.probe_box = Container(
+            widgets=[
+                self.probe_image, self.probe_labels, self.probe_classes, self.probe_every,
+                self.probe_test_image, self.probe_test_labels,
+            ],
+            labels=True,
+        )  # fmt: skip
+        self.probe_box.tooltip = (
+            "A linear probe of the frozen encoder, scored every N steps: Dice per class on the "
+            "test CT (empty: the other half of the probe CT), beside the same probe on a "
+            "randomly initialised encoder and on raw patch statistics."
+        )
+        self.probe_box.visible = False
         self.metrics = wrapped_label("")
         self.extend(
             [
                 self.source, self.layers, self.folder, self.preset, self.steps,
                 self.batch_size, self.lr, self.mask_mode, self.mask_ratio, self.spacing,
                 self.device, self.out_dir, self.resume, self.overwrite, self.show_advanced,
-                self.advanced, self.start_button, self.cancel_button, self.progress_bar,
+                self.advanced, self.probe_on, self.probe_box, self.start_button, self.cancel_button, self.progress_bar,
                 self.status, self.metrics,
             ]
         )  # fmt: skip
         self._lock_while_running += [self.preset, self.resume, self.source]
         self.plot = CurvePlot(v, "step", "loss")
         self.add_plot(self.plot)
+        self.probe_plot = CurvePlot(v, "step", "probe Dice")
+        self.probe_plot.ylim = (0.0, 1.0)
+        self.add_plot(self.probe_plot)
+        self.probe_plot.widget.setVisible(False)
+        #: {curve name: [(step, dice), ...]} of the probe plot
+        self.probe_history: dict[str, list[tuple[float, float]]] = {}
 
         self.preset.changed.connect(self._apply_preset)
         self.source.changed.connect(self._update_source)
         self.show_advanced.changed.connect(self._show_advanced)
+        self.probe_on.changed.connect(self._show_probe)
         self.start_button.changed.connect(self.start)
         self._apply_preset(self.preset.value)
         self._update_source(self.source.value)
@@ -189,6 +229,30 @@ class PretrainWidget(JobWidget):
 
     def _show_advanced(self, on: bool) -> None:
         self.advanced.visible = bool(on)
+
+    def _show_probe(self, on: bool) -> None:
+        self.probe_box.visible = bool(on)
+        self.probe_plot.widget.setVisible(bool(on) or bool(self.probe_history))
+
+    def probe_config(self) -> Any:
+        """The ProbeConfig the probe fields describe (validated), None when it is off."""
+        from maesil_core.config import ProbeConfig
+
+        if not self.probe_on.value:
+            return None
+
+        def path(edit: FileEdit) -> tuple[str, ...]:
+            text = str(edit.value or "").strip()
+            return () if text in ("", ".") else (text,)
+
+        return ProbeConfig(
+            images=path(self.probe_image),
+            labels=path(self.probe_labels),
+            classes=tuple(self.probe_classes.value.replace(",", " ").split()),
+            test_images=path(self.probe_test_image),
+            test_labels=path(self.probe_test_labels),
+            every=int(self.probe_every.value),
+        ).validate()
 
     def _update_source(self, source: str) -> None:
         self.layers.visible = source == SOURCES[0]
@@ -243,6 +307,7 @@ class PretrainWidget(JobWidget):
 
         try:
             cfg = self.config()
+            probe = self.probe_config()
             snapshots, paths = self._inputs()
             run_dir = str(self.out_dir.value or "").strip()
             if not run_dir or run_dir == ".":
@@ -252,6 +317,8 @@ class PretrainWidget(JobWidget):
             return
         self.history = []
         self.plot.clear()
+        self.probe_history = {}
+        self.probe_plot.clear()
         self.progress_bar.value = 0
         self.status.value = "starting..."
         self.metrics.value = ""
@@ -263,6 +330,7 @@ class PretrainWidget(JobWidget):
             cfg,
             bool(self.resume.value),
             bool(self.overwrite.value),
+            probe,
             on_progress=self._on_progress,
             on_done=self._on_done,
         )
@@ -319,12 +387,36 @@ class PretrainWidget(JobWidget):
                 self.history.append((step, float(loss)))
                 self.plot.set("loss", self.history)
                 self.plot.draw()
+            self._plot_probe(step, info)
         elif phase == "checkpoint":
             text += " · checkpoint saved"
         self.status.value = text
 
+    def _plot_probe(self, step: int, row: dict) -> None:
+        """Add a row's probe scores to the probe plot: one curve per class, and each
+        reference as a flat line from the first probe step on."""
+        from maesil_core.probe_monitor import probe_columns
+
+        scores = probe_columns(row)
+        if not scores.get("encoder"):
+            return
+        self.probe_plot.widget.setVisible(True)
+        for name, dice in scores["encoder"].items():
+            curve = self.probe_history.setdefault(name, [])
+            if not curve or curve[-1][0] != step:
+                curve.append((step, dice))
+        first = min(points[0][0] for points in self.probe_history.values() if points)
+        for source, label in (("random_init", "random init"), ("patch_stats", "patch stats")):
+            for name, dice in scores.get(source, {}).items():
+                points = [(first, dice), (step, dice)]
+                self.probe_history[f"{name} ({label})"] = points
+        for name, points in self.probe_history.items():
+            self.probe_plot.set(name, points)
+        self.probe_plot.draw()
+
     def _on_done(self, result: Any) -> None:
         self.plot.draw(force=True)
+        self.probe_plot.draw(force=True)
         if result is None:
             return
         LAST["pretrain"] = str(result.run_dir)

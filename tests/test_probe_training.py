@@ -1,0 +1,120 @@
+"""The linear probe scored while pretraining (``maesil pretrain --probe-*``, ``api.pretrain(probe=...)``).
+
+Real labelled CT: ``abdomen_ct`` (TotalSegmentator labels, liver 5 / spleen 1, names in
+``label_names.json``) is both what the tiny MAESIL trains on and the probe's labelled CT; with
+no test CT given, the probe trains on its feet half and is scored on its head half.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from maesil_core import api, cli
+from maesil_core.config import ProbeConfig, preset
+from maesil_core.errors import ConfigError
+from maesil_core.probe_monitor import ProbeMonitor, held_out_data, probe_columns
+
+
+def read_rows(run) -> tuple[list[str], list[dict[str, str]]]:
+    with (run / "metrics.csv").open() as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def probe_args(shared_data, every):
+    ab = shared_data / "abdomen_ct"
+    return [
+        "--probe-images", ab / "ct.nii.gz", "--probe-labels", ab / "labels.nii.gz",
+        "--probe-classes", "liver", "spleen", "--probe-every", every,
+    ]  # fmt: skip
+
+
+def pretrain_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out + out.err
+
+
+def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_data, capsys):
+    """--probe-every 3 over 6 steps: probe rows at steps 3 and 6 (log_every is 10, so a row
+    is written for the probe), Dice in [0, 1] for the encoder and both references, the
+    references the same in every row; a resume without the probe flags probes on with the
+    recorded settings (same columns, same references); and the probe leaves the training
+    itself alone: the weights equal those of the same run without it."""
+    ct = shared_data / "abdomen_ct" / "ct.nii.gz"
+    run = tmp_path / "probed"
+    common = ["--data", ct, "--preset", "tiny", "--threads", 1]
+    err = pretrain_cli(capsys, "pretrain", *common, "--out", run, "--steps", 6,
+                       *probe_args(shared_data, 3))  # fmt: skip
+    assert "probe:" in err  # it says what it reads and scores before training
+
+    columns = [f"probe_{s}{c}" for s in ("", "random_init_", "patch_stats_") for c in ("liver", "spleen")]  # fmt: skip
+    header, rows = read_rows(run)
+    assert set(columns) <= set(header)
+    probed = [r for r in rows if r.get("probe_liver")]
+    assert [int(r["step"]) for r in probed] == [3, 6]
+    for r in probed:
+        assert all(0.0 <= float(r[c]) <= 1.0 for c in columns), r
+    refs = [{c: r[c] for c in columns if "_init_" in c or "_stats_" in c} for r in probed]
+    assert refs[0] == refs[1]
+
+    pretrain_cli(capsys, "pretrain", "--out", run, "--resume", "--steps", 9, "--threads", 1)
+    header2, rows2 = read_rows(run)
+    assert header2 == header
+    probed2 = [r for r in rows2 if r.get("probe_liver")]
+    assert [int(r["step"]) for r in probed2] == [3, 6, 9]
+    assert probed2[:2] == probed  # the rows before the resume are kept as they were
+    assert {c: probed2[2][c] for c in refs[0]} == refs[0]  # the same references again
+
+    plain = tmp_path / "plain"
+    pretrain_cli(capsys, "pretrain", *common, "--out", plain, "--steps", 6)
+    with_probe = load_file(run / "checkpoints" / "step_000006.safetensors")
+    without = load_file(plain / "checkpoints" / "step_000006.safetensors")
+    assert with_probe.keys() == without.keys()
+    assert all(torch.equal(with_probe[k], without[k]) for k in without)
+
+
+def test_probe_monitor_holds_out_the_other_half_and_restores_train_mode(shared_data):
+    """One labelled CT: the probe trains on its feet half and is scored on its head half,
+    whole 8-slice patch cells of 3 mm each (slices 0-15 and 16-23 of 30: a cell half padding
+    would blur its statistics), both with liver; the hook leaves the model in train mode."""
+    ab = shared_data / "abdomen_ct"
+    cfg = preset("tiny")
+    pcfg = ProbeConfig(images=[ab / "ct.nii.gz"], labels=[ab / "labels.nii.gz"],
+                       classes=["liver"], random_inits=1, max_voxels=5000)  # fmt: skip
+    data = held_out_data(cfg, pcfg)
+    (train,), (test,) = data.train, data.test
+    assert train.image.shape[1:3] == test.image.shape[1:3]  # cut along head-feet only
+    assert (train.image.shape[3], test.image.shape[3]) == (16, 8)  # of 30 slices at 3 mm
+    assert train.name.endswith("[feet]") and test.name.endswith("[head]")
+    assert (train.target == 1).any() and (test.target == 1).any()
+
+    from maesil_core.models import build_model
+
+    monitor = ProbeMonitor(cfg, pcfg)
+    model = build_model(cfg.model).train()
+    row = monitor(model)
+    assert model.training
+    assert set(probe_columns(row)) == {"encoder", "random_init", "patch_stats"}
+    assert 0.0 <= row["probe_liver"] <= 1.0
+
+
+def test_probe_settings_are_checked_before_anything_runs(tmp_path, shared_data):
+    ab = shared_data / "abdomen_ct"
+    bad = [
+        (ProbeConfig(labels=[ab / "labels.nii.gz"]), "probe_images"),
+        (ProbeConfig(images=[ab / "ct.nii.gz"]), "probe_labels"),
+        (ProbeConfig(images=[ab / "ct.nii.gz"], labels=[ab / "labels.nii.gz"], every=0), "probe_every"),
+        (ProbeConfig(images=[ab / "ct.nii.gz"], labels=[ab / "labels.nii.gz"],
+                     test_images=[ab / "ct.nii.gz"]), "probe_test_labels"),
+    ]  # fmt: skip
+    for pcfg, option in bad:
+        with pytest.raises(ConfigError) as info:
+            api.pretrain(None, tmp_path / "run", preset("tiny"), probe=pcfg)
+        assert info.value.option == option
+        assert not (tmp_path / "run").exists()
