@@ -45,7 +45,8 @@ def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_da
     is written for the probe), Dice in [0, 1] for the encoder and both references, the
     references the same in every row; a resume without the probe flags probes on with the
     recorded settings (same columns, same references); and the probe leaves the training
-    itself alone: the weights equal those of the same run without it."""
+    itself alone: the weights equal those of the same run without it (whose loss.png has
+    no probe panel)."""
     ct = shared_data / "abdomen_ct" / "ct.nii.gz"
     run = tmp_path / "probed"
     common = ["--data", ct, "--preset", "tiny", "--threads", 1]
@@ -62,6 +63,9 @@ def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_da
         assert all(0.0 <= float(r[c]) <= 1.0 for c in columns), r
     refs = [{c: r[c] for c in columns if "_init_" in c or "_stats_" in c} for r in probed]
     assert refs[0] == refs[1]
+    from PIL import Image
+
+    assert Image.open(run / "loss.png").size == (1100, 350)  # the probe's panel beside the loss
 
     pretrain_cli(capsys, "pretrain", "--out", run, "--resume", "--steps", 9, "--threads", 1)
     header2, rows2 = read_rows(run)
@@ -77,6 +81,7 @@ def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_da
     without = load_file(plain / "checkpoints" / "step_000006.safetensors")
     assert with_probe.keys() == without.keys()
     assert all(torch.equal(with_probe[k], without[k]) for k in without)
+    assert Image.open(plain / "loss.png").size == (600, 350)
 
 
 def test_probe_monitor_holds_out_the_other_half_and_restores_train_mode(shared_data):

@@ -124,8 +124,33 @@ def reconstruction_figure(
     return Path(path)
 
 
+#: metrics columns of the probe scored while pretraining (maesil_core.probe_monitor)
+PROBE_PREFIX, PROBE_REFERENCES = "probe_", ("probe_random_init_", "probe_patch_stats_")
+
+
+def _plot_probe(ax, rows: list[dict[str, float]]) -> None:
+    """The probe's Dice per class against step: the encoder solid, its references (random
+    init dashed, patch statistics dotted) in the class's colour."""
+    keys = {k for r in rows for k in r if k.startswith(PROBE_PREFIX)}
+    classes = sorted(k[len(PROBE_PREFIX) :] for k in keys if not k.startswith(PROBE_REFERENCES))
+    sources = [("", "o-", ""), (PROBE_REFERENCES[0], "--", " (random init)")]
+    sources.append((PROBE_REFERENCES[1], ":", " (patch stats)"))
+    for i, name in enumerate(classes):
+        for prefix, style, what in sources:
+            key = (prefix or PROBE_PREFIX) + name
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, color=f"C{i}", lw=1.2, ms=3, label=name + what)
+    ax.set_xlabel("step")
+    ax.set_ylabel("probe Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_loss(rows: list[dict[str, float]], path: str | Path) -> None:
-    """Loss curve (log scale) of a run's metrics rows, written atomically as PNG."""
+    """Loss curve (log scale) of a run's metrics rows, written atomically as PNG; with the
+    linear probe's Dice per class beside it when the rows have probe columns."""
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return
@@ -134,8 +159,11 @@ def plot_loss(rows: list[dict[str, float]], path: str | Path) -> None:
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
+    probed = any(k.startswith(PROBE_PREFIX) for r in rows for k in r)
+    fig = Figure(figsize=(11 if probed else 6, 3.5), dpi=100)
+    ax = fig.add_subplot(1, 2 if probed else 1, 1)
+    if probed:
+        _plot_probe(fig.add_subplot(1, 2, 2), rows)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2, label="train loss")
     val = [r for r in rows if "val_loss" in r]
     if val:
