@@ -3,11 +3,15 @@ file name keeps pytest from collecting it); run it by hand:
 
     xvfb-run -a -s "-screen 0 1280x1024x24" python -m pytest tests/readme_screenshots.py
 
-PNGs are palette-quantised to stay small (< 300 KB each).
+PNGs are palette-quantised to stay small (< 300 KB each). The explorer is shown on the
+Pretrain widget's 30-step run, or on the run ``MAESIL_EXPLORER_CHECKPOINT`` names (the
+README's screenshot: a tiny-pretrain run, README says which), with the interpolation
+reference beside the reconstruction.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,29 +74,31 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
     run = tmp_path / "pre"
     save_small(grab(pw), "pretrain_widget.png", width=420)
     viewer.window.remove_dock_widget(pw_dock)
-    ew = ExplorerWidget(viewer)
-    ew_dock = viewer.window.add_dock_widget(ew, name="Superpatch explorer")
-    ew.checkpoint.value = str(run)
-    ew.image.value = ct
-    ew.mode.value, ew.ratio.value = "random", 0.5
-    labels.visible = False
+    # Explorer, in a viewer of its own: the DICOM series of another patient (no run here
+    # trained on it)
+    ev = make_napari_viewer(show=True)
+    ev.window._qt_window.resize(1500, 950)
+    held_out = open_ct(ev, shared_data / "dicom_ct")
+    ew = ExplorerWidget(ev)
+    ev.window.add_dock_widget(ew, name="Superpatch explorer")
+    ew.checkpoint.value = os.environ.get("MAESIL_EXPLORER_CHECKPOINT") or str(run)
+    ew.image.value = held_out
+    ew.mode.value, ew.ratio.value = "random", 0.75
     click(qtbot, ew.load_button)
     wait_done(qtbot, ew)
-    body = np.argwhere(ct.data > 0).mean(0)
-    viewer.dims.current_step = (int(body[0]), 0, 0)
-    ew.tile.value = ew.tile_at(ct.data_to_world(body))
+    body = held_out.data_to_world(np.argwhere(held_out.data > 0).mean(0))
+    ev.dims.set_point(0, float(body[0]))
+    ew.tile.value = ew.tile_at(body)
     click(qtbot, ew.start_button)
     wait_done(qtbot, ew)
-    # shown first: the CT as the model sees it | masked input | reconstruction (grid mode)
-    assert viewer.canvas.grid.enabled  # the widget frames the superpatch in each viewbox
+    # shown first: the CT as the model sees it | masked input | reconstruction | the
+    # interpolation reference (grid mode)
+    assert ev.canvas.grid.enabled  # the widget frames the superpatch in each viewbox
+    assert ev.layers["interpolation (reference)"].visible
     qtbot.wait(300)
-    save_small(viewer.screenshot(canvas_only=False, flash=False), "explorer_viewer.png")
+    save_small(ev.screenshot(canvas_only=False, flash=False), "explorer_viewer.png")
     save_small(grab(ew), "explorer_widget.png", width=420)
-    ew.side_by_side.value = False  # back to the layers over the CT for what follows
-    for name in ("original", "masked input", "reconstruction", "|error|", "mask"):
-        viewer.layers[name].visible = False
-    viewer.layers["superpatch grid"].visible = False
-    labels.visible = True
+    ev.close()
 
     # Fine-tune + Segment; the viewer while fine-tuning: the Dice curve in napari's theme and
     # the job in napari's activity dock
@@ -104,7 +110,6 @@ def test_readme_screenshots(make_napari_viewer, qtbot, shared_data, tmp_path):
     fw.steps.value, fw.eval_every.value, fw.batch_size.value = 16, 4, 2
     fw.device.value = "cpu"
     fw.out_dir.value = str(tmp_path / "seg")
-    ew_dock.setVisible(False)
     click(qtbot, fw.start_button)
     qtbot.waitUntil(lambda: len(fw.dice_history) >= 2, timeout=900_000)
     viewer.window._qt_window._activity_dialog.show()  # as the status bar's activity button does
