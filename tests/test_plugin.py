@@ -396,8 +396,8 @@ def test_pretrain_cancel_and_resume(viewer, qtbot, shared_data, tmp_path):
 
 
 def test_pretrain_widget_plots_the_probe(viewer, qtbot, shared_data, tmp_path, errors):
-    """The probe while training, from the widget: without a probe CT it names the field;
-    with abdomen_ct and its labels, every 3 of 6 steps, the probe plot gets the liver
+    """The probe while training, from the widget: without a probe CT it names the field,
+    with labels of another grid the alignment check box; with abdomen_ct and its labels, every 3 of 6 steps, the probe plot gets the liver
     curve at steps 3 and 6 (the metrics.csv values) and the two references beside it."""
     import csv
 
@@ -410,6 +410,10 @@ def test_pretrain_widget_plots_the_probe(viewer, qtbot, shared_data, tmp_path, e
     w.start()
     assert not w.running and "\u201cProbe CT\u201d" in errors[-1], errors
     w.probe_image.value = str(ab / "ct.nii.gz")
+    w.probe_labels.value = str(shared_data / "chest_ct" / "labels.nii.gz")  # another grid
+    w.start()
+    wait_done(qtbot, w)
+    assert "do not match" in errors[-1] and "\u201cAlign the probe labels" in errors[-1], errors
     w.probe_labels.value = str(ab / "labels.nii.gz")
     click(qtbot, w.start_button)
     wait_done(qtbot, w)

@@ -159,10 +159,13 @@ class PretrainWidget(JobWidget):
         self.probe_every = SpinBox(min=1, max=10_000_000, value=100, label="Probe every")
         self.probe_test_image = FileEdit(mode="r", label="Probe test CT", value="")
         self.probe_test_labels = FileEdit(mode="r", label="Probe test labels", value="")
+        self.probe_resample_labels = CheckBox(
+            value=False, text="Align the probe labels in world coordinates"
+        )
         self.probe_box = Container(
             widgets=[
                 self.probe_image, self.probe_labels, self.probe_classes, self.probe_every,
-                self.probe_test_image, self.probe_test_labels,
+                self.probe_test_image, self.probe_test_labels, self.probe_resample_labels,
             ],
             labels=True,
         )  # fmt: skip
@@ -252,6 +255,7 @@ class PretrainWidget(JobWidget):
             test_images=path(self.probe_test_image),
             test_labels=path(self.probe_test_labels),
             every=int(self.probe_every.value),
+            resample_labels=bool(self.probe_resample_labels.value),
         ).validate()
 
     def _update_source(self, source: str) -> None:
