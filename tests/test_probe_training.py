@@ -8,6 +8,7 @@ no test CT given, the probe trains on its feet half and is scored on its head ha
 from __future__ import annotations
 
 import csv
+import threading
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from maesil_core import api, cli
 from maesil_core.config import ProbeConfig, preset
-from maesil_core.errors import ConfigError
+from maesil_core.errors import Cancelled, ConfigError
 from maesil_core.probe_monitor import ProbeMonitor, held_out_data, probe_columns
 
 
@@ -87,7 +88,8 @@ def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_da
 def test_probe_monitor_holds_out_the_other_half_and_restores_train_mode(shared_data):
     """One labelled CT: the probe trains on its feet half and is scored on its head half,
     whole 8-slice patch cells of 3 mm each (slices 0-15 and 16-23 of 30: a cell half padding
-    would blur its statistics), both with liver; the hook leaves the model in train mode."""
+    would blur its statistics), both with liver; the hook leaves the model in train mode. A
+    Cancel stops the reading, and a probe cancelled during training is left out of its row."""
     ab = shared_data / "abdomen_ct"
     cfg = preset("tiny")
     pcfg = ProbeConfig(images=[ab / "ct.nii.gz"], labels=[ab / "labels.nii.gz"],
@@ -101,12 +103,18 @@ def test_probe_monitor_holds_out_the_other_half_and_restores_train_mode(shared_d
 
     from maesil_core.models import build_model
 
-    monitor = ProbeMonitor(cfg, pcfg)
+    stop = threading.Event()
+    monitor = ProbeMonitor(cfg, pcfg, cancel=stop.is_set)
     model = build_model(cfg.model).train()
     row = monitor(model)
     assert model.training
     assert set(probe_columns(row)) == {"encoder", "random_init", "patch_stats"}
     assert 0.0 <= row["probe_liver"] <= 1.0
+    # Cancel: the reading stops (nothing to train on), a probe in training leaves its row
+    stop.set()
+    assert monitor(model) == {} and model.training
+    with pytest.raises(Cancelled):
+        ProbeMonitor(cfg, pcfg, cancel=stop.is_set)
 
 
 def test_probe_settings_are_checked_before_anything_runs(tmp_path, shared_data):

@@ -111,12 +111,14 @@ def prepare_probe_data(
     label_names: str | Path | dict | None = None,
     labels_map: str | Path | dict | None = None,
     resample_labels: bool = False,
+    cancel: Callable[[], bool] | None = None,
 ) -> ProbeData:
     """Read, resample and label-map the training and test pairs onto ``cfg``'s grid.
 
     Label names come from ``label_names`` or the ``label_names.json`` beside the training
     labels, classes from ``classes`` / ``labels_map`` (as in ``finetune``); the test labels
     are mapped through the same source ids. ``test_images`` None: no test cases.
+    ``cancel()`` is checked between the volumes and their loading steps (Cancelled).
     """
     pairs = resolve_labelled(images, labels, what="probe training")
     test_pairs = (
@@ -134,8 +136,8 @@ def prepare_probe_data(
         source_names=source_names,
     )
     return ProbeData(
-        train=prepare_cases(loaded, labelset, cfg),
-        test=prepare_cases(test_loaded, labelset, cfg),
+        train=prepare_cases(loaded, labelset, cfg, cancel),
+        test=prepare_cases(test_loaded, labelset, cfg, cancel),
         labelset=labelset,
     )
 

@@ -69,7 +69,9 @@ def _renamed(exc: MaesilError) -> MaesilError:
     return type(exc)(template, option=option)
 
 
-def held_out_data(cfg: RunConfig, pcfg: ProbeConfig) -> ProbeData:
+def held_out_data(
+    cfg: RunConfig, pcfg: ProbeConfig, cancel: Callable[[], bool] | None = None
+) -> ProbeData:
     """The probe's training and test volumes on ``cfg``'s grid: ``test_images`` when given,
     else the last labelled CT of several, else the two halves of the one (head-feet)."""
     from .segmentation.data import label_names_for, resolve_labelled
@@ -77,6 +79,7 @@ def held_out_data(cfg: RunConfig, pcfg: ProbeConfig) -> ProbeData:
     kw: dict[str, Any] = {
         "classes": list(pcfg.classes) or None,
         "resample_labels": pcfg.resample_labels,
+        "cancel": cancel,
     }
     if pcfg.test_images:
         return prepare_probe_data(
@@ -155,7 +158,7 @@ class ProbeMonitor:
         say = progress or (lambda info: None)
         say({"phase": "prepare", "message": "probe: reading the labelled CTs"})
         try:
-            self.data = held_out_data(cfg, pcfg)
+            self.data = held_out_data(cfg, pcfg, cancel)
         except MaesilError as exc:
             raise _renamed(exc) from exc
         say(
