@@ -965,3 +965,117 @@ def test_transposing_copy_in_slabs_is_exact_and_stops_when_cancelled(shared_data
     with pytest.raises(Cancelled):
         c_order(arr, check)
     assert len(calls) == 3
+
+
+# --------------------------------------------------------------------------- cancel in slabs
+
+
+class _CountingFlag:
+    """A cancel flag that turns True at its ``at``-th look (and counts every look)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.looks = at, 0
+
+    def __call__(self) -> bool:
+        self.looks += 1
+        return self.looks >= self.at
+
+
+def test_label_values_are_numpys_in_slabs_and_a_cancel_stops_before_the_next_slab(
+    shared_data, monkeypatch
+):
+    """The label set of a full-size map is read a slab at a time (issue 14: Fine-tune's
+    preparation could not be stopped for 42-96 s): the same values as ``np.unique`` in
+    either memory order, and a flag set while reading stops before the next slab."""
+    from maesil_core.data import slabs
+    from maesil_core.data.slabs import label_values
+    from maesil_core.errors import Cancelled
+    from maesil_core.progress import stop_fn
+
+    monkeypatch.setattr(slabs, "VALUE_SLAB", 4)  # this map has 35 slices: 9 slabs
+    labels = np.asanyarray(nib.load(str(shared_data / "abdomen_ct" / "labels.nii.gz")).dataobj)
+    assert not labels.flags.c_contiguous  # nibabel's order: slabs along the last axis
+    expected = np.unique(labels)
+    assert len(expected) > 10
+    np.testing.assert_array_equal(label_values(labels), expected)
+    np.testing.assert_array_equal(label_values(np.ascontiguousarray(labels)), expected)
+    assert -(-labels.shape[2] // slabs.VALUE_SLAB) > 3
+    flag = _CountingFlag(at=3)  # set while the second slab is read
+    with pytest.raises(Cancelled):
+        label_values(labels, stop_fn(flag))
+    assert flag.looks == 3  # two slabs read, the third never started
+
+
+def test_fine_tune_preparation_stops_between_slabs_with_the_same_cases_otherwise(
+    shared_data, monkeypatch
+):
+    """The label set, the label look-up and the loading chain of ``finetune`` check the
+    cancel flag slab by slab; a flag set at any of those looks stops at that look (nothing
+    after it is read), and without a cancel the cases are those of the chain as it was (one
+    Orientationd and one Spacingd for image and labels together), voxel for voxel."""
+    from monai.transforms import Orientationd, Spacingd
+
+    from maesil_core.data import slabs
+    from maesil_core.data.transforms import IntensityToUnitd, LoadVolumed
+    from maesil_core.errors import Cancelled
+    from maesil_core.segmentation.data import make_label_set, prepare_cases
+
+    monkeypatch.setattr(slabs, "VALUE_SLAB", 4)  # 8 or 9 slabs, as the map is stored
+    ct = load_volume(shared_data / "abdomen_ct" / "ct.nii.gz")
+    lab = load_labels(shared_data / "abdomen_ct" / "labels.nii.gz")
+    cfg = preset("tiny")
+    looks = _CountingFlag(at=10**9)
+    labelset = make_label_set([(lab.path, lab.array)], classes=[5, 6], cancel=looks)
+    n_set = looks.looks
+    (case,) = prepare_cases([(ct, lab)], labelset, cfg, cancel=looks)
+    n_prepare = looks.looks - n_set
+    # slab by slab (the loading chain alone has 7 looks: before and after each step)
+    assert n_set >= 8 and n_prepare >= 10, (n_set, n_prepare)
+    for at in (2, n_set + 1, n_set + n_prepare // 2, n_set + n_prepare):
+        flag = _CountingFlag(at)
+        with pytest.raises(Cancelled):
+            ls = make_label_set([(lab.path, lab.array)], classes=[5, 6], cancel=flag)
+            prepare_cases([(ct, lab)], ls, cfg, cancel=flag)
+        assert flag.looks == at
+    # the chain as it was before the per-key split, on the same pair
+    keys = ("image", "label")
+    before = DataCompose(
+        [
+            LoadVolumed(keys),
+            Orientationd(keys, axcodes="RAS", labels=None),
+            Spacingd(keys, pixdim=cfg.data.spacing, mode=("bilinear", "nearest"),
+                     dtype=torch.float32),
+            IntensityToUnitd.from_config(cfg.data),
+        ]
+    )  # fmt: skip
+    index = labelset.to_index(lab.array).astype(np.int32)
+    out = before({"image": ct, "label": Volume(index, ct.affine, lab.path, False)})
+    np.testing.assert_array_equal(case.image.numpy(), np.asarray(out["image"]))
+    np.testing.assert_array_equal(case.target.numpy(), np.rint(np.asarray(out["label"])))
+    assert case.target.max() == 2  # both classes are there
+
+
+def test_reading_an_uncompressed_nifti_is_converted_in_slabs_and_stops_between_them(
+    shared_data, tmp_path
+):
+    """A ``.nii`` (what the Pretrain widget writes of a layer) is memory-mapped and turned
+    into float32 C order one slab at a time (issue 14: Pretrain's preparation held a 7 s
+    whole-volume conversion): the same voxels as NumPy's conversion, and a cancel flag set
+    while it runs stops it at the next slab."""
+    from maesil_core.errors import Cancelled
+    from maesil_core.progress import stop_fn
+
+    src = nib.load(str(shared_data / "chest_ct" / "ct.nii.gz"))
+    path = tmp_path / "layer.nii"
+    nib.save(nib.Nifti1Image(np.asanyarray(src.dataobj).astype(np.int16), src.affine), path)
+    expected = np.ascontiguousarray(np.asanyarray(nib.load(str(path)).dataobj), np.float32)
+    vol = load_volume(path)
+    assert vol.array.dtype == np.float32 and vol.array.flags.c_contiguous
+    np.testing.assert_array_equal(vol.array, expected)
+    looks = _CountingFlag(at=10**9)
+    load_volume(path, check=stop_fn(looks))
+    assert looks.looks > 20  # slab by slab
+    flag = _CountingFlag(at=looks.looks // 2)
+    with pytest.raises(Cancelled):
+        load_volume(path, check=stop_fn(flag))
+    assert flag.looks == looks.looks // 2

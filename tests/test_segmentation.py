@@ -293,6 +293,44 @@ def test_sliding_window_equals_direct_forward_where_both_fit():
     assert ft.count_windows((64, 32, 96), (32, 32, 32), 0.0) == 6
 
 
+def test_a_cancel_inside_a_window_batch_stops_before_the_next_module(abdomen):
+    """issue 14, Cancel under 1 s: a cancel set while a batch of windows is in the model
+    raises Cancelled before the next module runs (not after the batch, seconds later on a
+    full-size CT), and the model is left without the cancel's hooks. On the real CT, on the
+    tiny preset's grid."""
+    import threading
+
+    from maesil_core.data import inference_transforms
+    from maesil_core.errors import Cancelled
+
+    _, image, _ = abdomen
+    x = inference_transforms(preset("tiny").data)({"image": image})["image"]
+    model = UNETRSegmenter(preset("tiny").model, 2, feature_size=4).eval()
+    leaves = [m for m in model.modules() if not list(m.children())]
+    flag, ran_after, seen = threading.Event(), [], []
+
+    def arm(_m, _args):  # in the second batch, half-way through the model
+        seen.append(1)
+        if len(seen) == 2:
+            flag.set()
+
+    def after(m, _args, _out):
+        if flag.is_set():
+            ran_after.append(type(m).__name__)
+
+    leaves[len(leaves) // 2].register_forward_pre_hook(arm)
+    for m in model.modules():
+        m.register_forward_hook(after)
+    progress = []
+    with pytest.raises(Cancelled):
+        ft.sliding_window_logits(
+            model, x, (32, 32, 32), sw_batch_size=2, cancel=flag.is_set,
+            progress=lambda done, total: progress.append(done),
+        )  # fmt: skip
+    assert flag.is_set() and ran_after == [] and progress == [2]  # one whole batch, no more
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 1  # the test's own
+
+
 def test_count_windows_matches_what_monai_runs():
     """The progress total equals the windows MONAI's sliding_window_inference really runs,
     for volumes smaller than, equal to and between multiples of the window, any overlap."""

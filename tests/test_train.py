@@ -254,3 +254,110 @@ def test_bf16_where_the_device_has_none_is_a_clear_error(monkeypatch):
     assert autocast_dtype(cfg, torch.device("cuda", 0)) is None
     cfg.precision = "fp32"
     assert autocast_dtype(cfg, torch.device("cpu")) is None
+
+
+# --------------------------------------------------------------------------- cancel inside a step
+
+
+def _modules_in_order(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if not list(m.children())]  # the leaves
+
+
+built: list[torch.nn.Module] = []
+
+
+def _cancelled_run(tmp_path, abdomen_ct, monkeypatch, name: str, where: str):
+    """Tiny pretraining with a cancel set ``where``: "between" steps (from the progress
+    report of step 3), or inside step 4's "forward" (before a leaf module half-way through
+    the model) or "backward" (when the gradient reaches that module's output). Returns the
+    result and the modules that ran after the flag was set; the model is appended to
+    ``built``."""
+    import threading
+
+    from maesil_core import models
+
+    flag = threading.Event()
+    ran_after: list[str] = []
+    real = getattr(models.build_model, "unwatched", models.build_model)
+
+    def build_and_watch(*args, **kwargs):
+        model = real(*args, **kwargs)
+        leaves = _modules_in_order(model)
+        middle = leaves[len(leaves) // 2]
+        steps = {"n": 0}
+
+        def count(_m, _args):
+            steps["n"] += 1
+
+        def arm(_m, _args):
+            if where == "forward" and steps["n"] == 4:
+                flag.set()
+
+        def on_output(_m, _args, out):
+            if where == "backward" and steps["n"] == 4 and out.requires_grad:
+                out.register_hook(lambda grad: flag.set())
+
+        def after(m, _args, _out):
+            if flag.is_set():
+                ran_after.append(type(m).__name__)
+
+        model.register_forward_pre_hook(count)
+        middle.register_forward_pre_hook(arm)
+        middle.register_forward_hook(on_output)
+        for m in model.modules():
+            m.register_forward_hook(after)
+        built.append(model)
+        return model
+
+    build_and_watch.unwatched = real  # type: ignore[attr-defined]
+    monkeypatch.setattr(models, "build_model", build_and_watch)
+
+    def report(info):
+        if where == "between" and info.get("phase") == "train" and info.get("step") == 3:
+            flag.set()
+
+    cfg = tiny_cfg(10).override("train", log_every=1)
+    result = api.pretrain([abdomen_ct], tmp_path / name, cfg, progress=report, cancel=flag)
+    return result, ran_after
+
+
+def _flat(value, prefix=""):
+    """Nested dicts / lists of tensors and numbers -> {path: value} for comparison."""
+    if isinstance(value, dict):
+        return {k: v for key in value for k, v in _flat(value[key], f"{prefix}/{key}").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, x in enumerate(value) for k, v in _flat(x, f"{prefix}/{i}").items()}
+    return {prefix: value}
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_cancel_inside_a_step_drops_that_step_and_keeps_the_last_whole_one(
+    where, tmp_path, abdomen_ct, monkeypatch
+):
+    """issue 14, Cancel under 1 s: a cancel set inside a training step stops it before the
+    next module runs (forward) or before the backward pass goes further; that step is
+    dropped (no optimiser step, the random streams as before it), so what is written is the
+    last whole step: the same weights, optimiser state and random state as a run cancelled
+    between steps at that step, which resumes as exactly."""
+    between, _ = _cancelled_run(tmp_path, abdomen_ct, monkeypatch, "between", "between")
+    inside, ran_after = _cancelled_run(tmp_path, abdomen_ct, monkeypatch, "inside", where)
+    assert between.cancelled and between.step == 3
+    assert inside.cancelled and inside.step == 3, inside.step
+    if where == "forward":
+        assert ran_after == []  # not one module finished once the flag was set
+    assert [p.name for p in list_checkpoints(tmp_path / "inside")] == ["step_000003.safetensors"]
+    a, b = (load_checkpoint(r.checkpoint) for r in (between, inside))
+    assert a.state_dict.keys() == b.state_dict.keys()
+    for key in a.state_dict:
+        assert torch.equal(a.state_dict[key], b.state_dict[key]), key
+    sa, sb = (_flat(load_resume_state(r.checkpoint)) for r in (between, inside))
+    assert sa.keys() == sb.keys() and any("rng" in k for k in sa)
+    for key in sa:
+        if torch.is_tensor(sa[key]) or isinstance(sa[key], np.ndarray):
+            assert np.array_equal(np.asarray(sa[key]), np.asarray(sb[key])), key
+        else:
+            assert sa[key] == sb[key], key
+    rows = read_metrics(tmp_path / "inside")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]  # no row for the dropped step
+    # the cancel's hooks are gone: this test's own two pre-hooks are all the model holds
+    assert sum(len(m._forward_pre_hooks) for m in built[-1].modules()) == 2

@@ -9,6 +9,7 @@ unit, so what is shown is what the model was trained to do.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import Cancelled
+from .progress import CancelHooks
 
 
 @dataclass
@@ -116,23 +118,30 @@ def reconstruct_volume(
     model = model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     done = 0
-    for chunk, tiles in iter_tiles(image, tile, batch_size, device, cancel):
-        # the padding of edge tiles is no visible voxel for the model's interpolation prior
-        kw = {"mode": mode, "ratio": ratio, "generator": generator, "return_raw": True}
-        kw["valid"] = tile_valid(chunk, spatial, tile).to(device)  # (b, 1, *tile)
-        state = generator.get_state()  # the same masks if the batch must run again
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            r, m, p = model.reconstruct(tiles, **kw)
-        if amp_dtype is not None and not (torch.isfinite(r).all() and torch.isfinite(p).all()):
-            generator.set_state(state)
-            r, m, p = model.reconstruct(tiles, **kw)
-        for n, (i, j, k) in enumerate(chunk):
-            sl = (slice(None), slice(i, i + tile[0]), slice(j, j + tile[1]), slice(k, k + tile[2]))
-            recon[sl] = r[n].float().cpu()
-            pred[sl] = p[n].float().cpu()
-            mask[sl] = m[n].float().cpu()
-        done += len(chunk)
-        if progress is not None:
-            progress(done, n_tiles)
+    hooks = CancelHooks(model, cancel) if cancel is not None else contextlib.nullcontext()
+    with hooks:  # a cancel lands between the model's modules too, not only between batches
+        for chunk, tiles in iter_tiles(image, tile, batch_size, device, cancel):
+            # the padding of edge tiles is no visible voxel for the model's interpolation prior
+            kw = {"mode": mode, "ratio": ratio, "generator": generator, "return_raw": True}
+            kw["valid"] = tile_valid(chunk, spatial, tile).to(device)  # (b, 1, *tile)
+            state = generator.get_state()  # the same masks if the batch must run again
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                r, m, p = model.reconstruct(tiles, **kw)
+            if amp_dtype is not None and not (torch.isfinite(r).all() and torch.isfinite(p).all()):
+                generator.set_state(state)
+                r, m, p = model.reconstruct(tiles, **kw)
+            for n, (i, j, k) in enumerate(chunk):
+                sl = (
+                    slice(None),
+                    slice(i, i + tile[0]),
+                    slice(j, j + tile[1]),
+                    slice(k, k + tile[2]),
+                )
+                recon[sl] = r[n].float().cpu()
+                pred[sl] = p[n].float().cpu()
+                mask[sl] = m[n].float().cpu()
+            done += len(chunk)
+            if progress is not None:
+                progress(done, n_tiles)
     crop = (slice(None), *[slice(0, s) for s in spatial])
     return TiledReconstruction(recon=recon[crop], pred=pred[crop], mask=mask[crop])

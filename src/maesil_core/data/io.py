@@ -21,8 +21,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import DataError
+from ..errors import Cancelled, DataError
 from ..files import atomic_write, atomic_write_text
+from .slabs import Check, c_contiguous, value_range
 
 #: file name endings read as NIfTI / NRRD
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -469,11 +470,17 @@ def _check_3d(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def _check_finite(array: np.ndarray, path: str) -> None:
+def _check_finite(array: np.ndarray, path: str, check: Check = None) -> None:
     if np.issubdtype(array.dtype, np.integer):
         return
+
+    def finite(z: int) -> bool:
+        if check is not None:
+            check()
+        return bool(np.isfinite(array[..., z : z + 16]).all())
+
     # slab by slab: a full-size bool copy of a 512 x 512 x 400 CT is 0.1 GB
-    if all(np.isfinite(array[..., z : z + 16]).all() for z in range(0, array.shape[-1], 16)):
+    if all(finite(z) for z in range(0, array.shape[-1], 16)):
         return
     finite = np.isfinite(array)
     if not finite.all():
@@ -487,37 +494,51 @@ def _check_finite(array: np.ndarray, path: str) -> None:
         )
 
 
-def load_volume(path: str | Path) -> Volume:
-    """Read a CT volume (NIfTI, NRRD or DICOM series folder) as ``array`` (X, Y, Z) float32."""
+def load_volume(path: str | Path, check: Check = None) -> Volume:
+    """Read a CT volume (NIfTI, NRRD or DICOM series folder) as ``array`` (X, Y, Z) float32.
+
+    ``check()`` (a cancel flag's check that raises) is called between the slabs of the
+    conversion and of the checks (a ``.nii`` is read as it is converted; a ``.nii.gz`` is
+    decompressed whole first)."""
     raw, affine, spath = read_raw(path)
-    volume = volume_from_raw(raw, affine, spath)
-    check_ct_content(volume.array, spath, raw.dtype)  # a viewer opens these; a command not
+    volume = volume_from_raw(raw, affine, spath, check=check)
+    check_ct_content(volume.array, spath, raw.dtype, check)  # a viewer opens these; a command not
     return volume
 
 
 def volume_from_raw(
-    raw: np.ndarray, affine: np.ndarray, path: str, *, keep_integers: bool = False
+    raw: np.ndarray,
+    affine: np.ndarray,
+    path: str,
+    *,
+    keep_integers: bool = False,
+    check: Check = None,
 ) -> Volume:
     """A CT ``Volume`` from :func:`read_raw`'s output: float32, or with ``keep_integers``
-    an integer file's own dtype (an int16 CT stays half the size of float32)."""
+    an integer file's own dtype (an int16 CT stays half the size of float32); ``check()``
+    between slabs (:func:`load_volume`)."""
     try:
         if keep_integers and np.issubdtype(raw.dtype, np.integer):
             array = np.asarray(raw)
         else:
-            array = np.ascontiguousarray(raw, dtype=np.float32)  # C order: no copy for torch
+            array = c_contiguous(raw, np.float32, check)  # C order: no copy for torch
+    except Cancelled:
+        raise
     except Exception as exc:
         raise DataError(_unreadable(Path(path), exc)) from exc
     if not np.issubdtype(array.dtype, np.integer):
-        _check_finite(array, path)
+        _check_finite(array, path, check)
     is_hu = not np.issubdtype(raw.dtype, np.unsignedinteger) and looks_like_hu(array)
     return Volume(array=array, affine=affine, path=path, is_hu=is_hu)
 
 
-def check_ct_content(array: np.ndarray, path: str, dtype: np.dtype | None = None) -> None:
+def check_ct_content(
+    array: np.ndarray, path: str, dtype: np.dtype | None = None, check: Check = None
+) -> None:
     """DataError unless ``array`` can be a CT: not one value in every voxel (an all-zero or
     all -1024 volume: nothing to learn or segment), not a mask (bool, or integers 0 / 1)."""
     dtype = np.dtype(array.dtype if dtype is None else dtype)
-    low, high = float(np.min(array)), float(np.max(array))
+    low, high = value_range(array, check)
     if low == high:
         raise DataError(
             f"{path} holds the same value ({low:g}) in every voxel: nothing to learn or "

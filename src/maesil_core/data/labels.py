@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from .slabs import empty_touched
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,22 @@ class LabelSet:
                     lut[s] = value
         return lut
 
-    def to_index(self, source: np.ndarray) -> np.ndarray:
-        """Source label map -> training targets 0..K (class i -> i + 1, the rest -> 0)."""
+    def to_index(
+        self,
+        source: np.ndarray,
+        dtype: type | None = None,
+        check: Callable[[], Any] | None = None,
+    ) -> np.ndarray:
+        """Source label map -> training targets 0..K (class i -> i + 1, the rest -> 0), in
+        ``dtype`` (default the smallest that holds K); ``check()`` is called between slabs
+        (it raises to stop, :func:`apply_lut`)."""
         source = np.asarray(source)
         if source.size == 0:
             return source.astype(np.int64)
         if source.min() < 0:
             raise DataError("label maps must not hold negative values.")
         lut = self._lut(int(source.max()), list(range(1, len(self) + 1)))
-        return apply_lut(lut.astype(_smallest(len(self))), source)
+        return apply_lut(lut.astype(dtype or _smallest(len(self))), source, check)
 
     def index_to_ids(self, index: np.ndarray) -> np.ndarray:
         """Predicted indices 0..K -> output ids (0 stays background), in the smallest integer
@@ -285,12 +293,17 @@ def _smallest(largest: int) -> type:
     return np.uint8 if largest < 256 else np.int16 if largest < 32768 else np.int32
 
 
-def apply_lut(lut: np.ndarray, source: np.ndarray) -> np.ndarray:
+def apply_lut(
+    lut: np.ndarray, source: np.ndarray, check: Callable[[], Any] | None = None
+) -> np.ndarray:
     """``lut[source]`` for an integer map (X, Y, Z), slab by slab along the last axis: no
-    full-size int64 copy of the indices (0.8 GB at 512 x 512 x 400)."""
-    out = np.empty(source.shape, lut.dtype)
+    full-size int64 copy of the indices (0.8 GB at 512 x 512 x 400). ``check()`` is called
+    before each slab (a cancel flag's check that raises: a long job stops within a slab)."""
     if source.ndim == 0 or source.shape[-1] == 0:
         return lut[source.astype(np.intp)]
+    out = empty_touched(source.shape, lut.dtype, check)
     for z in range(0, source.shape[-1], 8):
+        if check is not None:
+            check()
         out[..., z : z + 8] = lut[source[..., z : z + 8].astype(np.intp)]
     return out

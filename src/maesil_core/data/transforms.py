@@ -43,6 +43,7 @@ from monai.transforms import (
 from ..config import DataConfig
 from ..errors import Cancelled, DataError
 from .io import HU_MIN_THRESHOLD, Volume, load_labels, load_volume
+from .slabs import c_contiguous
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"
@@ -78,23 +79,10 @@ def volume_to_metatensor(vol: Volume, check: Callable[[], Any] | None = None) ->
 
 
 def c_order(array: np.ndarray, check: Callable[[], Any] | None = None) -> np.ndarray:
-    """``array`` C-contiguous. A transposed 3D volume (nibabel's Fortran order, a napari
-    layer's (z, y, x) seen as (X, Y, Z)) is copied one 2D slab of its middle axis at a time:
-    each slab fits in the cache, where one transposing copy of a 512 x 512 x 400 volume
-    jumps across 200 MB (2 s instead of 12 s on a busy 2-core machine; each slab is also a
-    short hold of the GIL, so a viewer's thread keeps running). ``check()`` is called
-    between slabs (it raises to stop: :class:`StopIfCancelled`)."""
-    array = np.asarray(array)
-    if array.flags.c_contiguous:
-        return array
-    if array.ndim != 3:
-        return np.ascontiguousarray(array)
-    out = np.empty(array.shape, dtype=array.dtype)
-    for j in range(array.shape[1]):
-        if check is not None and j % 16 == 0:
-            check()
-        out[:, j, :] = array[:, j, :]
-    return out
+    """``array`` C-contiguous in its own dtype, a transposed volume copied slab by slab with
+    ``check()`` between slabs (it raises to stop: :class:`StopIfCancelled`); see
+    :func:`.slabs.c_contiguous`."""
+    return c_contiguous(array, check=check)
 
 
 class LoadVolumed(MapTransform):
@@ -138,7 +126,7 @@ class LoadVolumed(MapTransform):
             elif key in self.label_keys:
                 vol = load_labels(value)
             else:
-                vol = load_volume(value)
+                vol = load_volume(value, check=self._check)
             d[key] = volume_to_metatensor(vol, self._check)
         return d
 
@@ -313,29 +301,27 @@ def load_transforms(data_cfg: DataConfig, cancel: Any = None) -> list:
     intensity-scaled (they come out as float32 MetaTensors holding integer ids).
     Resampling computes in float32 (MONAI's default float64 doubled the largest copy of a
     full-size CT, 800 MB for 512 x 512 x 400 voxels). With ``cancel`` (an Event or a
-    callable) the chain stops between its steps once it is set (:class:`StopIfCancelled`).
+    callable) the chain stops between its steps once it is set (:class:`StopIfCancelled`):
+    each key is reoriented and resampled by a transform of its own, a check after each.
     Output ``image``: MetaTensor (1, D, H, W) in [0, 1].
     """
     keys = (IMAGE_KEY, LABEL_KEY)
     stop = [StopIfCancelled(cancel)] if cancel is not None else []
-    chain: list = [
-        *stop,
-        LoadVolumed(keys, cancel=cancel),
-        *stop,
-        Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
-        *stop,
-    ]
+    chain: list = [*stop, LoadVolumed(keys, cancel=cancel), *stop]
+    # one key per transform, a check after each: a 512 x 512 x 400 CT and its labels are
+    # two whole-volume steps each, so a cancel waits for one of them, not for both
+    for key in keys:
+        chain += [Orientationd(key, axcodes="RAS", labels=None, allow_missing_keys=True), *stop]
     if data_cfg.spacing is not None:
-        chain.append(
-            Spacingd(
-                keys,
+        for key, mode in zip(keys, ("bilinear", "nearest")):
+            spacing = Spacingd(
+                key,
                 pixdim=tuple(float(s) for s in data_cfg.spacing),
-                mode=("bilinear", "nearest"),
+                mode=mode,
                 dtype=torch.float32,
                 allow_missing_keys=True,
             )
-        )
-        chain += stop
+            chain += [spacing, *stop]
     chain.append(IntensityToUnitd.from_config(data_cfg))
     return chain
 

@@ -27,8 +27,8 @@ from ..data.labels import (
     from_label_maps,
     read_mapping_file,
 )
-from ..errors import Cancelled, ConfigError, DataError
-from ..progress import CancelFlag, cancel_fn
+from ..errors import ConfigError, DataError
+from ..progress import CancelFlag, cancel_fn, stop_fn
 from .config import SegmentationConfig
 
 # --------------------------------------------------------------------------- data
@@ -129,9 +129,17 @@ def make_label_set(
     classes: Sequence[str | int] | None = None,
     labels_map: str | Path | dict | None = None,
     source_names: dict[int, str] | None = None,
+    cancel: CancelFlag = None,
 ) -> LabelSet:
-    """The label set from ``classes`` or ``labels_map``, else every label present."""
+    """The label set from ``classes`` or ``labels_map``, else every label present.
+
+    Each map's values are found once, slab by slab
+    (:func:`~maesil_core.data.slabs.label_values`), ``cancel`` checked between slabs."""
     from ..data.labels import from_mapping
+    from ..data.slabs import label_values
+
+    stop = stop_fn(cancel)
+    label_maps = [(name, label_values(arr, stop)) for name, arr in label_maps]
 
     if classes and labels_map:
         raise ConfigError("give either `classes` or `labels_map`, not both.", option="classes")
@@ -164,17 +172,19 @@ def prepare_cases(
 ) -> list[Case]:
     """Resample/normalise each pair like pretraining, labels mapped to 0..K (nearest).
 
-    ``cancel``: checked between pairs and between the loading steps of each.
+    ``cancel``: checked between pairs, between the slabs of each label look-up and
+    between the loading steps of each.
     """
     from ..data.transforms import inference_transforms
 
     is_cancelled = cancel_fn(cancel)
+    stop = stop_fn(cancel)
     transform = inference_transforms(cfg.data, cancel=is_cancelled)
     cases = []
     for img, lab in pairs:
-        if is_cancelled():
-            raise Cancelled()
-        target = Volume(labelset.to_index(lab.array).astype(np.int32), img.affine, lab.path, False)
+        stop()
+        index = labelset.to_index(lab.array, dtype=np.int32, check=stop)  # slab by slab
+        target = Volume(index, img.affine, lab.path, False)
         out = transform({"image": img, "label": target})
         image = torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float()
         tgt = torch.as_tensor(out["label"]).as_subclass(torch.Tensor).round().long()

@@ -13,6 +13,7 @@ the checkpoint's class ids.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..data.io import Volume, load_volume, save_volume, strip_suffix, write_labe
 from ..data.labels import LabelSet
 from ..errors import Cancelled, CheckpointError, ConfigError, DataError
 from ..models.segmenter import make_segmenter
-from ..progress import CancelFlag, ProgressFn, cancel_fn
+from ..progress import CancelFlag, CancelHooks, ProgressFn, cancel_fn
 from ..train import distributed as D
 from ..train.optim import autocast_dtype
 from .config import KIND, SegmentationConfig
@@ -103,18 +104,20 @@ def sliding_window_logits(
             progress(min(done[0], total), total)
         return out.float()
 
-    out = sliding_window_inference(
-        x,
-        roi,
-        sw_batch_size,
-        predictor,
-        overlap=overlap,
-        mode=blend,
-        padding_mode="constant",
-        cval=0.0,
-        sw_device=device,
-        device=torch.device("cpu"),
-    )
+    # a cancel lands between the model's modules too, not only between window batches
+    with CancelHooks(model, cancel) if cancel is not None else contextlib.nullcontext():
+        out = sliding_window_inference(
+            x,
+            roi,
+            sw_batch_size,
+            predictor,
+            overlap=overlap,
+            mode=blend,
+            padding_mode="constant",
+            cval=0.0,
+            sw_device=device,
+            device=torch.device("cpu"),
+        )
     return torch.as_tensor(out).as_subclass(torch.Tensor)[0]
 
 

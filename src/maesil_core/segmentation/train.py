@@ -200,6 +200,7 @@ def finetune(
             classes=classes,
             labels_map=labels_map,
             source_names=source_names,
+            cancel=cancel,
         )
 
     device = D.select_device(cfg.train.device)

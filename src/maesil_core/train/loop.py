@@ -5,8 +5,10 @@ optimiser, resume, DDP, precision), then ``while step < steps``: set the learnin
 train step (accumulation, autocast, clipping, optimiser, the model's after-step hook such as
 GL-MAE's EMA teacher), log (:class:`~.records.MetricsLog`, validation and
 :class:`~.records.BestCheckpoint`), checkpoint. The user contract: a ``progress`` callback
-receiving plain dicts and a ``cancel`` flag checked after each step. What a step computes is
-the task's business: ``loss_fn(model, batch) -> (loss, logs)``.
+receiving plain dicts and a ``cancel`` flag checked after each step and, in a single
+process from the second step on, inside it (:class:`~maesil_core.progress.CancelHooks`: a
+step cancelled half-way is dropped, the run stops at the last whole step). What a step
+computes is the task's business: ``loss_fn(model, batch) -> (loss, logs)``.
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..config import RunConfig, TrainConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import Cancelled, CheckpointError, ConfigError
 from ..files import atomic_write_text
-from ..progress import CancelFlag, ProgressFn, cancel_fn
+from ..progress import CancelFlag, CancelHooks, ProgressFn, cancel_fn
 from ..resume_state import load_resume_state
 from ..threads import torch_threads
 from . import distributed as D
 from .optim import autocast_dtype, lr_at, make_optimizer, set_lr
 from .records import BestCheckpoint, MetricsLog
-from .seeding import resume_rng, rng_state, seed_everything
+from .seeding import resume_rng, rng_state, seed_everything, set_rng_state
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -82,6 +84,35 @@ def after_optimizer_step(model: nn.Module) -> None:
     hook = getattr(model, "after_optimizer_step", None)
     if hook is not None:
         hook()
+
+
+class StepUndo:
+    """What a step changes before its optimiser step, taken before the step so a step
+    cancelled half-way (:class:`~maesil_core.progress.CancelHooks`) leaves no trace: the
+    random streams (masks drawn in the forward), the trained buffers (VQ-VAE's codebook,
+    batch-norm statistics: a forward changes them), the learning rate set for the step and
+    the gradients (dropped). The weights and the optimiser state are untouched until
+    ``optimizer.step()``, which such a step never reaches; so the checkpoint written on
+    cancel is the one a cancel between steps writes after the last whole step (weights,
+    optimiser and random state alike), and resumes as exactly."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.rng = rng_state()
+        self.lrs = [group["lr"] for group in optimizer.param_groups]
+        saved = set(model.state_dict())
+        self.buffers = {
+            name: b.detach().clone() for name, b in model.named_buffers() if name in saved
+        }
+
+    def undo(self, state: TrainState) -> None:
+        set_rng_state(self.rng)
+        named = dict(state.model.named_buffers())
+        with torch.no_grad():
+            for name, value in self.buffers.items():
+                named[name].copy_(value)
+        state.optimizer.zero_grad(set_to_none=True)
+        for group, lr in zip(state.optimizer.param_groups, self.lrs):
+            group["lr"] = lr
 
 
 # --------------------------------------------------------------------------- state
@@ -313,11 +344,15 @@ def fit(
         due = eval_every and (state.step % eval_every == 0 or state.step == tc.steps)
         if evaluate is not None and due:
             state.model.eval()
-            with torch.no_grad():
-                row.update(evaluate(state.model) if main else {})
+            try:
+                with torch.no_grad():
+                    row.update(evaluate(state.model) if main else {})
+            except Cancelled:  # inside validation: the row goes without it, the loop stops
+                pass
+            else:
+                if best is not None and main:
+                    best.offer(row, state.model, cfg, state.step, kind, extra_meta)
             state.model.train()
-            if best is not None and main:
-                best.offer(row, state.model, cfg, state.step, kind, extra_meta)
         if main:
             log.add(row)
         eta = (tc.steps - state.step) / max(window.steps_per_s(now), 1e-9)
@@ -328,38 +363,58 @@ def fit(
     # ---- train
     cancelled = False
     state.model.train()
-    while state.step < tc.steps:
-        lr = lr_at(state.step, tc)
-        set_lr(state.optimizer, lr)
-        loss_sum, logs = train_step(state, batches, loss_fn, tc)
-        window.add(loss_sum, tc.accum_steps)
+    # a cancel inside a step (and inside validation) in a single, uncompiled process;
+    # when it lands there, the step is dropped (StepUndo) and the run stops at the last one
+    inside = cancel is not None and not state.dist.enabled and not tc.compile
+    hooks = CancelHooks(state.model, is_cancelled) if inside else None
+    with hooks if hooks is not None else contextlib.nullcontext():
+        while state.step < tc.steps:
+            undo = None
+            if hooks is not None:
+                # the first step of a run (or of a resumed run) always ends, so a cancelled
+                # run has a checkpoint of its own to resume from
+                hooks.armed = state.step > state.start_step
+                undo = StepUndo(state.model, state.optimizer) if hooks.armed else None
+            lr = lr_at(state.step, tc)
+            set_lr(state.optimizer, lr)
+            try:
+                loss_sum, logs = train_step(state, batches, loss_fn, tc)
+            except Cancelled:
+                undo.undo(state)  # type: ignore[union-attr]
+                if window.steps:  # the whole steps since the last log row
+                    last_row = record(lr_at(state.step - 1, tc), time.perf_counter(), {})
+                cancelled = True
+                break
+            window.add(loss_sum, tc.accum_steps)
 
-        now = time.perf_counter()
-        ckpt_due = state.step % tc.checkpoint_every == 0 or (
-            tc.checkpoint_minutes > 0 and now - t_last_ckpt > 60 * tc.checkpoint_minutes
-        )
-        ckpt_due = D.any_rank(ckpt_due, state.device)
-        eval_due = evaluate is not None and bool(eval_every) and state.step % eval_every == 0
-        logged = state.step % tc.log_every == 0 or state.step == tc.steps or ckpt_due or eval_due
-        if logged:
-            last_row = record(lr, now, logs)
-        # checked after the progress report, so a cancel asked for in a callback stops here
-        if D.any_rank(is_cancelled(), state.device):
-            if not logged:
-                last_row = record(lr, now, logs)
-            cancelled = True
-            break
-        if ckpt_due and state.step < tc.steps:
-            state.last_checkpoint = checkpoint(last_row)
-            t_last_ckpt = time.perf_counter()
-            emit(
-                {
-                    **last_row,
-                    "steps": tc.steps,
-                    "phase": "checkpoint",
-                    "checkpoint": str(state.last_checkpoint),
-                }
+            now = time.perf_counter()
+            ckpt_due = state.step % tc.checkpoint_every == 0 or (
+                tc.checkpoint_minutes > 0 and now - t_last_ckpt > 60 * tc.checkpoint_minutes
             )
+            ckpt_due = D.any_rank(ckpt_due, state.device)
+            eval_due = evaluate is not None and bool(eval_every) and state.step % eval_every == 0
+            logged = (
+                state.step % tc.log_every == 0 or state.step == tc.steps or ckpt_due or eval_due
+            )
+            if logged:
+                last_row = record(lr, now, logs)
+            # checked after the progress report, so a cancel asked for in a callback stops here
+            if D.any_rank(is_cancelled(), state.device):
+                if not logged:
+                    last_row = record(lr, now, logs)
+                cancelled = True
+                break
+            if ckpt_due and state.step < tc.steps:
+                state.last_checkpoint = checkpoint(last_row)
+                t_last_ckpt = time.perf_counter()
+                emit(
+                    {
+                        **last_row,
+                        "steps": tc.steps,
+                        "phase": "checkpoint",
+                        "checkpoint": str(state.last_checkpoint),
+                    }
+                )
 
     # ---- finish: the last checkpoint, the logs, the report
     if state.step > state.start_step or state.last_checkpoint is None:
