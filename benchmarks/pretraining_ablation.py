@@ -160,6 +160,10 @@ ROWS: dict[str, tuple[str, Variant]] = {
         "tiny with random masking and decoder 96",
         _on_tiny(_model(mask_mode="random", decoder_embed_dim=96)),
     ),
+    "tiny-prior-local": (
+        "tiny + the interpolation prior and neighbour mixing in the decoder",
+        _on_tiny(_extra(decoder_prior="interpolation", decoder_local=True)),
+    ),
     "tiny-monai-mae": (
         "MONAI's MAE at tiny-random-decoder-96",
         _on_tiny(_model(method="monai-mae", mask_mode="random", decoder_embed_dim=96), _extra()),

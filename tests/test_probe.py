@@ -68,8 +68,11 @@ def all_liver_dice(data: pr.ProbeData) -> float:
 
 
 def test_cli_probe_json_scores_the_encoder_beside_both_references(trained_run, paths, capsys):
-    """A pretrained tiny MAESIL, probed on another patient: every feature source finds the
-    liver far better than calling everything liver; --json prints exactly the three maps."""
+    """A pretrained tiny MAESIL, probed on another patient: --json prints exactly the three
+    maps, the patch statistics find the liver far better than calling everything liver, and
+    what is probed is the checkpoint's encoder, not a fresh one. Whether 200 steps teach the
+    encoder the liver is no property of this code: over seeds 0, 1, 2 its liver Dice here was
+    0.42, 0.21 and 0.13 (RESULTS.md, "Decoder options at 3 mm"); the benchmark measures it."""
     code, out, err = run_cli(
         capsys, "probe", "--checkpoint", trained_run, "--images", paths["ct"],
         "--labels", paths["lab"], "--classes", *CLASSES, "--test-images", paths["test_ct"],
@@ -84,7 +87,7 @@ def test_cli_probe_json_scores_the_encoder_beside_both_references(trained_run, p
         assert all(0.0 <= v <= 1.0 for v in per_class.values()), (name, per_class)
     # the liver of dicom_ct is ~9 % of the volume: calling all voxels liver gives Dice ~0.17
     assert scores["patch_stats"]["liver"] > 0.4, scores
-    assert scores["encoder"]["liver"] > 0.4, scores
+    assert scores["encoder"] != scores["random_init"], scores
 
 
 def test_the_probe_works_for_every_method(slab_data):
