@@ -427,8 +427,10 @@ def test_pretrain_widget_plots_the_probe(viewer, qtbot, shared_data, tmp_path, e
     ]
     assert all(0.0 <= d <= 1.0 for _, d in written)
     assert {"liver (random init)", "liver (patch stats)"} <= set(w.probe_history)
-    drawn = {line.get_label() for line in w.probe_plot.axes.get_lines()}
-    assert {"liver", "liver (random init)", "liver (patch stats)"} <= drawn
+    lines = {line.get_label(): line for line in w.probe_plot.axes.get_lines()}
+    assert {"liver", "liver (random init)", "liver (patch stats)"} <= set(lines)
+    ref = lines["liver (random init)"]  # the class's colour, dashed
+    assert ref.get_color() == lines["liver"].get_color() and ref.get_linestyle() == "--"
     assert not w.probe_plot.widget.isHidden()  # shown once the probe is on
 
 

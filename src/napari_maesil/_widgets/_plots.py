@@ -46,7 +46,10 @@ class CurvePlot:
     def __init__(self, viewer: Any, xlabel: str, ylabel: str, height: int = 150) -> None:
         self.xlabel, self.ylabel = xlabel, ylabel
         self.series: dict[str, list[tuple[float, float]]] = {}
+        #: matplotlib line settings per curve (colour, line style, marker)
+        self.styles: dict[str, dict[str, Any]] = {}
         self.ylim: tuple[float, float] | None = None
+        self.legend_columns = 1
         self._last_draw = 0.0
         if BaseNapariMPLWidget is not None:
             self.widget = _themed_canvas_class()(viewer)
@@ -75,12 +78,16 @@ class CurvePlot:
 
         return mplstyle.context(sheet)
 
-    def set(self, name: str, points: list[tuple[float, float]]) -> None:
-        """Replace curve ``name`` (drawn at the next :meth:`draw`)."""
+    def set(self, name: str, points: list[tuple[float, float]], **style: Any) -> None:
+        """Replace curve ``name`` (drawn at the next :meth:`draw`); ``style``: matplotlib
+        line settings (``color="C0"``, ``ls="--"``, ``marker=""``)."""
         self.series[name] = list(points)
+        if style:
+            self.styles[name] = style
 
     def clear(self) -> None:
         self.series.clear()
+        self.styles.clear()
         self.draw(force=True)
 
     def draw(self, force: bool = False, rebuild: bool = False) -> None:
@@ -101,9 +108,10 @@ class CurvePlot:
             for name, points in self.series.items():
                 if points:
                     xs, ys = zip(*points)
-                    ax.plot(xs, ys, lw=1.5, label=name, marker="o" if len(xs) < 12 else None)
+                    kw = {"lw": 1.5, "label": name, "marker": "o" if len(xs) < 12 else None}
+                    ax.plot(xs, ys, **{**kw, **self.styles.get(name, {})})
             if self.ylim is not None:
                 ax.set_ylim(*self.ylim)
             if len(self.series) > 1 and any(self.series.values()):
-                ax.legend(fontsize=7, loc="best", frameon=False)
+                ax.legend(fontsize=7, loc="best", frameon=False, ncol=self.legend_columns)
         self.canvas.draw_idle()

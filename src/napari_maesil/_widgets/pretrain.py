@@ -188,8 +188,9 @@ class PretrainWidget(JobWidget):
         self._lock_while_running += [self.preset, self.resume, self.source]
         self.plot = CurvePlot(v, "step", "loss")
         self.add_plot(self.plot)
-        self.probe_plot = CurvePlot(v, "step", "probe Dice")
+        self.probe_plot = CurvePlot(v, "step", "probe Dice", height=220)
         self.probe_plot.ylim = (0.0, 1.0)
+        self.probe_plot.legend_columns = 3  # a class with its two references on one row
         self.add_plot(self.probe_plot)
         self.probe_plot.widget.setVisible(False)
         #: {curve name: [(step, dice), ...]} of the probe plot
@@ -397,8 +398,9 @@ class PretrainWidget(JobWidget):
         self.status.value = text
 
     def _plot_probe(self, step: int, row: dict) -> None:
-        """Add a row's probe scores to the probe plot: one curve per class, and each
-        reference as a flat line from the first probe step on."""
+        """Add a row's probe scores to the probe plot: one curve per class, and its two
+        references (random init dashed, patch statistics dotted) in the class's colour as
+        flat lines from the first probe step on."""
         from maesil_core.probe_monitor import probe_columns
 
         scores = probe_columns(row)
@@ -412,10 +414,15 @@ class PretrainWidget(JobWidget):
         first = min(points[0][0] for points in self.probe_history.values() if points)
         for source, label in (("random_init", "random init"), ("patch_stats", "patch stats")):
             for name, dice in scores.get(source, {}).items():
-                points = [(first, dice), (step, dice)]
-                self.probe_history[f"{name} ({label})"] = points
+                self.probe_history[f"{name} ({label})"] = [(first, dice), (step, dice)]
+        classes = list(scores["encoder"])
         for name, points in self.probe_history.items():
-            self.probe_plot.set(name, points)
+            cls, _, ref = name.partition(" (")
+            colour = f"C{classes.index(cls) % 10}" if cls in classes else None
+            style = {"color": colour}
+            if ref:
+                style.update(ls="--" if ref.startswith("random") else ":", marker="")
+            self.probe_plot.set(name, points, **style)
         self.probe_plot.draw()
 
     def _on_done(self, result: Any) -> None:
