@@ -202,6 +202,29 @@ print(len(calls), sorted(m for m in ("torch", "monai") if m in sys.modules))
     assert out.stdout.split("\n")[-2] == "4 []", out.stdout
 
 
+def test_opening_a_widget_never_imports_torch_on_the_qt_thread():
+    """A widget builds its device list on the Qt thread as it opens: importing torch there
+    waited up to 2 s for the background preload's import lock (the 2.5 s stall of opening a
+    widget). Before the preload is done the list is auto and the CPU, torch untouched; after
+    it, the GPUs torch finds (none here) between them."""
+    script = """
+import sys
+from napari_maesil import _worker
+from napari_maesil._widgets._base import device_choices
+choices = [v for _, v in device_choices()]
+print("torch" in sys.modules, choices)
+_worker.preload()
+_worker.wait_for_preload()
+choices = [v for _, v in device_choices()]
+print("torch" in sys.modules, choices)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["False ['auto', 'cpu']", "True ['auto', 'cpu']"], (
+        out.stdout
+    )
+
+
 def test_large_ct_opens_at_once_and_fills_in(viewer, qtbot, shared_data, monkeypatch, errors):
     """Above LAZY_BYTES a NIfTI CT is decoded in the background: the layer is there at once
     (placed from the header), the widgets wait for it, then it holds the same voxels."""

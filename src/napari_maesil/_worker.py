@@ -196,6 +196,12 @@ def set_job_threads() -> None:
         torch.set_num_threads(max(1, usable_cores() - 1))
 
 
+def preloaded() -> bool:
+    """Whether :func:`preload` ran and has finished (torch is then fully imported or failed)."""
+    with _jobs_lock:
+        return bool(_preload) and not any(t.is_alive() for t in _preload)
+
+
 def wait_for_preload() -> None:
     """Until :func:`preload`'s imports are done (at once if it never ran or has finished)."""
     for thread in list(_preload):

@@ -14,7 +14,7 @@ from magicgui.widgets.bases import Widget
 
 from maesil_core.errors import MaesilError
 
-from .._worker import Job, JobResult, preload, running_jobs
+from .._worker import Job, JobResult, preload, preloaded, running_jobs
 
 #: the newest checkpoint written by a widget in this session (pre-fills the others)
 LAST = {"pretrain": None, "segmentation": None}
@@ -23,20 +23,22 @@ LAST = {"pretrain": None, "segmentation": None}
 POLL_MS = 50
 
 
-def device_choices() -> list[tuple[str, str]]:
-    """Only devices that exist: each CUDA GPU by name, then the CPU (torch is imported only
-    if it already is: the list is built when a widget opens, which must not stall)."""
+def device_choices(*_: Any) -> list[tuple[str, str]]:
+    """``auto`` first (a GPU if there is one, as the command line's ``--device auto``), each
+    CUDA GPU by name once the background preload has imported torch, then the CPU. Never
+    imports torch itself: the list is built when a widget opens, on the Qt thread, and an
+    import there waited up to 2 s for the preload's import lock; the widget asks again when
+    the preload is done (:meth:`JobWidget._refresh_when_preloaded`)."""
     import sys
 
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str]] = [("auto (a GPU if there is one)", "auto")]
     torch = sys.modules.get("torch")
-    try:
-        if torch is None:
-            import torch
-        for i in range(torch.cuda.device_count()):
-            out.append((f"GPU {i}: {torch.cuda.get_device_name(i)}", f"cuda:{i}"))
-    except Exception:  # a broken CUDA install must not break the widget
-        pass
+    if torch is not None and preloaded():
+        try:
+            for i in range(torch.cuda.device_count()):
+                out.append((f"GPU {i}: {torch.cuda.get_device_name(i)}", f"cuda:{i}"))
+        except Exception:  # a broken CUDA install must not break the widget
+            pass
     out.append(("CPU", "cpu"))
     return out
 
@@ -192,6 +194,19 @@ class JobWidget(Container):
         self.connect_viewer(viewer.layers.events.inserted, self.reset_choices)
         self.connect_viewer(viewer.layers.events.removed, self.reset_choices)
         preload()  # torch / MONAI imported in the background while the user fills the form
+        self._refresh_when_preloaded()
+
+    def _refresh_when_preloaded(self) -> None:
+        """Ask the choices again (the device list: GPUs are known once torch is imported)
+        when the background preload is done; polls on the Qt thread, never waits."""
+        from qtpy.QtCore import QTimer
+
+        if self._life.closed:
+            return
+        if preloaded():
+            self.reset_choices()
+            return
+        QTimer.singleShot(200, self._refresh_when_preloaded)
 
     # ------------------------------------------------------------------ lifecycle
     def connect_viewer(self, emitter: Any, callback: Callable[..., Any]) -> None:

@@ -107,7 +107,7 @@ class FinetuneWidget(JobWidget):
         self.lr.native.setDecimals(6)
         self.validate = CheckBox(value=True, text="Report validation Dice (on the training pair)")
         self.eval_every = SpinBox(min=1, max=1_000_000, value=50, label="Validate every")
-        self.device = ComboBox(choices=device_choices(), label="Device")
+        self.device = ComboBox(choices=device_choices, label="Device")
         self.out_dir = FileEdit(
             mode="d", value=str(Path.home() / "maesil-runs" / "segment"), label="Output folder"
         )

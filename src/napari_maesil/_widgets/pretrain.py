@@ -111,7 +111,7 @@ class PretrainWidget(JobWidget):
         self.mask_mode = ComboBox(choices=["dual", "random", "block"], label="Mask mode")
         self.mask_ratio = FloatSpinBox(min=0.05, max=0.95, step=0.05, label="Mask ratio")
         self.spacing = FloatSpinBox(min=0.1, max=20.0, step=0.25, label="Spacing (mm)")
-        self.device = ComboBox(choices=device_choices(), label="Device")
+        self.device = ComboBox(choices=device_choices, label="Device")
         self.out_dir = FileEdit(
             mode="d", label="Output folder", value=str(Path.home() / "maesil-runs" / "pretrain")
         )

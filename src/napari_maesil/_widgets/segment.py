@@ -127,7 +127,7 @@ class SegmentWidget(JobWidget):
             "keep labels inside the patient's body, found from the intensities (above -500 HU, "
             "lungs included): a model asked about the air around the body may call it an organ"
         )
-        self.device = ComboBox(choices=device_choices(), label="Device")
+        self.device = ComboBox(choices=device_choices, label="Device")
         self.save_path = FileEdit(
             mode="w", filter="NIfTI (*.nii.gz);;DICOM-SEG (*.dcm)", value="", label="Save as"
         )
