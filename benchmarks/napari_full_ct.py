@@ -2,6 +2,9 @@
 
     xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/napari_full_ct.py --out /tmp/nfc.json
 
+``--before SRC`` (a ``src`` folder of the code before a change, e.g. ``git archive``d) runs
+each scenario of ``--only`` on that code first and then on this checkout, in the same run.
+
 What it measures, each scenario in a fresh process (so imports and peak RSS are its own):
 
 - **open**: ``viewer.open(ct)`` with the plugin's reader, the first time in the process
@@ -78,10 +81,17 @@ def make_models(work: Path) -> tuple[Path, Path]:
     return pre, seg
 
 
-def run_child(args: list[str], timeout: float = 1800) -> tuple[int, dict, float]:
-    """Run this script as a child; returns (exit status, its RESULT json, its peak RSS GB)."""
+def run_child(
+    args: list[str], timeout: float = 1800, src: Path | None = None
+) -> tuple[int, dict, float]:
+    """Run this script as a child (with ``src``: importing ``maesil_core`` and
+    ``napari_maesil`` from that ``src`` folder, another version of the code); returns (exit
+    status, its RESULT json, its peak RSS GB)."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")]).rstrip(":")
     proc = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
     )
     out_lines: list[str] = []
 
@@ -427,6 +437,7 @@ def scenario_cancel(a) -> None:
             {
                 "phase": phase[:2],
                 "status_at_cancel": status,
+                "status_after": str(w.status.value),
                 "ui_released_s": released,
                 "thread_ended_s": ended,
                 "stall_s": p.stall(t0, time.perf_counter()),
@@ -491,6 +502,13 @@ def main() -> None:
     ap.add_argument(
         "--only", nargs="*", default=["open", "segment", "explorer", "cancel", "close", "cli"]
     )
+    ap.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a src folder of the code before a change (e.g. from git archive): each "
+        "scenario of --only runs on it first, then on this checkout, in the same run",
+    )
     ap.add_argument("--scenario", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--phase", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -520,6 +538,10 @@ def main() -> None:
     common = ["--work", str(a.work)]
     for name in ("open", "segment", "explorer", "cancel"):
         if name in a.only:
+            if a.before is not None:  # the same scenario on the code before, just before
+                print(f"== {name} (before: {a.before})", file=sys.stderr)
+                code, res, peak = run_child(["--scenario", name, *common], src=a.before)
+                out[f"{name}_before"] = {"exit": code, "peak_rss_child_gb": peak, **res}
             print(f"== {name}", file=sys.stderr)
             code, res, peak = run_child(["--scenario", name, *common])
             out[name] = {"exit": code, "peak_rss_child_gb": peak, **res}
