@@ -331,6 +331,57 @@ def test_a_cancel_inside_a_window_batch_stops_before_the_next_module(abdomen):
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 1  # the test's own
 
 
+def test_a_cancel_during_validation_stops_the_run_there_without_its_score(
+    abdomen, tmp_path, monkeypatch
+):
+    """A cancel lands inside a validation pass (whole-case sliding windows) too: the run
+    stops at that step with its checkpoint, its metrics row has the loss but no Dice from the
+    cut-short validation, and no best checkpoint is taken from it."""
+    import csv
+    import threading
+
+    from maesil_core.checkpoint import list_checkpoints
+    from maesil_core.segmentation import train as seg_train
+
+    folder, _, _ = abdomen
+    ct, lab = folder / "ct.nii.gz", folder / "labels.nii.gz"
+    flag, ran_after = threading.Event(), []
+    real = seg_train.build_segmenter
+
+    def build_and_watch(*args, **kwargs):
+        model = real(*args, **kwargs)
+
+        def arm(m, _args):  # the first forward of the first validation
+            if not m.training:
+                flag.set()
+
+        def after(m, _args, _out):
+            if flag.is_set():
+                ran_after.append(type(m).__name__)
+
+        model.register_forward_pre_hook(arm)
+        for m in model.modules():
+            m.register_forward_hook(after)
+        return model
+
+    monkeypatch.setattr(seg_train, "build_segmenter", build_and_watch)
+    cfg = preset("tiny").override(
+        "train", steps=6, batch_size=1, log_every=2, checkpoint_every=1000
+    )
+    result = ft.finetune(
+        [ct], [lab], tmp_path / "run", cfg.override("data", num_workers=0),
+        seg=ft.SegmentationConfig(feature_size=4, eval_every=2), classes=["liver"],
+        val_images=[ct], val_labels=[lab], cancel=flag,
+    )  # fmt: skip
+    assert result.cancelled and result.step == 2 and ran_after == []
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_000002.safetensors"]
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["2"] and rows[0]["loss"]
+    assert not rows[0].get("val_dice")  # the validation that was cut short scored nothing
+    assert not (tmp_path / "run" / "best.safetensors").exists()
+
+
 def test_count_windows_matches_what_monai_runs():
     """The progress total equals the windows MONAI's sliding_window_inference really runs,
     for volumes smaller than, equal to and between multiples of the window, any overlap."""
