@@ -71,6 +71,19 @@ def bundle(seg_run, tmp_path_factory):
     return monai_bundle.export_bundle(seg_run, tmp_path_factory.mktemp("bundle") / "b")
 
 
+def test_bundle_licence_is_the_real_one_with_src_on_the_path():
+    """With ``src`` first on ``sys.path`` (as the benchmarks put it), the build's
+    ``src/napari_maesil.egg-info`` is the first napari-maesil distribution found, and it
+    lists no LICENSE: the bundle got the one-line fallback instead of the licence (this test
+    failed or passed with the order the tests ran in)."""
+    src = Path(monai_bundle.__file__).resolve().parents[2]
+    script = "from maesil_core.interop.monai_bundle import _licence_text; print(_licence_text())"
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("BSD 3-Clause License"), out.stdout[:200]
+
+
 def test_bundle_layout_and_metadata_describe_the_checkpoint(bundle, seg_run):
     for rel in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
         assert (bundle / rel).is_file(), rel

@@ -422,14 +422,20 @@ def export_bundle(
 
 
 def _licence_text() -> str:
-    """napari-maesil's LICENSE as installed (in the wheel's .dist-info)."""
-    from importlib.metadata import PackageNotFoundError, distribution
+    """napari-maesil's LICENSE as installed (in the wheel's .dist-info), else the source
+    tree's (an editable install). Every distribution of that name is looked at: a build's
+    ``src/napari_maesil.egg-info`` lists no LICENSE and is found first whenever ``src`` is on
+    ``sys.path`` (the benchmarks put it there)."""
+    from importlib.metadata import distributions
 
-    try:
-        dist = distribution("napari-maesil")
-        for f in dist.files or []:
-            if Path(str(f)).name == "LICENSE":
-                return Path(dist.locate_file(f)).read_text()
-    except (PackageNotFoundError, OSError):
-        pass
+    for dist in distributions(name="napari-maesil"):
+        try:
+            for f in dist.files or []:
+                if Path(str(f)).name == "LICENSE":
+                    return Path(dist.locate_file(f)).read_text()
+        except OSError:
+            continue
+    source_tree = Path(__file__).resolve().parents[3] / "LICENSE"  # src/maesil_core/interop/
+    if source_tree.is_file() and source_tree.read_text().startswith("BSD 3-Clause"):
+        return source_tree.read_text()
     return "BSD-3-Clause (napari-maesil): https://opensource.org/license/bsd-3-clause\n"
