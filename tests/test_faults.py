@@ -119,6 +119,7 @@ def test_a_signal_during_training_writes_a_checkpoint_and_exits_75(sig, ct, tmp_
     (last,) = list_checkpoints(run)
     assert_loads(last)
     assert not leftovers(run)
+    assert (run / "loss.png").stat().st_size > 0  # drawn by the command after the stop
     # resumable indeed: it continues from there (and stops the same way once it holds the run)
     step = load_checkpoint(last).step
     proc = start(tiny(ct, run, "--resume"))

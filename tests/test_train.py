@@ -359,5 +359,8 @@ def test_a_cancel_inside_a_step_drops_that_step_and_keeps_the_last_whole_one(
             assert sa[key] == sb[key], key
     rows = read_metrics(tmp_path / "inside")
     assert [int(r["step"]) for r in rows] == [1, 2, 3]  # no row for the dropped step
+    # nor loss.png: a stopping run writes what a resume needs, not the figure a Cancel would
+    # wait for (the command line draws it after: tests/test_faults.py)
+    assert not (tmp_path / "inside" / "loss.png").exists()
     # the cancel's hooks are gone: this test's own two pre-hooks are all the model holds
     assert sum(len(m._forward_pre_hooks) for m in built[-1].modules()) == 2

@@ -8,9 +8,15 @@ restricts the score to those voxels (e.g. the masked-out region of an MAE).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 from skimage.metrics import structural_similarity
+
+from .errors import Cancelled
+
+#: slices of the first axis per piece of a masked SSIM (a check for ``cancel`` after each)
+SSIM_SLAB = 32
 
 
 def _select(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None):
@@ -40,44 +46,73 @@ def psnr(
 
 
 def ssim(
-    pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0
+    pred: np.ndarray,
+    target: np.ndarray,
+    mask: np.ndarray | None = None,
+    data_range: float = 1.0,
+    cancel: Callable[[], bool] | None = None,
 ) -> float:
-    """3D SSIM (scikit-image, 7-voxel Gaussian-free window), averaged over ``mask`` if given."""
+    """3D SSIM (scikit-image, 7-voxel Gaussian-free window), averaged over ``mask`` if given.
+
+    With a mask the SSIM map is made :data:`SSIM_SLAB` slices of the first axis at a time,
+    each with the half window of its neighbours around it (the same map as in one piece:
+    every value depends on its own window only, and the volume's edges are reflected the
+    same way), and ``cancel()`` is checked after each piece (raises
+    :class:`~maesil_core.errors.Cancelled`): a whole CT's takes seconds."""
     pred = np.asarray(pred, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     win = min(7, *[s for s in pred.shape if s > 1])
     win = win if win % 2 else win - 1
     if win < 3:
         raise ValueError(f"volume {pred.shape} is too small for SSIM")
-    value, smap = structural_similarity(
-        target, pred, data_range=data_range, win_size=win, full=True
-    )
     if mask is None:
-        return float(value)
+        return float(structural_similarity(target, pred, data_range=data_range, win_size=win))
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         raise ValueError("the mask selects no voxel")
-    return float(smap[mask].mean())
+    n, half, total, start = pred.shape[0], win // 2, 0.0, 0
+    while start < n:
+        stop = min(n, start + SSIM_SLAB)
+        stop = n if n - stop < win else stop  # no last piece thinner than the window
+        lo, hi = max(0, start - half), min(n, stop + half)
+        _, smap = structural_similarity(
+            target[lo:hi], pred[lo:hi], data_range=data_range, win_size=win, full=True
+        )
+        total += float(smap[start - lo : stop - lo][mask[start:stop]].sum())
+        if cancel is not None and cancel():
+            raise Cancelled()
+        start = stop
+    return total / int(mask.sum())
 
 
 def reconstruction_scores(
-    pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, data_range: float = 1.0
+    pred: np.ndarray,
+    target: np.ndarray,
+    mask: np.ndarray | None = None,
+    data_range: float = 1.0,
+    cancel: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """``{"mse", "psnr", "ssim"}`` over ``mask`` (or everywhere)."""
+    """``{"mse", "psnr", "ssim"}`` over ``mask`` (or everywhere); ``cancel`` as in
+    :func:`ssim`."""
     return {
         "mse": mse(pred, target, mask),
         "psnr": psnr(pred, target, mask, data_range),
-        "ssim": ssim(pred, target, mask, data_range),
+        "ssim": ssim(pred, target, mask, data_range, cancel),
     }
 
 
-def _per_tile(fill, target: np.ndarray, mask: np.ndarray, tile) -> np.ndarray:
-    """``fill(target_box, mask_box)`` on each tile of ``tile`` voxels (from 0 on every axis)."""
+def _per_tile(
+    fill, target: np.ndarray, mask: np.ndarray, tile, cancel: Callable[[], bool] | None = None
+) -> np.ndarray:
+    """``fill(target_box, mask_box)`` on each tile of ``tile`` voxels (from 0 on every axis);
+    ``cancel()`` checked after each tile (raises :class:`~maesil_core.errors.Cancelled`)."""
     out = np.empty_like(target)
     starts = [range(0, n, int(t)) for n, t in zip(target.shape, tile)]
     for corner in itertools.product(*starts):
         box = tuple(slice(c, c + int(t)) for c, t in zip(corner, tile))
         out[box] = fill(target[box], mask[box])
+        if cancel is not None and cancel():
+            raise Cancelled()
     return out
 
 
@@ -86,6 +121,7 @@ def fill_from_visible(
     mask: np.ndarray,
     sigma: float | tuple[float, ...],
     tile: tuple[int, ...] | list[int] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """The no-learning reference for a masked autoencoder: hidden voxels interpolated from
     the visible ones.
@@ -97,14 +133,16 @@ def fill_from_visible(
     beyond smoothing its input.
     ``tile`` (e.g. the superpatch of a tiled reconstruction): each tile is filled from its
     own visible voxels only, as the model sees them, not from its neighbours' across the
-    border (tiles start at 0 on every axis, as in :func:`~maesil_core.inference.tile_grid`).
+    border (tiles start at 0 on every axis, as in :func:`~maesil_core.inference.tile_grid`);
+    ``cancel()`` is then checked after each tile.
     """
     from scipy.ndimage import gaussian_filter
 
     target = np.asarray(target, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
     if tile is not None:
-        return _per_tile(lambda t, m: fill_from_visible(t, m, sigma), target, mask, tile)
+        fill = lambda t, m: fill_from_visible(t, m, sigma)  # noqa: E731
+        return _per_tile(fill, target, mask, tile, cancel)
     seen = ~mask
     if not seen.any():
         return np.zeros_like(target)
@@ -133,10 +171,11 @@ def interpolation_fill(
     mask: np.ndarray,
     patch: tuple[int, ...] | list[int],
     tile: tuple[int, ...] | list[int] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """The reference picture (D, H, W) float64: :func:`fill_from_visible` with sigma half a
     ``patch``, per ``tile`` if given (the superpatch of a tiled reconstruction)."""
-    return fill_from_visible(target, mask, [float(p) / 2 for p in patch], tile)
+    return fill_from_visible(target, mask, [float(p) / 2 for p in patch], tile, cancel)
 
 
 def interpolation_scores(

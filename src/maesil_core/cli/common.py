@@ -205,8 +205,15 @@ def install_cancel() -> threading.Event:
     return event
 
 
-def stopped_early(command: str, run: str | Path, step: int) -> int:
-    """The line a training run stopped by a signal ends with (stderr), and its status."""
+def stopped_early(
+    command: str, run: str | Path, step: int, history: list[dict[str, float]] | None = None
+) -> int:
+    """The line a training run stopped by a signal ends with (stderr), and its status. The
+    run's ``loss.png`` is drawn here from ``history``: a stopping run leaves it out."""
+    if history:
+        from ..figures import plot_loss
+
+        plot_loss(history, Path(run) / "loss.png")
     by = f" by {signal.Signals(SIGNALS[-1]).name}" if SIGNALS else ""
     print(
         f"maesil {command}: stopped early{by} at step {step}, resumable: "

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{state} at step {result.step}; checkpoint: {result.checkpoint}")
     print(f"loss curve: {Path(args.out) / 'loss.png'}; metrics: {Path(args.out) / 'metrics.csv'}")
     if result.cancelled:
-        return stopped_early("pretrain", args.out, result.step)
+        return stopped_early("pretrain", args.out, result.step, result.history)
     return 0
 
 

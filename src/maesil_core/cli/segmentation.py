@@ -145,7 +145,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     print(f"curves: {Path(args.out) / 'loss.png'}; metrics: {Path(args.out) / 'metrics.csv'}")
     if result.cancelled:
-        return stopped_early("finetune", args.out, result.step)
+        return stopped_early("finetune", args.out, result.step, result.history)
     print(f"segment a CT with: maesil segment --checkpoint {args.out} --input CT --out SEG.nii.gz")
     return 0
 

@@ -318,7 +318,7 @@ def fit(
         if progress is not None and main:
             progress(info)
 
-    def checkpoint(metrics: dict[str, float]) -> Path | None:
+    def checkpoint(metrics: dict[str, float], plot: bool = True) -> Path | None:
         path = None
         if main:
             path = save_checkpoint(
@@ -333,7 +333,7 @@ def fit(
                 rng=rng_state(),
             )
             prune_checkpoints(run_dir, tc.keep_checkpoints)
-            log.flush()
+            log.flush(plot)
         D.barrier()
         return path
 
@@ -418,7 +418,10 @@ def fit(
 
     # ---- finish: the last checkpoint, the logs, the report
     if state.step > state.start_step or state.last_checkpoint is None:
-        state.last_checkpoint = checkpoint(last_row)
+        # stopped early: what a resume needs is written, not loss.png (0.15-0.5 s of
+        # matplotlib that a Cancel would wait for; the command line draws it after, a
+        # widget plots its own curve, the next checkpoint redraws it)
+        state.last_checkpoint = checkpoint(last_row, plot=not cancelled)
     if main:
         log.close()
     emit(

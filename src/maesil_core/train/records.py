@@ -46,15 +46,16 @@ class MetricsLog:
                 if k != "step":
                     self._tb.add_scalar(k, v, int(row["step"]))
 
-    def flush(self) -> None:
-        """Rewrite metrics.csv and loss.png (atomically) and flush TensorBoard."""
+    def flush(self, plot: bool = True) -> None:
+        """Rewrite metrics.csv and, with ``plot``, loss.png (atomically) and flush TensorBoard."""
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
         atomic_write_csv(self.path, keys, ({k: _fmt(v) for k, v in r.items()} for r in self.rows))
         if self._tb is not None:
             self._tb.flush()
-        plot_loss(self.rows, self.path.parent / "loss.png")
+        if plot:
+            plot_loss(self.rows, self.path.parent / "loss.png")
 
     def close(self) -> None:
         if self._tb is not None:
