@@ -321,6 +321,29 @@ def _cancelled_run(tmp_path, abdomen_ct, monkeypatch, name: str, where: str):
     return result, ran_after
 
 
+def test_a_cancel_from_the_loader_on_the_first_step_stops_the_run_as_before(tmp_path):
+    """The loader itself raises Cancelled (MONAI's chain checks the flag between transforms
+    when it reads a volume in the training process) on the first step, which the in-step
+    hooks leave alone: it reaches the caller as a cancellation, as it did before the hooks
+    (it was an AttributeError on the missing StepUndo)."""
+    import threading
+
+    from maesil_core.errors import Cancelled
+    from maesil_core.models import build_model
+    from maesil_core.train.loop import fit
+
+    flag = threading.Event()
+
+    def batches():
+        flag.set()
+        raise Cancelled()
+        yield  # pragma: no cover
+
+    cfg = tiny_cfg(3)
+    with pytest.raises(Cancelled):
+        fit(build_model(cfg.model), batches(), cfg, tmp_path / "run", cancel=flag)
+
+
 def _flat(value, prefix=""):
     """Nested dicts / lists of tensors and numbers -> {path: value} for comparison."""
     if isinstance(value, dict):

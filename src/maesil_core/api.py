@@ -371,12 +371,12 @@ def reconstruct(
     grid_mask = tiled.mask[0].numpy() > 0.5
     target = np.asarray(unit)[0]
     scores = reconstruction_scores(
-        tiled.pred[0].numpy(), target, grid_mask if grid_mask.any() else None
+        tiled.pred[0].numpy(), target, grid_mask if grid_mask.any() else None, cancel=is_cancelled
     )
     fill = target  # (D, H, W) the no-learning reference: hidden voxels interpolated from
     if grid_mask.any():  # the visible ones, computed once, scored and shown
         tile = cfg.model.superpatch
-        fill = interpolation_fill(target, grid_mask, cfg.model.patch, tile)
+        fill = interpolation_fill(target, grid_mask, cfg.model.patch, tile, is_cancelled)
         base = interpolation_scores(target, grid_mask, cfg.model.patch, tile, fill=fill)
         scores["mean_fill_mse"] = base.pop("mean_fill_mse")
         scores.update({f"interpolation_{k}": v for k, v in base.items()})

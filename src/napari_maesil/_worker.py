@@ -175,10 +175,28 @@ def preload() -> None:
                 except Exception:  # a job importing it will report the problem
                     return
             set_job_threads()
+            _find_gpus()
 
         thread = threading.Thread(target=run, name="preload-maesil-core", daemon=True)
         _preload.append(thread)
-    thread.start()
+        thread.start()  # under the lock: preloaded() never sees it added and not started
+
+
+#: ``(name, device)`` of each CUDA GPU, found by the preload (CUDA's start-up is seconds:
+#: not on the Qt thread); read by the widgets' device lists
+GPUS: list[tuple[str, str]] = []
+
+
+def _find_gpus() -> None:
+    try:
+        import torch
+
+        GPUS[:] = [
+            (f"GPU {i}: {torch.cuda.get_device_name(i)}", f"cuda:{i}")
+            for i in range(torch.cuda.device_count())
+        ]
+    except Exception:  # a broken CUDA install must not break the widgets
+        GPUS[:] = []
 
 
 def set_job_threads() -> None:

@@ -380,7 +380,9 @@ def fit(
             try:
                 loss_sum, logs = train_step(state, batches, loss_fn, tc)
             except Cancelled:
-                undo.undo(state)  # type: ignore[union-attr]
+                if undo is None:  # not from the hooks (the loader, on a step they leave
+                    raise  # alone): what it was before them, the run stops as cancelled
+                undo.undo(state)
                 if window.steps:  # the whole steps since the last log row
                     last_row = record(lr_at(state.step - 1, tc), time.perf_counter(), {})
                 cancelled = True

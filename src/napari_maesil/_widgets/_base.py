@@ -14,6 +14,7 @@ from magicgui.widgets.bases import Widget
 
 from maesil_core.errors import MaesilError
 
+from .. import _worker
 from .._worker import Job, JobResult, preload, preloaded, running_jobs
 
 #: the newest checkpoint written by a widget in this session (pre-fills the others)
@@ -25,22 +26,12 @@ POLL_MS = 50
 
 def device_choices(*_: Any) -> list[tuple[str, str]]:
     """``auto`` first (a GPU if there is one, as the command line's ``--device auto``), each
-    CUDA GPU by name once the background preload has imported torch, then the CPU. Never
-    imports torch itself: the list is built when a widget opens, on the Qt thread, and an
-    import there waited up to 2 s for the preload's import lock; the widget asks again when
-    the preload is done (:meth:`JobWidget._refresh_when_preloaded`)."""
-    import sys
-
-    out: list[tuple[str, str]] = [("auto (a GPU if there is one)", "auto")]
-    torch = sys.modules.get("torch")
-    if torch is not None and preloaded():
-        try:
-            for i in range(torch.cuda.device_count()):
-                out.append((f"GPU {i}: {torch.cuda.get_device_name(i)}", f"cuda:{i}"))
-        except Exception:  # a broken CUDA install must not break the widget
-            pass
-    out.append(("CPU", "cpu"))
-    return out
+    CUDA GPU by name once the background preload has found them, then the CPU. Never touches
+    torch: the list is built when a widget opens, on the Qt thread, where importing torch
+    waited up to 2 s for the preload's import lock (and CUDA's start-up takes seconds); the
+    widget asks again when the preload is done (:meth:`JobWidget._refresh_when_preloaded`)."""
+    gpus = list(_worker.GPUS) if preloaded() else []
+    return [("auto (a GPU if there is one)", "auto"), *gpus, ("CPU", "cpu")]
 
 
 def layers_of(viewer: Any, kind: str) -> list[Any]:

@@ -136,18 +136,26 @@ def superpatch_job(grid: ModelGrid, corner, mode, ratio, seed, *, progress, canc
     pred = raw[0, 0].float().numpy()
     # scored on the tile's real voxels (an edge tile's padding is not the CT's)
     real = tuple(slice(0, min(t, s - c)) for c, s, t in zip(corner, grid.unit.shape, grid.tile))
-    scores = reconstruction_scores(pred[real], target[real], m[real])
+    hidden = m[real]
     # baselines: the hidden voxels interpolated from the visible ones (the score to beat;
     # a barely trained model does not; also shown, as a layer), or filled with the CT's mean
     patch = grid.model.cfg.patch
-    fill = interpolation_fill(target[real], m[real], patch)  # (real part of the tile)
-    base_scores = interpolation_scores(target[real], m[real], patch, fill=fill)
+    fill = interpolation_fill(target[real], hidden, patch)  # (real part of the tile)
     reference = target.copy()  # (*tile) the padding as the model saw it
     reference[real] = fill
-    volume_fill = np.full_like(target[real], float(grid.unit.mean()))
-    base_scores["volume_mean_mse"] = reconstruction_scores(volume_fill, target[real], m[real])[
-        "mse"
-    ]
+    scores: dict = {}
+    base_scores: dict = {}
+    if hidden.any():  # none where every hidden patch of an edge tile fell in the padding
+        # SSIM's window (7 voxels, or the volume's side if smaller) needs 3 real voxels a
+        # side at least: an edge tile may hold 1 or 2
+        if min(fill.shape) >= 3:
+            scores = reconstruction_scores(pred[real], target[real], hidden)
+            base_scores = interpolation_scores(target[real], hidden, patch, fill=fill)
+        else:
+            scores = _mse_psnr(pred[real], target[real], hidden)
+            base_scores = _mse_psnr(fill, target[real], hidden)
+        volume_fill = np.full_like(target[real], float(grid.unit.mean()))
+        base_scores["volume_mean_mse"] = _mse_psnr(volume_fill, target[real], hidden)["mse"]
     out = {
         "corner": corner,
         "target": target,
@@ -158,7 +166,15 @@ def superpatch_job(grid: ModelGrid, corner, mode, ratio, seed, *, progress, canc
         "scores": scores,
         "baseline": base_scores,
     }
+    if not hidden.any():
+        out["note"] = "no hidden voxel inside the CT here (all in the padding): nothing to score"
     return finished(grid, out)
+
+
+def _mse_psnr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    from maesil_core.metrics import mse, psnr
+
+    return {"mse": mse(pred, target, mask), "psnr": psnr(pred, target, mask)}
 
 
 def volume_job(grid: ModelGrid, mode, ratio, seed, *, progress, cancel):
@@ -241,9 +257,10 @@ def finished(grid: ModelGrid, out: dict) -> ExplorerOutput:
     s, b = out["scores"], out["baseline"]
     text = ""
     if s:
-        text = f"PSNR {s['psnr']:.1f} dB · SSIM {s['ssim']:.3f}"
+        text = f"PSNR {s['psnr']:.1f} dB" + (f" · SSIM {s['ssim']:.3f}" if "ssim" in s else "")
         if b:
             ssim = f" · SSIM {b['ssim']:.3f}" if "ssim" in b else ""
             text += f" (interpolating the visible: PSNR {b['psnr']:.1f} dB{ssim})"
     status = f"done · {int(m.sum())} masked voxels ({100 * m.mean():.0f}%)"
+    text = text or out.get("note", "")
     return ExplorerOutput(layers, limits, err_limits, text, status, out)
