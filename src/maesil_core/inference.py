@@ -50,15 +50,22 @@ def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:
     return F.pad(x.float(), pad, value=0.0)
 
 
+def tile_inside(
+    corner: Sequence[int], shape: Sequence[int], tile: Sequence[int]
+) -> tuple[slice, ...]:
+    """The part of the tile at ``corner`` that lies inside ``shape``, in the tile's own
+    voxels: all of it but the padding :func:`iter_tiles` adds at the far ends."""
+    return tuple(slice(0, min(int(t), int(s) - int(c))) for c, s, t in zip(corner, shape, tile))
+
+
 def tile_valid(
     corners: Sequence[tuple[int, int, int]], shape: Sequence[int], tile: Sequence[int]
 ) -> torch.Tensor:
     """(b, 1, *tile) float, 1.0 on the voxels of each tile at ``corners`` that lie inside
-    ``shape`` and 0.0 on the padding :func:`iter_tiles` adds at the far ends."""
+    ``shape`` (:func:`tile_inside`) and 0.0 on the padding."""
     valid = torch.zeros((len(corners), 1, *tile), dtype=torch.float32)
     for n, corner in enumerate(corners):
-        inside = tuple(slice(0, min(t, s - c)) for c, s, t in zip(corner, shape, tile))
-        valid[(n, slice(None), *inside)] = 1.0
+        valid[(n, slice(None), *tile_inside(corner, shape, tile))] = 1.0
     return valid
 
 

@@ -120,7 +120,7 @@ def superpatch_job(grid: ModelGrid, corner, mode, ratio, seed, *, progress, canc
     """Mask + reconstruct one superpatch; the layers on the tile, and scores."""
     import torch
 
-    from maesil_core.inference import tile_valid
+    from maesil_core.inference import tile_inside, tile_valid
     from maesil_core.metrics import interpolation_fill, interpolation_scores, reconstruction_scores
 
     x = torch.from_numpy(grid.crop(corner))[None, None]
@@ -135,7 +135,7 @@ def superpatch_job(grid: ModelGrid, corner, mode, ratio, seed, *, progress, canc
     m = mask[0, 0].numpy() > 0.5
     pred = raw[0, 0].float().numpy()
     # scored on the tile's real voxels (an edge tile's padding is not the CT's)
-    real = tuple(slice(0, min(t, s - c)) for c, s, t in zip(corner, grid.unit.shape, grid.tile))
+    real = tile_inside(corner, grid.unit.shape, grid.tile)
     hidden = m[real]
     # baselines: the hidden voxels interpolated from the visible ones (the score to beat;
     # a barely trained model does not; also shown, as a layer), or filled with the CT's mean
