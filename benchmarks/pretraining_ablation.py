@@ -148,6 +148,28 @@ ROWS: dict[str, tuple[str, Variant]] = {
         "no-prior at peak lr 2e-3",
         _all(_extra(decoder_prior="none"), _train(lr=2e-3)),
     ),
+    "no-prior-lr-4e-3": (
+        "no-prior at peak lr 4e-3",
+        _all(_extra(decoder_prior="none"), _train(lr=4e-3)),
+    ),
+    "no-prior-lr-2e-3-mask-0.9": (
+        "no-prior at peak lr 2e-3, mask ratio 0.9",
+        _all(_extra(decoder_prior="none"), _train(lr=2e-3), _model(mask_ratio=0.9)),
+    ),
+    "no-prior-lr-2e-3-decoder-4": (
+        "no-prior at peak lr 2e-3, decoder 4 blocks deep",
+        _all(_extra(decoder_prior="none"), _train(lr=2e-3), _model(decoder_depth=4)),
+    ),
+    "plain-lr-2e-3": (
+        "plain decoder at peak lr 2e-3",
+        _all(_extra(decoder_prior="none", decoder_local=False), _train(lr=2e-3)),
+    ),
+    "lr-2e-3": ("peak lr 2e-3 instead of 1e-3", _train(lr=2e-3)),
+    "decoder-4": ("decoder 4 blocks deep instead of 2", _model(decoder_depth=4)),
+    "decoder-4-lr-2e-3": (
+        "decoder 4 blocks deep, peak lr 2e-3",
+        _all(_model(decoder_depth=4), _train(lr=2e-3)),
+    ),
     "tiny": ("the tiny preset (3 mm, dual mask, decoder 64, batch 4)", _tiny),
     "tiny-spacing-1.5": ("tiny at 1.5 mm", _on_tiny(_data(spacing=(1.5, 1.5, 1.5)))),
     "tiny-random-mask": ("tiny with random masking", _on_tiny(_model(mask_mode="random"))),

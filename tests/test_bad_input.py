@@ -234,6 +234,8 @@ def inputs(tmp_path_factory, shared_data, tiny_runs, unwritable) -> SimpleNamesp
     x.config_top.write_text(json.dumps({"steps": 5}))
     x.config_abc = root / "config_abc.json"
     x.config_abc.write_text(json.dumps({"model": {"embed_dim": "abc"}}))
+    x.config_probe = root / "config_probe.json"
+    x.config_probe.write_text(json.dumps({"probe": {"image": ["ct.nii.gz"]}}))
 
     # odd but valid: each must work (test_odd_but_valid_inputs_work)
     shear = aff.copy()
@@ -373,6 +375,7 @@ CASES = [
     # ---- settings
     Case("config-misspelt-section", ("unknown section 'trian'", "did you mean 'train'"), lambda x: pretrain(x, "--config", x.config_section)),
     Case("config-unknown-top-key", ("unknown section 'steps'",), lambda x: pretrain(x, "--config", x.config_top)),
+    Case("config-probe-unknown-key", ('unknown "probe" setting \'image\'', "did you mean 'images'"), lambda x: pretrain(x, "--config", x.config_probe)),
     Case("config-embed-dim-abc", ("model.embed_dim", "whole number", "'abc'"), lambda x: pretrain(x, "--config", x.config_abc)),
     Case("sw-batch-size-0", ("--sw-batch-size 0", "1 or more"), lambda x: segment(x, x.ct, "--sw-batch-size", 0)),
     Case("roi-0", ("--roi 0", "positive"), lambda x: finetune(x, x.ct, x.lab, "--roi", 0)),

@@ -8,6 +8,7 @@ no test CT given, the probe trains on its feet half and is scored on its head ha
 from __future__ import annotations
 
 import csv
+import json
 import threading
 
 import pytest
@@ -26,14 +27,6 @@ def read_rows(run) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def probe_args(shared_data, every):
-    ab = shared_data / "abdomen_ct"
-    return [
-        "--probe-images", ab / "ct.nii.gz", "--probe-labels", ab / "labels.nii.gz",
-        "--probe-classes", "liver", "spleen", "--probe-every", every,
-    ]  # fmt: skip
-
-
 def pretrain_cli(capsys, *argv):
     code = cli.main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -42,7 +35,8 @@ def pretrain_cli(capsys, *argv):
 
 
 def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_data, capsys):
-    """--probe-every 3 over 6 steps: probe rows at steps 3 and 6 (log_every is 10, so a row
+    """The probe set in a --config file's "probe" section, its classes and --probe-every 3
+    from flags (a flag wins over the file), over 6 steps: probe rows at steps 3 and 6 (log_every is 10, so a row
     is written for the probe), Dice in [0, 1] for the encoder and both references, the
     references the same in every row; a resume without the probe flags probes on with the
     recorded settings (same columns, same references); and the probe leaves the training
@@ -51,8 +45,13 @@ def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_da
     ct = shared_data / "abdomen_ct" / "ct.nii.gz"
     run = tmp_path / "probed"
     common = ["--data", ct, "--preset", "tiny", "--threads", 1]
-    err = pretrain_cli(capsys, "pretrain", *common, "--out", run, "--steps", 6,
-                       *probe_args(shared_data, 3))  # fmt: skip
+    ab = shared_data / "abdomen_ct"
+    config = tmp_path / "run.json"  # the probe from a --config file, completed by a flag
+    config.write_text(json.dumps({"probe": {
+        "images": [str(ab / "ct.nii.gz")], "labels": [str(ab / "labels.nii.gz")],
+        "classes": ["kidney"], "every": 50}}))  # fmt: skip
+    err = pretrain_cli(capsys, "pretrain", *common, "--out", run, "--steps", 6, "--config", config,
+                       "--probe-classes", "liver", "spleen", "--probe-every", 3)  # fmt: skip
     assert "probe:" in err  # it says what it reads and scores before training
 
     columns = [f"probe_{s}{c}" for s in ("", "random_init_", "patch_stats_") for c in ("liver", "spleen")]  # fmt: skip

@@ -458,10 +458,15 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
             f'the "{_SECTIONS.get(cls.__name__, cls.__name__)}" settings must be a JSON object '
             f'({{"name": value, ...}}), got {type(values).__name__} {values!r:.40}.'
         )
-    unknown = set(values) - names
+    unknown = sorted(set(values) - names)
     if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], names, n=1)
+        maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ConfigError(
-            f"unknown {cls.__name__} settings {sorted(unknown)}; known: {sorted(names)}."
+            f'unknown "{_SECTIONS.get(cls.__name__, cls.__name__)}" setting {unknown[0]!r}'
+            f"{maybe}; known: {sorted(names)}."
         )
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -710,11 +715,12 @@ def preset(name: str) -> RunConfig:
     return PRESETS[name]()
 
 
-def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """Read a JSON config file (``{"preset": ..., "data": {...}, "model": {...}, ...}``).
+#: the sections of a JSON config file; "probe" is read by ``maesil pretrain`` only
+CONFIG_SECTIONS = ("preset", "data", "model", "train", "probe")
 
-    Keys not in the file keep the values of ``base`` (or of the file's ``preset``).
-    """
+
+def _read_config(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a config file, its sections checked; ConfigError naming the fix."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -728,27 +734,46 @@ def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         ) from exc
     if not isinstance(d, dict):
         raise ConfigError(f"config file {path} must hold a JSON object.", option="config")
-    known = ("preset", "data", "model", "train")
-    unknown = sorted(set(d) - set(known))
+    unknown = sorted(set(d) - set(CONFIG_SECTIONS))
     if unknown:
         import difflib
 
-        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = difflib.get_close_matches(unknown[0], CONFIG_SECTIONS, n=1)
         maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ConfigError(
             f"config file {path}: unknown section {unknown[0]!r}{maybe}; a config holds "
-            f'"preset", "data", "model" and "train" only.',
+            f'"preset", "data", "model", "train" and "probe" only.',
             option="config",
         )
+    for section in CONFIG_SECTIONS[1:]:
+        if not isinstance(d.get(section, {}), dict):
+            raise ConfigError(
+                f'config file {path}: "{section}" must be a JSON object ({{"name": value, ...}}), '
+                f"got {type(d[section]).__name__}."
+            )
+    return d
+
+
+def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a JSON config file (``{"preset": ..., "data": {...}, "model": {...}, ...}``).
+
+    Keys not in the file keep the values of ``base`` (or of the file's ``preset``). A
+    ``"probe"`` section is :func:`load_probe_config`'s.
+    """
+    d = _read_config(path)
     start = base if base is not None else preset(d.get("preset", "base"))
     merged = start.to_dict()
     for section in ("data", "model", "train"):
-        given = d.get(section, {})
-        if not isinstance(given, dict):
-            raise ConfigError(
-                f'config file {path}: "{section}" must be a JSON object ({{"name": value, ...}}), '
-                f"got {type(given).__name__}."
-            )
-        merged[section].update(given)
+        merged[section].update(d.get(section, {}))
     merged["preset"] = d.get("preset", start.preset)
     return RunConfig.from_dict(merged)
+
+
+def load_probe_config(path: str | Path) -> ProbeConfig | None:
+    """The ``"probe"`` section of a JSON config file as a ProbeConfig (not yet validated:
+    ``maesil pretrain``'s ``--probe-*`` flags may still complete it), None without one.
+
+    ``{"probe": {"images": ["ct.nii.gz"], "labels": ["labels.nii.gz"], "classes": ["liver"],
+    "every": 100}}``: the fields of :class:`ProbeConfig`, paths as on the command line."""
+    d = _read_config(path)
+    return ProbeConfig.from_dict(d["probe"]) if "probe" in d else None

@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   maesil pretrain --data ../shared/data/chest_ct --out runs/probed --preset tiny --steps 300 \\
       --probe-images ../shared/data/abdomen_ct/ct.nii.gz --probe-labels ../shared/data/abdomen_ct/labels.nii.gz \\
       --probe-classes liver spleen --probe-every 50   # + probe_liver, probe_spleen in metrics.csv
+  maesil pretrain --data scans/ --out runs/probed --config run.json   # {"preset": "tiny-pretrain", "probe": {"images": [...], ...}}
   torchrun --nproc-per-node 4 -m maesil_core pretrain --data scans/ --out runs/ddp --preset base"""
 
 
@@ -77,14 +78,19 @@ PROBE_FLAGS = (
 
 
 def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig | None:
-    """The ProbeConfig the ``--probe-*`` flags describe (validated), None without any."""
-    from ..config import ProbeConfig
+    """The ProbeConfig of the ``--config`` file's ``"probe"`` section and the ``--probe-*``
+    flags (a flag wins over the file), validated; None without either."""
+    import dataclasses
 
+    from ..config import ProbeConfig, load_probe_config
+
+    base = load_probe_config(args.config) if getattr(args, "config", None) else None
     values = {name: getattr(args, f"probe_{name}", None) for name in PROBE_FLAGS}
     given = {k: v for k, v in values.items() if v is not None and v is not False}  # 0 counts
-    if not given:
+    if base is None and not given:
         return None
-    return ProbeConfig(**given).validate()
+    probe = ProbeConfig(**given) if base is None else dataclasses.replace(base, **given)
+    return probe.validate()
 
 
 def add_probe_options(p: argparse.ArgumentParser) -> None:
