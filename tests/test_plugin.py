@@ -459,6 +459,31 @@ def test_pretrain_widget_plots_the_probe(viewer, qtbot, shared_data, tmp_path, e
     assert not w.probe_plot.widget.isHidden()  # shown once the probe is on
 
 
+def test_pretrain_widget_probes_on_a_dicom_folder(viewer, shared_data):
+    """ "Probe CTs are DICOM folders" makes both probe CT fields browse for folders (and back
+    for files); the dicom_ct series folder with its NIfTI labels is then the probe's test CT,
+    the labels aligned in world coordinates, as `--probe-test-images DIR` does."""
+    from napari_maesil._widgets.pretrain import PretrainWidget
+
+    w = PretrainWidget(viewer)
+    edits = (w.probe_image, w.probe_test_image)
+    assert [e.mode.value for e in edits] == ["r", "r"]
+    w.probe_dicom.value = True
+    assert [e.mode.value for e in edits] == ["d", "d"]
+    assert w.probe_labels.mode.value == "r"  # label maps stay files
+    w.probe_on.value = True
+    w.probe_image.value = str(shared_data / "abdomen_ct" / "ct.nii.gz")
+    w.probe_labels.value = str(shared_data / "abdomen_ct" / "labels.nii.gz")
+    w.probe_test_image.value = str(shared_data / "dicom_ct")
+    w.probe_test_labels.value = str(shared_data / "dicom_ct_labels" / "labels.nii.gz")
+    w.probe_resample_labels.value = True
+    probe = w.probe_config()
+    assert probe.test_images == (str(shared_data / "dicom_ct"),)
+    assert probe.resample_labels
+    w.probe_dicom.value = False
+    assert [e.mode.value for e in edits] == ["r", "r"]
+
+
 def test_pretrain_bad_settings_notify(viewer, tmp_path, errors):
     from napari_maesil._widgets.pretrain import PretrainWidget
 

@@ -153,6 +153,7 @@ class PretrainWidget(JobWidget):
 
         # the linear probe while training (maesil_core.probe_monitor)
         self.probe_on = CheckBox(value=False, text="Probe the encoder while training")
+        self.probe_dicom = CheckBox(value=False, text="Probe CTs are DICOM folders")
         self.probe_image = FileEdit(mode="r", label="Probe CT", value="")
         self.probe_labels = FileEdit(mode="r", label="Probe labels", value="")
         self.probe_classes = LineEdit(value="liver spleen", label="Probe classes")
@@ -164,7 +165,7 @@ class PretrainWidget(JobWidget):
         )
         self.probe_box = Container(
             widgets=[
-                self.probe_image, self.probe_labels, self.probe_classes, self.probe_every,
+                self.probe_dicom, self.probe_image, self.probe_labels, self.probe_classes, self.probe_every,
                 self.probe_test_image, self.probe_test_labels, self.probe_resample_labels,
             ],
             labels=True,
@@ -200,6 +201,7 @@ class PretrainWidget(JobWidget):
         self.source.changed.connect(self._update_source)
         self.show_advanced.changed.connect(self._show_advanced)
         self.probe_on.changed.connect(self._show_probe)
+        self.probe_dicom.changed.connect(self._probe_ct_mode)
         self.start_button.changed.connect(self.start)
         self._apply_preset(self.preset.value)
         self._update_source(self.source.value)
@@ -237,6 +239,11 @@ class PretrainWidget(JobWidget):
     def _show_probe(self, on: bool) -> None:
         self.probe_box.visible = bool(on)
         self.probe_plot.widget.setVisible(bool(on) or bool(self.probe_history))
+
+    def _probe_ct_mode(self, folders: bool) -> None:
+        """The probe CT fields browse for DICOM folders or for files (.nii, .nii.gz, .nrrd)."""
+        for edit in (self.probe_image, self.probe_test_image):
+            edit.mode = "d" if folders else "r"
 
     def probe_config(self) -> Any:
         """The ProbeConfig the probe fields describe (validated), None when it is off."""
