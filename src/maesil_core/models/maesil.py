@@ -10,7 +10,7 @@ round(ratio * L) of them (dual masking by default, see :mod:`.masking`). Then, a
   place, with a learnable mask token everywhere else, and predicts every patch;
 - :meth:`MAESIL.forward_loss`: the MSE on the masked patches only (padding left out).
 
-Two decoder options (:class:`~maesil_core.model_options.MAESILOptions`, on in ``tiny``):
+Two decoder options (:class:`~maesil_core.model_options.MAESILOptions`, on in ``tiny-pretrain``):
 ``decoder_prior="interpolation"`` adds the prediction to the hidden voxels interpolated from
 the visible ones (:func:`interpolate_hidden`), so the decoder learns what a smoothing filter
 cannot guess; ``decoder_local`` runs a :class:`~.vit3d.LocalMix` before each decoder block.
