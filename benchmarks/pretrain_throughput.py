@@ -26,6 +26,9 @@ For each case (model x per-device batch x decoder heads), in one process:
     python benchmarks/pretrain_throughput.py --preset tiny --device cpu --steps 10 --out bench.json
     python benchmarks/pretrain_throughput.py --preset base --device cuda --batch-size 2 8 \\
         --decoder-heads 16 8 --models ours --fed-steps 40 --out base_sweep.json
+    python benchmarks/pretrain_throughput.py --preset tiny-pretrain --device cpu --models ours \\
+        --batch-size 8 32 --extra '' '{"decoder_refine": 8}' --threads 1 --memory no
+        # model options as cases (--extra: JSON merged into the preset's options)
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from full_ct import PRETRAIN_DATA  # noqa: E402
-from maesil_core.config import ModelConfig, RunConfig, preset  # noqa: E402
+from maesil_core.config import PRESETS, ModelConfig, RunConfig, preset  # noqa: E402
 from maesil_core.models import build_model  # noqa: E402
 from maesil_core.train.loop import make_optimizer, pretrain_loss  # noqa: E402
 
@@ -310,12 +313,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def case_config(preset_name: str, batch: int, heads: int | None, precision: str) -> RunConfig:
+def case_config(
+    preset_name: str, batch: int, heads: int | None, precision: str, extra: str = ""
+) -> RunConfig:
+    """The preset with the case's batch, decoder heads, precision and model options: ``extra``
+    a JSON object merged into the preset's (``'{"decoder_refine": 8}'``), "" = as it is."""
     run = preset(preset_name)
     run.train.batch_size = batch
     run.train.precision = precision
     if heads:
         run.model.decoder_num_heads = heads
+    if extra:
+        run.model.extra = {**run.model.extra, **json.loads(extra)}
     return run.validate()
 
 
@@ -333,15 +342,16 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class Trainer:
     """One model, fit's optimiser, a fixed random batch and ``step()`` = fit's training step."""
 
-    def __init__(self, model_key, preset_name, device, batch, heads, precision, compile_):
+    def __init__(self, model_key, preset_name, device, batch, heads, precision, compile_, extra=""):
         torch.manual_seed(0)
         self.dev = torch.device(device)
-        self.run = case_config(preset_name, batch, heads, precision)
+        self.run = case_config(preset_name, batch, heads, precision, extra)
         self.cfg = self.run.model
-        self.key, self.batch, self.compiled = model_key, batch, compile_
+        self.key, self.batch, self.compiled, self.extra = model_key, batch, compile_, extra
         self.heads = self.cfg.decoder_num_heads
         self.name = f"{MODELS[model_key]}, batch {batch}, decoder heads {self.heads}"
         self.name += ", compiled" if compile_ else ""
+        self.name += f", {extra}" if extra else ""
         raw = (build_model(self.cfg) if model_key == "ours" else MonaiMAE(self.cfg)).to(self.dev)
         self.raw = raw.train()
         self.model = torch.compile(raw) if compile_ else raw
@@ -375,8 +385,9 @@ class Trainer:
 def static_figures(tr: Trainer, warmup: int, measure_memory: bool) -> dict:
     """Parameters, FLOPs per step (counted + analytic), SDPA backend, peak memory (CUDA)."""
     out = {
-        "model": MODELS[tr.key],
+        "model": MODELS[tr.key] + (f" {tr.extra}" if tr.extra else ""),
         "key": tr.key,
+        "extra": tr.extra,
         "batch": tr.batch,
         "decoder_heads": tr.heads,
         "decoder_head_dim": tr.cfg.decoder_embed_dim // tr.heads,
@@ -414,11 +425,11 @@ def static_figures(tr: Trainer, warmup: int, measure_memory: bool) -> dict:
 
 def _cpu_memory_child(args: tuple) -> int:
     """Peak RSS above the post-import RSS of a few steps of one case, in a fresh process."""
-    threads, case, preset_name, precision, compile_ = args
+    threads, case, preset_name, precision, compile_, extra = args
     torch.set_num_threads(threads)
     reset_peak_rss()
     base = rss_bytes()
-    tr = Trainer(case[0], preset_name, "cpu", case[1], case[2], precision, compile_)
+    tr = Trainer(case[0], preset_name, "cpu", case[1], case[2], precision, compile_, extra)
     for _ in range(2):
         tr.step()
     return peak_rss_bytes() - base
@@ -468,9 +479,7 @@ def fmt(x, spec: str, scale: float = 1.0) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--preset", choices=["tiny", "cpu", "small", "base", "mim-med3d"], default="tiny"
-    )
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["ours", "monai"])
     ap.add_argument("--batch-size", type=int, nargs="+", default=None, help="default: the preset's")
@@ -489,6 +498,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=["no", "yes"],
         default=["no"],
         help="torch.compile the model (yes), as TrainConfig.compile does; both: compared",
+    )
+    ap.add_argument(
+        "--extra",
+        nargs="+",
+        default=[""],
+        metavar="JSON",
+        help="model options per case, merged into the preset's (ours only), e.g. "
+        "'' '{\"decoder_refine\": 8}': one case each; default: the preset's",
     )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -526,14 +543,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     cases = [
-        (m, b, h, c == "yes")
+        (m, b, h, c == "yes", e)
         for m in args.models
         for b in batches
         for h in heads
         for c in args.compile
+        for e in (args.extra if m == "ours" else [""])
     ]
     trainers = [
-        Trainer(m, args.preset, args.device, b, h, args.precision, c) for m, b, h, c in cases
+        Trainer(m, args.preset, args.device, b, h, args.precision, c, e) for m, b, h, c, e in cases
     ]
     results = []
     for tr in trainers:
@@ -542,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if dev.type == "cpu" and args.memory == "yes":  # a fresh process per case: its own peak
         for r, case in zip(results, cases):
-            job = (torch.get_num_threads(), case[:3], args.preset, args.precision, case[3])
+            job = (torch.get_num_threads(), case[:3], args.preset, args.precision, *case[3:])
             with mp.get_context("spawn").Pool(1) as pool:
                 r["peak_mem_bytes"] = pool.apply(_cpu_memory_child, (job,))
             r["memory"] = "peak RSS above the RSS after imports (own process)"
@@ -621,9 +639,12 @@ def main(argv: list[str] | None = None) -> int:
             pair = [
                 r
                 for r in results
-                if r["batch"] == b and r["decoder_heads"] == h and not r["compiled"]
+                if r["batch"] == b
+                and r["decoder_heads"] == h
+                and not r["compiled"]
+                and not r["extra"]
             ]
-            if len(pair) == 2:
+            if len(pair) == 2 and {r["key"] for r in pair} == {"ours", "monai"}:
                 o, m = pair
                 mem = ""
                 if o.get("peak_mem_bytes") and m.get("peak_mem_bytes"):

@@ -174,6 +174,15 @@ ROWS: dict[str, tuple[str, Variant]] = {
         "decoder 4 blocks deep, peak lr 2e-3",
         _all(_model(decoder_depth=4), _train(lr=2e-3)),
     ),
+    "refine-8": (
+        "+ a voxel-level refinement of the prediction (3 dilated 3x3x3 convolutions, 8 wide)",
+        _extra(decoder_refine=8),
+    ),
+    "batch-32": ("batch 32 instead of 8 (4x the crops per step)", _train(batch_size=32)),
+    "batch-32-lr-2e-3": (
+        "batch 32, peak lr 2e-3 (the square-root rule)",
+        _train(batch_size=32, lr=2e-3),
+    ),
     "tiny": ("the tiny preset (3 mm, dual mask, decoder 64, batch 4)", _tiny),
     "tiny-spacing-1.5": ("tiny at 1.5 mm", _on_tiny(_data(spacing=(1.5, 1.5, 1.5)))),
     "tiny-random-mask": ("tiny with random masking", _on_tiny(_model(mask_mode="random"))),

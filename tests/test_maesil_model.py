@@ -343,15 +343,34 @@ def test_tiny_pretrain_learns_beyond_interpolation_on_held_out_ct(tmp_path):
     assert masked_scores(loaded, test, mask) == pytest.approx(scores, rel=1e-5)
 
 
-def test_interpolation_prior_is_the_reference_before_training():
+@pytest.mark.parametrize("refine", [0, 8])
+def test_interpolation_prior_is_the_reference_before_training(refine):
     """A decoder that corrects the interpolation of the hidden voxels, starting at
-    zero: untrained, it reconstructs exactly metrics.fill_from_visible on real CT."""
+    zero: untrained, it reconstructs exactly metrics.fill_from_visible on real CT, with or
+    without the voxel-level refinement (whose correction also starts at zero)."""
     torch.manual_seed(0)
-    m = build_model(tiny(extra=DECODER_OPTIONS))
+    m = build_model(tiny(extra={**DECODER_OPTIONS, "decoder_refine": refine}))
     assert m.cfg.options.decoder_prior == "interpolation" and m.decoder_local is not None
+    assert (m.decoder_refine is not None) == bool(refine)
     _, x = ct_halves(1, 4)
     mask = make_mask(m.cfg, 4, generator=torch.Generator().manual_seed(1))
     assert masked_scores(m, x, mask)["interp"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_voxel_refinement_trains_on_the_hidden_voxels_only():
+    """decoder_refine: its correction starts at zero but its last layer gets a gradient from
+    the first loss on real CT, and the visible voxels of the picture stay the input's."""
+    torch.manual_seed(0)
+    m = build_model(tiny(extra={**DECODER_OPTIONS, "decoder_refine": 4}))
+    _, x = ct_halves(1, 2)
+    mask = make_mask(m.cfg, 2, generator=torch.Generator().manual_seed(1))
+    m(x, mask).loss.backward()
+    last = m.decoder_refine.body[-1]
+    assert not last.weight.detach().any() and last.weight.grad.abs().max() > 0
+    with torch.no_grad():
+        last.weight.normal_(std=0.1)  # a trained correction
+        recon, hidden = m.reconstruct(x, mask=mask)
+    assert torch.equal(recon[hidden == 0], x[hidden.expand_as(x) == 0])
 
 
 def test_interpolation_prior_keeps_off_the_padding_of_edge_tiles():
@@ -379,8 +398,8 @@ def test_checkpoint_without_options_builds_the_plain_decoder():
     """A config without MAESIL options (every checkpoint written before them) builds MAE's
     decoder: no interpolation prior, no neighbour mixing, the same parameter names."""
     m = build_model(tiny(extra={}))
-    assert m.decoder_prior == "none" and m.decoder_local is None
-    assert not any("decoder_local" in k for k in m.state_dict())
+    assert m.decoder_prior == "none" and m.decoder_local is None and m.decoder_refine is None
+    assert not any("decoder_local" in k or "decoder_refine" in k for k in m.state_dict())
 
 
 @pytest.mark.parametrize(
@@ -388,6 +407,7 @@ def test_checkpoint_without_options_builds_the_plain_decoder():
     [
         {"extra": {"decoder_prior": "cubic"}},
         {"extra": {"decoder_local": "yes"}},
+        {"extra": {"decoder_refine": -1}},
         {"extra": DECODER_OPTIONS, "norm_pix_loss": True},
     ],
 )

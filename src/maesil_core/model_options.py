@@ -37,11 +37,19 @@ class MAESILOptions:
     #: a depthwise 3x3x3 convolution over the token grid before each decoder block
     #: (a local-global decoder: neighbours mix directly, attention mixes the rest)
     decoder_local: bool = False
+    #: channels of a voxel-level refinement of the prediction (0 = none): three 3x3x3
+    #: convolutions (dilations 1, 2, 4: 15 voxels seen) over the predicted, the visible
+    #: voxels and the mask add a correction on the hidden voxels, starting at zero
+    decoder_refine: int = 0
 
     def check(self) -> None:
         if self.decoder_prior not in ("none", "interpolation"):
             raise ConfigError(
                 f"extra decoder_prior must be none or interpolation, got {self.decoder_prior!r}."
+            )
+        if self.decoder_refine < 0:
+            raise ConfigError(
+                f"extra decoder_refine must be 0 (off) or a channel count, got {self.decoder_refine}."
             )
 
 

@@ -10,10 +10,12 @@ round(ratio * L) of them (dual masking by default, see :mod:`.masking`). Then, a
   place, with a learnable mask token everywhere else, and predicts every patch;
 - :meth:`MAESIL.forward_loss`: the MSE on the masked patches only (padding left out).
 
-Two decoder options (:class:`~maesil_core.model_options.MAESILOptions`, on in ``tiny-pretrain``):
-``decoder_prior="interpolation"`` adds the prediction to the hidden voxels interpolated from
-the visible ones (:func:`interpolate_hidden`), so the decoder learns what a smoothing filter
-cannot guess; ``decoder_local`` runs a :class:`~.vit3d.LocalMix` before each decoder block.
+Decoder options (:class:`~maesil_core.model_options.MAESILOptions`; the first two on in
+``tiny-pretrain``): ``decoder_prior="interpolation"`` adds the prediction to the hidden voxels
+interpolated from the visible ones (:func:`interpolate_hidden`), so the decoder learns what a
+smoothing filter cannot guess; ``decoder_local`` runs a :class:`~.vit3d.LocalMix` before each
+decoder block; ``decoder_refine`` corrects the hidden voxels of the picture with a few
+convolutions at full resolution (:class:`VoxelRefine`).
 
 ``forward`` returns the loss, the prediction in patch space (B, L, P) and the mask: what the
 training step needs and nothing more. Voxel pictures are built only when asked for
@@ -78,6 +80,28 @@ def interpolate_hidden(
     return x * seen + fill * hidden
 
 
+class VoxelRefine(nn.Module):
+    """A voxel-level correction of the decoder's picture, the local half of a local-global
+    decoder at full resolution: (B, 2C + 1, D, H, W) [prediction, visible voxels, hidden
+    mask] -> (B, C, D, H, W). Three 3x3x3 convolutions, dilations 1, 2, 4 (15 voxels seen:
+    an 8^3 hidden patch's centre sees its neighbours); the last starts at zero."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(2 * channels + 1, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(width, width, 3, padding=2, dilation=2),
+            nn.GELU(),
+            nn.Conv3d(width, channels, 3, padding=4, dilation=4),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 class MAESIL(nn.Module):
     """Masked autoencoder for 3D CT superpatches. ``forward(x)`` -> :class:`PretrainOutput`."""
 
@@ -112,6 +136,9 @@ class MAESIL(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
         self.decoder_pred = nn.Linear(dd, self.patch_dim)
+        self.decoder_refine = (
+            VoxelRefine(cfg.in_channels, options.decoder_refine) if options.decoder_refine else None
+        )
 
         init_vit_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -187,6 +214,11 @@ class MAESIL(nn.Module):
                 hidden = mask.to_voxels(self.patch).to(x.dtype)  # (B, 1, D, H, W)
                 prior = interpolate_hidden(x, hidden, [p / 2 for p in self.patch], valid)
             pred = pred + self.patchify(prior)
+        if self.decoder_refine is not None:
+            hidden = mask.to_voxels(self.patch).to(pred.dtype)  # (B, 1, D, H, W)
+            voxels = self.unpatchify(pred)  # (B, C, D, H, W)
+            step = self.decoder_refine(torch.cat([voxels, x * (1.0 - hidden), hidden], dim=1))
+            pred = self.patchify(voxels + step * hidden)
         return pred
 
     def _target(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
