@@ -419,7 +419,9 @@ def static_figures(tr: Trainer, warmup: int, measure_memory: bool) -> dict:
     tr.raw.zero_grad(set_to_none=True)
     out["flops_per_step_counted"] = flops
     out["attention_ops"] = ops
-    out["flops_per_step_analytic"] = analytic_flops(tr.cfg, tr.batch) if tr.key == "ours" else None
+    # the analytic count knows the ViT only: none for a case with other model options
+    ours_plain = tr.key == "ours" and not tr.extra
+    out["flops_per_step_analytic"] = analytic_flops(tr.cfg, tr.batch) if ours_plain else None
     return out
 
 

@@ -145,7 +145,7 @@ ROWS: dict[str, tuple[str, Variant]] = {
         _extra(decoder_prior="none", decoder_local=False),
     ),
     "monai-mae": (
-        "MONAI MaskedAutoEncoderViT at the same setting (its own decoder)",
+        "MONAI MaskedAutoEncoderViT at tiny-pretrain-batch-8's setting (its own decoder)",
         _all(_model(method="monai-mae"), _extra()),
     ),
     "lr-3e-4": ("peak lr 3e-4 instead of 1e-3", _train(lr=3e-4)),
@@ -361,10 +361,16 @@ def references(cfg: RunConfig, folds: list[pr.ProbeData], cache: Path) -> dict:
 def run_one(name: str, cfg: RunConfig, seed: int, args, split: dict, ctx: dict) -> dict:
     run_dir = args.out / args.split / name / f"seed{seed}"
     result_file = run_dir / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
     cfg = copy.deepcopy(cfg)
     cfg.train.seed = seed
+    if result_file.is_file():  # a finished run is reused only if it ran this row's setting
+        done = json.loads(result_file.read_text())
+        if done.get("config") != json.loads(json.dumps(cfg.to_dict())):
+            raise SystemExit(
+                f"{result_file} was made with another setting than row {name!r} has now (the "
+                "rows changed since): move it away, or give another --out."
+            )
+        return done
     t0 = time.perf_counter()
     fit = api.pretrain(split["train"], run_dir, cfg, force=True)
     train_s = time.perf_counter() - t0

@@ -236,6 +236,12 @@ def inputs(tmp_path_factory, shared_data, tiny_runs, unwritable) -> SimpleNamesp
     x.config_abc.write_text(json.dumps({"model": {"embed_dim": "abc"}}))
     x.config_probe = root / "config_probe.json"
     x.config_probe.write_text(json.dumps({"probe": {"image": ["ct.nii.gz"]}}))
+    x.config_preset = root / "config_preset.json"
+    x.config_preset.write_text(json.dumps({"preset": "tiny-pretrain"}))
+    x.config_probe_every = root / "config_probe_every.json"
+    x.config_probe_every.write_text(
+        json.dumps({"probe": {"images": [str(x.ct)], "labels": [str(x.lab)], "every": 0}})
+    )
 
     # odd but valid: each must work (test_odd_but_valid_inputs_work)
     shear = aff.copy()
@@ -376,6 +382,9 @@ CASES = [
     Case("config-misspelt-section", ("unknown section 'trian'", "did you mean 'train'"), lambda x: pretrain(x, "--config", x.config_section)),
     Case("config-unknown-top-key", ("unknown section 'steps'",), lambda x: pretrain(x, "--config", x.config_top)),
     Case("config-probe-unknown-key", ('unknown "probe" setting \'image\'', "did you mean 'images'"), lambda x: pretrain(x, "--config", x.config_probe)),
+    Case("config-preset-disagrees", ("--preset tiny", "config_preset.json", "different presets", "give one of them"), lambda x: pretrain(x, "--config", x.config_preset, "--preset", "tiny")),
+    Case("config-probe-every-0", ("--probe-every", "at least 1", "config file", '"probe" section'), lambda x: pretrain(x, "--data", x.ct, "--config", x.config_probe_every)),
+    Case("config-probe-half-pair", ("--probe-images", "but not its labels", "--probe-labels too"), lambda x: pretrain(x, "--data", x.ct, "--config", x.config_probe_every, "--probe-images", x.ct)),
     Case("config-embed-dim-abc", ("model.embed_dim", "whole number", "'abc'"), lambda x: pretrain(x, "--config", x.config_abc)),
     Case("sw-batch-size-0", ("--sw-batch-size 0", "1 or more"), lambda x: segment(x, x.ct, "--sw-batch-size", 0)),
     Case("roi-0", ("--roi 0", "positive"), lambda x: finetune(x, x.ct, x.lab, "--roi", 0)),

@@ -292,3 +292,27 @@ def test_pretrain_augments_unless_told_not_to(tmp_path, capsys):
         )
         assert code == 0, err
         assert load_checkpoint(resolve_checkpoint(run)).config.data.augment is expected
+
+
+def test_a_config_files_preset_is_the_runs_preset(tmp_path):
+    """`--config` naming a preset starts from that preset (it was read over --preset's default,
+    tiny, and only its name kept); --preset alone, or neither, as before."""
+    from maesil_core.cli import build_parser
+    from maesil_core.cli.common import run_config_from_args
+    from maesil_core.config import preset
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"preset": "tiny-pretrain", "train": {"lr": 5e-4}}))
+    parser = build_parser()
+
+    def cfg(*argv):
+        return run_config_from_args(
+            parser.parse_args(["pretrain", "--out", str(tmp_path / "r"), *argv])
+        )
+
+    got = cfg("--config", str(config))
+    want = preset("tiny-pretrain").override("train", lr=5e-4)
+    assert got.to_dict() == want.to_dict()  # 1.5 mm, batch 32, its decoder options
+    assert cfg("--config", str(config), "--preset", "tiny-pretrain").to_dict() == want.to_dict()
+    assert cfg().to_dict() == preset("tiny").to_dict()
+    assert cfg("--preset", "cpu").preset == "cpu"

@@ -359,7 +359,8 @@ def test_interpolation_prior_is_the_reference_before_training(refine):
 
 def test_voxel_refinement_trains_on_the_hidden_voxels_only():
     """decoder_refine: its correction starts at zero but its last layer gets a gradient from
-    the first loss on real CT, and the visible voxels of the picture stay the input's."""
+    the first loss on real CT; once trained it changes the raw prediction of the hidden voxels
+    and of no visible one."""
     torch.manual_seed(0)
     m = build_model(tiny(extra={**DECODER_OPTIONS, "decoder_refine": 4}))
     _, x = ct_halves(1, 2)
@@ -368,9 +369,12 @@ def test_voxel_refinement_trains_on_the_hidden_voxels_only():
     last = m.decoder_refine.body[-1]
     assert not last.weight.detach().any() and last.weight.grad.abs().max() > 0
     with torch.no_grad():
+        before = m.reconstruct(x, mask=mask, return_raw=True)[-1]  # (B, C, D, H, W)
         last.weight.normal_(std=0.1)  # a trained correction
-        recon, hidden = m.reconstruct(x, mask=mask)
-    assert torch.equal(recon[hidden == 0], x[hidden.expand_as(x) == 0])
+        recon, hidden, after = m.reconstruct(x, mask=mask, return_raw=True)
+    changed = (after - before).abs() > 1e-6
+    assert changed[hidden.expand_as(x) > 0].float().mean() > 0.9
+    assert not changed[hidden.expand_as(x) == 0].any()
 
 
 def test_interpolation_prior_keeps_off_the_padding_of_edge_tiles():
@@ -408,6 +412,7 @@ def test_checkpoint_without_options_builds_the_plain_decoder():
         {"extra": {"decoder_prior": "cubic"}},
         {"extra": {"decoder_local": "yes"}},
         {"extra": {"decoder_refine": -1}},
+        {"extra": {"decoder_refine": 4}, "norm_pix_loss": True},
         {"extra": DECODER_OPTIONS, "norm_pix_loss": True},
     ],
 )

@@ -460,9 +460,9 @@ def test_pretrain_widget_plots_the_probe(viewer, qtbot, shared_data, tmp_path, e
 
 
 def test_pretrain_widget_probes_on_a_dicom_folder(viewer, shared_data):
-    """ "Probe CTs are DICOM folders" makes both probe CT fields browse for folders (and back
-    for files); the dicom_ct series folder with its NIfTI labels is then the probe's test CT,
-    the labels aligned in world coordinates, as `--probe-test-images DIR` does."""
+    """The check box "Probe CTs are DICOM folders" makes both probe CT fields browse for
+    folders (and back for files; the label fields stay files); the dicom_ct series folder then
+    goes into the ProbeConfig as the test CT (reading it is maesil probe's, tested there)."""
     from napari_maesil._widgets.pretrain import PretrainWidget
 
     w = PretrainWidget(viewer)

@@ -39,7 +39,8 @@ def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_da
     from flags (a flag wins over the file), over 6 steps: probe rows at steps 3 and 6 (log_every is 10, so a row
     is written for the probe), Dice in [0, 1] for the encoder and both references, the
     references the same in every row; a resume without the probe flags probes on with the
-    recorded settings (same columns, same references); and the probe leaves the training
+    recorded settings (same columns, same references), also given a --config file with another
+    probe (a resume reads no section of the file); and the probe leaves the training
     itself alone: the weights equal those of the same run without it (whose loss.png has
     no probe panel)."""
     ct = shared_data / "abdomen_ct" / "ct.nii.gz"
@@ -67,7 +68,11 @@ def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_da
 
     assert Image.open(run / "loss.png").size == (1100, 350)  # the probe's panel beside the loss
 
-    pretrain_cli(capsys, "pretrain", "--out", run, "--resume", "--steps", 9, "--threads", 1)
+    other = tmp_path / "other.json"  # --resume reads no section of a config file: not its probe
+    other.write_text(json.dumps({"probe": {"images": [str(ab / "ct.nii.gz")],
+                                           "labels": [str(ab / "labels.nii.gz")], "classes": ["stomach"]}}))  # fmt: skip
+    pretrain_cli(capsys, "pretrain", "--out", run, "--resume", "--steps", 9, "--threads", 1,
+                 "--config", other)  # fmt: skip
     header2, rows2 = read_rows(run)
     assert header2 == header
     probed2 = [r for r in rows2 if r.get("probe_liver")]

@@ -253,6 +253,12 @@ class ModelConfig:
                 "turn norm_pix_loss off or set decoder_prior none.",
                 option="norm_pix_loss",
             )
+        if getattr(options, "decoder_refine", 0) and self.norm_pix_loss:
+            raise ConfigError(
+                "decoder_refine corrects voxels, not per-patch normalised values: turn "
+                "norm_pix_loss off or set decoder_refine 0.",
+                option="norm_pix_loss",
+            )
 
 
 @dataclass
@@ -462,11 +468,14 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     if unknown:
         import difflib
 
-        hint = difflib.get_close_matches(unknown[0], names, n=1)
-        maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+        hints = [difflib.get_close_matches(u, names, n=1) for u in unknown]
+        named = ", ".join(
+            f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in zip(unknown, hints)
+        )
         raise ConfigError(
-            f'unknown "{_SECTIONS.get(cls.__name__, cls.__name__)}" setting {unknown[0]!r}'
-            f"{maybe}; known: {sorted(names)}."
+            f'unknown "{_SECTIONS.get(cls.__name__, cls.__name__)}" setting{"s" if len(unknown) > 1 else ""} '
+            f"{named}; remove or rename {'them' if len(unknown) > 1 else 'it'} (known: "
+            f"{sorted(names)})."
         )
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -768,6 +777,33 @@ def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         merged[section].update(d.get(section, {}))
     merged["preset"] = d.get("preset", start.preset)
     return RunConfig.from_dict(merged)
+
+
+def config_preset(path: str | Path) -> str | None:
+    """The ``"preset"`` a JSON config file names, None without one (ConfigError when the file
+    cannot be read or names no known preset)."""
+    name = _read_config(path).get("preset")
+    if name is not None and name not in PRESETS:
+        raise ConfigError(
+            f"config file {path}: unknown preset {name!r}; choose one of {sorted(PRESETS)}.",
+            option="config",
+        )
+    return name
+
+
+def start_config(preset_name: str | None, config: str | Path | None) -> RunConfig:
+    """The config a command starts from: ``preset_name`` (``--preset``), else the config
+    file's ``"preset"``, else ``tiny``; then the file on top. A ``--preset`` that differs from
+    the file's ``"preset"`` is a ConfigError: which one was meant cannot be guessed."""
+    named = config_preset(config) if config else None
+    if preset_name and named and preset_name != named:
+        raise ConfigError(
+            f'`preset` {preset_name} and config file {config} ({{"preset": "{named}"}}) '
+            "name different presets; give one of them.",
+            option="preset",
+        )
+    cfg = preset(preset_name or named or "tiny")
+    return load_config(config, base=cfg) if config else cfg
 
 
 def load_probe_config(path: str | Path) -> ProbeConfig | None:

@@ -312,8 +312,9 @@ def add_run_options(
     p: argparse.ArgumentParser,
     default_steps_help: str = "",
     *,
-    preset_default: str | None = "tiny",
-    preset_help: str = "named configuration (default: tiny, a CPU-sized model)",
+    preset_default: str | None = None,
+    preset_help: str = "named configuration (default: the --config file's preset, else tiny, "
+    "a CPU-sized model)",
     config_help: str = "JSON file overriding the preset "
     '(e.g. {"model": {"mask_ratio": 0.8}, "train": {"lr": 3e-4}})',
     batch_help: str = "superpatches per step and GPU",
@@ -393,11 +394,9 @@ def add_run_options(
 
 def run_config_from_args(args: argparse.Namespace):
     """Preset -> --config file -> individual flags; validated."""
-    from ..config import ConfigError, load_config, preset
+    from ..config import ConfigError, start_config
 
-    cfg = preset(args.preset)
-    if args.config:
-        cfg = load_config(args.config, base=cfg)
+    cfg = start_config(args.preset, args.config)
     spacing = None
     if args.spacing:
         if len(args.spacing) not in (1, 3):

@@ -75,13 +75,11 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from ..config import load_config, preset
+    from ..config import start_config
     from ..interop import monai_vit
 
     check_output_dir(args.out)
-    cfg = preset(args.preset)
-    if args.config:
-        cfg = load_config(args.config, base=cfg)
+    cfg = start_config(args.preset, args.config)
     path = monai_vit.import_vit(
         args.weights, args.out, cfg, img_size=_img_size(args.img_size), force=args.force
     )
@@ -139,9 +137,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--preset",
-        default="tiny",
         choices=sorted(PRESETS),
-        help="architecture and training settings (default tiny)",
+        help="architecture and training settings (default: the --config file's preset, else tiny)",
     )
     p.add_argument("--config", type=Path, help="JSON file overriding the preset, e.g. the heads")
     p.add_argument(

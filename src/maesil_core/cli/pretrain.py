@@ -79,18 +79,36 @@ PROBE_FLAGS = (
 
 def probe_config_from_args(args: argparse.Namespace) -> ProbeConfig | None:
     """The ProbeConfig of the ``--config`` file's ``"probe"`` section and the ``--probe-*``
-    flags (a flag wins over the file), validated; None without either."""
+    flags (a flag wins over the file), validated; None without either. ``--resume`` reads no
+    section of the file (the run's recorded probe goes on, unless flags replace it)."""
     import dataclasses
 
-    from ..config import ProbeConfig, load_probe_config
+    from ..config import ConfigError, ProbeConfig, load_probe_config
 
-    base = load_probe_config(args.config) if getattr(args, "config", None) else None
+    config = getattr(args, "config", None)
+    base = load_probe_config(config) if config and not args.resume else None
     values = {name: getattr(args, f"probe_{name}", None) for name in PROBE_FLAGS}
     given = {k: v for k, v in values.items() if v is not None and v is not False}  # 0 counts
     if base is None and not given:
         return None
-    probe = ProbeConfig(**given) if base is None else dataclasses.replace(base, **given)
-    return probe.validate()
+    if base is None:
+        return ProbeConfig(**given).validate()
+    for images, labels in (("images", "labels"), ("test_images", "test_labels")):
+        if (images in given) != (labels in given):  # a flag would pair with the file's other half
+            have, lack = (images, labels) if images in given else (labels, images)
+            raise ConfigError(
+                f"`probe_{have}` replaces the config file's probe {have} but not its {lack}: "
+                f"give `probe_{lack}` too (the two go together), or neither.",
+                option=f"probe_{lack}",
+            )
+    try:
+        return dataclasses.replace(base, **given).validate()
+    except ConfigError as exc:
+        raise ConfigError(
+            f'{exc.template} (config file {config}: its "probe" section holds these settings '
+            'without "--probe-": "images", "labels", "every", ...)',
+            option=exc.option,
+        ) from exc
 
 
 def add_probe_options(p: argparse.ArgumentParser) -> None:
@@ -125,7 +143,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--mask-mode", choices=["dual", "random", "block"], help="masking (default dual)"
     )
     p.add_argument("--mask-ratio", type=float, help="share of masked patches (default 0.75)")
-    add_run_options(p)
+    add_run_options(
+        p,
+        config_help='JSON file overriding the preset (e.g. {"model": {"mask_ratio": 0.8}, '
+        '"train": {"lr": 3e-4}}); its "preset" is the run\'s preset when --preset is not '
+        'given, and a "probe" section sets the --probe-* settings (names without --probe-)',
+    )
     p.add_argument(
         "--no-augment",
         dest="augment",

@@ -161,12 +161,12 @@ def finetune_config(args: argparse.Namespace, pre_ckpt):
     encoder is refused (CheckpointError, exit 2) rather than silently replaced.
     """
     from .. import segmentation as ft
-    from ..config import PRESETS
+    from ..config import PRESETS, config_preset
     from ..errors import CheckpointError
     from ..models.segmenter import architecture_mismatch
 
     explicit = args.preset is not None or args.config is not None
-    if args.preset is None:
+    if args.preset is None and not (args.config and config_preset(args.config)):
         known = pre_ckpt is not None and pre_ckpt.config.preset in PRESETS
         args.preset = pre_ckpt.config.preset if known else "tiny"
     cfg = run_config_from_args(args)

@@ -84,7 +84,8 @@ class VoxelRefine(nn.Module):
     """A voxel-level correction of the decoder's picture, the local half of a local-global
     decoder at full resolution: (B, 2C + 1, D, H, W) [prediction, visible voxels, hidden
     mask] -> (B, C, D, H, W). Three 3x3x3 convolutions, dilations 1, 2, 4 (15 voxels seen:
-    an 8^3 hidden patch's centre sees its neighbours); the last starts at zero."""
+    an 8^3 hidden patch's centre sees its neighbours); the last starts at zero. The padding of
+    a superpatch at a volume's edge reaches it as visible zeros (it has no ``valid`` input)."""
 
     def __init__(self, channels: int, width: int):
         super().__init__()
