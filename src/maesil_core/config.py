@@ -764,25 +764,9 @@ def _read_config(path: str | Path) -> dict[str, Any]:
     return d
 
 
-def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """Read a JSON config file (``{"preset": ..., "data": {...}, "model": {...}, ...}``).
-
-    Keys not in the file keep the values of ``base`` (or of the file's ``preset``). A
-    ``"probe"`` section is :func:`load_probe_config`'s.
-    """
-    d = _read_config(path)
-    start = base if base is not None else preset(d.get("preset", "base"))
-    merged = start.to_dict()
-    for section in ("data", "model", "train"):
-        merged[section].update(d.get(section, {}))
-    merged["preset"] = d.get("preset", start.preset)
-    return RunConfig.from_dict(merged)
-
-
-def config_preset(path: str | Path) -> str | None:
-    """The ``"preset"`` a JSON config file names, None without one (ConfigError when the file
-    cannot be read or names no known preset)."""
-    name = _read_config(path).get("preset")
+def _file_preset(d: dict[str, Any], path: str | Path) -> str | None:
+    """The known preset a config file's ``"preset"`` names, None without one."""
+    name = d.get("preset")
     if name is not None and name not in PRESETS:
         raise ConfigError(
             f"config file {path}: unknown preset {name!r}; choose one of {sorted(PRESETS)}.",
@@ -791,19 +775,49 @@ def config_preset(path: str | Path) -> str | None:
     return name
 
 
-def start_config(preset_name: str | None, config: str | Path | None) -> RunConfig:
-    """The config a command starts from: ``preset_name`` (``--preset``), else the config
-    file's ``"preset"``, else ``tiny``; then the file on top. A ``--preset`` that differs from
-    the file's ``"preset"`` is a ConfigError: which one was meant cannot be guessed."""
-    named = config_preset(config) if config else None
-    if preset_name and named and preset_name != named:
+def _apply_config(d: dict[str, Any], start: RunConfig, path: str | Path) -> RunConfig:
+    """``start`` with a config file's sections on top. A file that names another preset than
+    ``start``'s is a ConfigError: which one was meant cannot be guessed (before, the file's
+    name was copied onto ``start``'s settings)."""
+    named = _file_preset(d, path)
+    if named is not None and named != start.preset:
         raise ConfigError(
-            f'`preset` {preset_name} and config file {config} ({{"preset": "{named}"}}) '
+            f'`preset` {start.preset} and config file {path} ({{"preset": "{named}"}}) '
             "name different presets; give one of them.",
             option="preset",
         )
-    cfg = preset(preset_name or named or "tiny")
-    return load_config(config, base=cfg) if config else cfg
+    merged = start.to_dict()
+    for section in ("data", "model", "train"):
+        merged[section].update(d.get(section, {}))
+    return RunConfig.from_dict(merged)
+
+
+def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """Read a JSON config file (``{"preset": ..., "data": {...}, "model": {...}, ...}``).
+
+    Keys not in the file keep the values of ``base`` (or of the file's ``preset``; ``base``
+    when it has none); a file naming another preset than ``base``'s is a ConfigError. A
+    ``"probe"`` section is :func:`load_probe_config`'s.
+    """
+    d = _read_config(path)
+    start = base if base is not None else preset(_file_preset(d, path) or "base")
+    return _apply_config(d, start, path)
+
+
+def config_preset(path: str | Path) -> str | None:
+    """The ``"preset"`` a JSON config file names, None without one (ConfigError when the file
+    cannot be read or names no known preset)."""
+    return _file_preset(_read_config(path), path)
+
+
+def start_config(preset_name: str | None, config: str | Path | None) -> RunConfig:
+    """The config a command starts from: ``preset_name`` (``--preset``), else the config
+    file's ``"preset"``, else ``tiny``; then the file on top (a ``--preset`` that differs
+    from the file's ``"preset"`` is a ConfigError)."""
+    if not config:
+        return preset(preset_name or "tiny")
+    d = _read_config(config)
+    return _apply_config(d, preset(preset_name or _file_preset(d, config) or "tiny"), config)
 
 
 def load_probe_config(path: str | Path) -> ProbeConfig | None:
