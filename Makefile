@@ -1,5 +1,5 @@
 # napari-maesil: two commands for a fresh machine
-#   make demo   install, pretrain the tiny-pretrain preset (CT phantom, or DATA=...), write the
+#   make demo   install, pretrain the tiny preset (CT phantom, or DATA=...), write the
 #               reconstruction figure (CT | masked | reconstruction | interpolation reference | error)
 #   make test   install, run the whole test suite (a real napari viewer under Xvfb)
 
@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/maesil pretrain $(if $(DATA),--data $(DATA),) --out $(RUN) --preset tiny-pretrain --steps $(STEPS) --force
+	$(VENV)/bin/maesil pretrain $(if $(DATA),--data $(DATA),) --out $(RUN) --preset tiny --steps $(STEPS) --force
 	$(VENV)/bin/maesil reconstruct --checkpoint $(RUN) --input $(if $(DATA),$(firstword $(DATA)),$(RUN)/phantom/phantom_00/ct.nii.gz) --out $(RUN)/reconstruction --force
 	@echo "figure: $(RUN)/reconstruction/figure.png (the model's reconstruction beside the interpolation reference)"
 

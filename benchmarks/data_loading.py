@@ -27,7 +27,7 @@ per superpatch it consumes; their ratio (model / loader CPU) moves far less with
 With ``--rounds R`` the list of settings is run R times in turn and each figure is the
 median over the rounds.
 
-    OMP_NUM_THREADS=1 python benchmarks/data_loading.py --preset tiny --threads 1 \\
+    OMP_NUM_THREADS=1 python benchmarks/data_loading.py --preset smoke --threads 1 \\
         --workers 0 1 2 --cache memory none disk --batches 12 --out data_loading.json
 """
 
@@ -216,7 +216,7 @@ def measure_setting(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     ap.add_argument("--data", nargs="+", default=[str(p) for p in PRETRAIN_DATA])
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(

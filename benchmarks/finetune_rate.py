@@ -1,6 +1,6 @@
 """Fine-tuning beside pretraining at the same preset, in one run (issue 17, item 2).
 
-For the tiny preset (batch 4 of 32³, one CPU thread unless ``--threads``), rounds alternate
+For the smoke preset (batch 4 of 32³, one CPU thread unless ``--threads``), rounds alternate
 between the pretraining step (MAESIL, fp32), the fine-tuning step (UNETR segmenter, feature
 size 16, Dice + cross-entropy) in fp32 and, where the CPU computes bf16 natively (AMX), under
 bf16 autocast as ``maesil finetune`` now runs it there; the median round counts, so every
@@ -54,7 +54,7 @@ def data_and_validation(batch: int, rounds: int) -> dict[str, float]:
     from maesil_core.segmentation.data import crop_batches, prepare_cases
     from maesil_core.segmentation.infer import predict_index
 
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     folder = DATA / "abdomen_ct"
     image = load_volume(folder / "ct.nii.gz")
     labels = load_labels(folder / "labels.nii.gz", image)
@@ -131,7 +131,7 @@ def main() -> int:
         **extra,
     }
     print(
-        f"\ntiny preset, batch {args.batch} of 32³, {args.threads} thread(s), median of "
+        f"\nsmoke preset, batch {args.batch} of 32³, {args.threads} thread(s), median of "
         f"{args.rounds} rounds, load average {min(loads):.1f}-{max(loads):.1f}"
     )
     print(f"{'step':<20} {'steps/s':>8} {'vol/s':>7} {'GFLOP':>7} {'vs pretraining':>15}")

@@ -20,7 +20,7 @@ here too (a ``--only`` choice), not in a new script::
 How it measures, each command in its own process (``os.wait4`` gives its peak RSS,
 ``ru_maxrss``, also for one the kernel killed), one torch thread, nice'd:
 
-1. **Models**, made once in ``--work`` with this checkout (tiny preset, a few steps: what a
+1. **Models**, made once in ``--work`` with this checkout (smoke preset, a few steps: what a
    command costs does not depend on how well the model is trained): a MAESIL pretraining
    run on ``abdomen_ct`` and a segmenter fine-tuned from it on the full-size CT with ten
    classes: the real tumour label of ``chest_ct`` and nine HU bands of the same CT (lung,
@@ -182,7 +182,7 @@ def commands(args: argparse.Namespace, work: Path, env: dict[str, str]) -> dict[
     runs = work / f"runs_{args.slices}"
     runs.mkdir(exist_ok=True)
     pre, seg = runs / "pre", runs / "seg"
-    common = ["--preset", "tiny", "--threads", "1", "--force"]
+    common = ["--preset", "smoke", "--threads", "1", "--force"]
     if not (pre / "checkpoints").is_dir():
         measure(
             [*maesil, "pretrain", "--data", str(SHARED / "abdomen_ct" / "ct.nii.gz")]

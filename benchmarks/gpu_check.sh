@@ -97,8 +97,8 @@ fi
 export PYTHONPATH=$ROOT/src:$SITE${PYTHONPATH:+:$PYTHONPATH}
 if [ "$SMOKE" = 1 ]; then  # the code paths, not the figures: small sizes, generous time
   CAP_SCALE=${CAP_SCALE:-8}; BUDGET_S=${SMOKE_BUDGET_S:-3600}
-  DEVICE=cpu; BASE=tiny; MIM=tiny; BATCHES="4 2"; BATCH_MONAI=2; HEADS="4 2"; STEPS=2; ROUNDS=1
-  PRETRAIN_STEPS=${PRETRAIN_STEPS:-20}; SLICES=48; SEG_PRESET=tiny; FED=10
+  DEVICE=cpu; BASE=smoke; MIM=smoke; BATCHES="4 2"; BATCH_MONAI=2; HEADS="4 2"; STEPS=2; ROUNDS=1
+  PRETRAIN_STEPS=${PRETRAIN_STEPS:-20}; SLICES=48; SEG_PRESET=smoke; FED=10
   ATTN=(--tokens 64 --width 64 --heads 4 2 --batch 2 --iters 1 --rounds 2)
   ATTN_ENC=(--tokens 16 --width 96 --heads 3 --batch 2 --iters 1 --rounds 2)
 else

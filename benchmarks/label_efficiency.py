@@ -7,7 +7,7 @@ and settings, and scores liver / spleen / stomach on a held-out volume.
 
 Every method is pretrained here on the same volumes, for the same ``--pretrain-steps``, with
 the same seed (``--pretrain-seed``) and the preset's batch and learning rate. The ViT methods
-(maesil, mae, simmim, gl-mae) all use the preset's encoder (tiny: width 96, depth 4, 3 heads,
+(maesil, mae, simmim, gl-mae) all use the preset's encoder (smoke: width 96, depth 4, 3 heads,
 8^3 patches, 32^3 superpatch) and are fine-tuned with the same UNETR decoder, so their rows
 differ only in the pretraining objective. The conv autoencoders (ae, vae, vq-vae) have a conv
 encoder; they are fine-tuned with :class:`ConvAESegmenter` (pretrained encoder and decoder,
@@ -25,7 +25,7 @@ Data (real CT from ``../shared/data``, labels = TotalSegmentator output, ids 5 l
   ``abdomen_ct`` slices 0-9. "1 labelled" uses volume 1, "2" volumes 1-2, "all" 1-3;
 * pretraining (no labels): ``abdomen_ct`` slices 0-9 and 20-29, ``dicom_ct`` and ``chest_ct``.
 
-Everything is resampled to the preset's spacing (3 mm for tiny); crops of ``--roi`` voxels
+Everything is resampled to the preset's spacing (3 mm for smoke); crops of ``--roi`` voxels
 (default 48x48x8, i.e. 144 x 144 x 24 mm: the slabs are only 10 slices thin, and a window no
 thicker than a slab keeps training crops and whole-CT inference windows free of padding) are
 drawn around the labels; the pretraining superpatch (32^3) differs, so the encoder's position
@@ -350,7 +350,7 @@ def plot(results: list[dict], rows: list[dict], path: Path, order: list[str]) ->
     axes[1].set_ylim(0, 1)
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle("Label efficiency per pretraining method vs random init (tiny, CPU)")
+    fig.suptitle("Label efficiency per pretraining method vs random init (smoke, CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "label_efficiency")
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="smoke")
     p.add_argument(
         "--methods",
         nargs="+",

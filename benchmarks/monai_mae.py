@@ -1,7 +1,7 @@
 """MONAI's ``MaskedAutoEncoderViT`` as a pretraining method of this project, for benchmarks.
 
     import monai_mae                       # (benchmarks/ on sys.path) registers "monai-mae"
-    cfg = preset("tiny").override("model", method="monai-mae", decoder_embed_dim=96)
+    cfg = preset("tiny").override("model", method="monai-mae")
 
 The network is MONAI's, module for module, with its own initialisation, class token, biases
 and sin-cos position embeddings (``pos_embed_type="sincos"`` for encoder and decoder); the

@@ -12,8 +12,8 @@ What it measures, each scenario in a fresh process (so imports and peak RSS are 
   (warm), beside the reference: decoding the same file with nibabel alone, in the same
   process. Then the longest event-loop stall from the reader's return until the layer is
   complete (a lazily loaded layer) and 2 s after.
-- **segment** / **explorer**: the Segment widget (tiny fine-tuned model) and the superpatch
-  explorer (*Load model and draw grid*, then *Whole volume*; tiny pretrained model) on that
+- **segment** / **explorer**: the Segment widget (smoke fine-tuned model) and the superpatch
+  explorer (*Load model and draw grid*, then *Whole volume*; smoke pretrained model) on that
   CT: wall time, the longest stall while the job runs and from its end until the result
   layer is in the viewer (+ 2 s), and the process's peak RSS (``ru_maxrss``: open + job),
   beside the reference ``maesil segment`` on the same file (time, peak RSS of its process).
@@ -29,7 +29,7 @@ What it measures, each scenario in a fresh process (so imports and peak RSS are 
 Stalls are measured by a ``QTimer`` ticking every 50 ms: the longest gap between ticks.
 The CT is made at run time by resampling ``../shared/data/chest_ct`` in z (512 x 512 x 61,
 5 mm -> 400 slices of 0.76 mm, linear for the CT and nearest for its tumour label); it lives
-in ``--work`` (default ``/tmp/napari_full_ct``) and is never committed. The tiny models are
+in ``--work`` (default ``/tmp/napari_full_ct``) and is never committed. The smoke models are
 trained there once with the ``maesil`` command (a few steps on ``abdomen_ct``: the figures are
 about the viewer, not about the model's quality). The machine load (1-min load average) is
 recorded at the start and the end of each scenario.
@@ -61,14 +61,14 @@ TICK_MS = 50
 
 
 def make_models(work: Path) -> tuple[Path, Path]:
-    """A tiny pretrained run and a tiny segmenter fine-tuned from it (a few steps each)."""
+    """A smoke pretrained run and a smoke segmenter fine-tuned from it (a few steps each)."""
     maesil = str(Path(sys.executable).with_name("maesil"))
     pre, seg = work / "pretrained", work / "segmenter"
     abd = DATA / "abdomen_ct"
     if not list(pre.glob("checkpoints/*.safetensors")):
         subprocess.run(
             [maesil, "pretrain", "--data", str(abd / "ct.nii.gz"), "--out", str(pre),
-             "--preset", "tiny", "--steps", "30", "--threads", "1", "--force"],
+             "--preset", "smoke", "--steps", "30", "--threads", "1", "--force"],
             check=True,
         )  # fmt: skip
     if not list(seg.glob("checkpoints/*.safetensors")):
@@ -337,7 +337,7 @@ def scenario_explorer(a) -> None:
 
 
 def _widgets(p: Probe, a, ct, labels):
-    """The four widgets, set up on the full CT (tiny settings), docked."""
+    """The four widgets, set up on the full CT (smoke settings), docked."""
     from napari_maesil._widgets.explorer import ExplorerWidget
     from napari_maesil._widgets.finetune import FinetuneWidget
     from napari_maesil._widgets.pretrain import PretrainWidget
@@ -349,7 +349,7 @@ def _widgets(p: Probe, a, ct, labels):
     exp = ExplorerWidget(v)
     exp.image.value, exp.checkpoint.value = ct, str(a.pre)
     pre = PretrainWidget(v)
-    pre.preset.value = "tiny"
+    pre.preset.value = "smoke"
     pre.layers.value = [ct.name]
     pre.steps.value, pre.device.value = 200, "cpu"
     pre.out_dir.value = str(a.work / f"pretrain_job_{os.getpid()}")

@@ -23,10 +23,10 @@ For each case (model x per-device batch x decoder heads), in one process:
   ``--fed-warmup`` + N steps; steps/s from fit's own log rows after the warm-up, beside the
   synthetic step of the same configuration. ``fed / synthetic`` < 1 is time lost to data.
 
-    python benchmarks/pretrain_throughput.py --preset tiny --device cpu --steps 10 --out bench.json
+    python benchmarks/pretrain_throughput.py --preset smoke --device cpu --steps 10 --out bench.json
     python benchmarks/pretrain_throughput.py --preset base --device cuda --batch-size 2 8 \\
         --decoder-heads 16 8 --models ours --fed-steps 40 --out base_sweep.json
-    python benchmarks/pretrain_throughput.py --preset tiny-pretrain --device cpu --models ours \\
+    python benchmarks/pretrain_throughput.py --preset tiny --device cpu --models ours \\
         --batch-size 8 32 --extra '' '{"decoder_refine": 8}' --threads 1 --memory no
         # model options as cases (--extra: JSON merged into the preset's options)
 """
@@ -481,7 +481,7 @@ def fmt(x, spec: str, scale: float = 1.0) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--preset", choices=list(PRESETS), default="smoke")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["ours", "monai"])
     ap.add_argument("--batch-size", type=int, nargs="+", default=None, help="default: the preset's")

@@ -4,11 +4,14 @@ per row, trained with ``maesil pretrain``'s own pipeline, scored on a CT it neve
     python benchmarks/pretraining_ablation.py --split final     # the untouched check, 3 seeds
     python benchmarks/pretraining_ablation.py --split tune --rows all --seeds 0
 
-The default rows are the ``tiny-pretrain`` preset (the setting these measurements chose),
-the ``tiny`` preset and MONAI's ``MaskedAutoEncoderViT`` at tiny-pretrain's setting
-(``monai-mae``); ``--rows`` names others (``--rows all``: every row). Every row other than
-``tiny-pretrain`` changes the preset at batch 8 (``tiny-pretrain-batch-8``: the preset until
-it took batch 32, the base all rows were measured from). Each row is trained by
+Row names are as they were measured: ``tiny-pretrain`` is today's ``tiny`` preset (the
+setting these measurements chose; named ``tiny-pretrain`` until 2026-12-02), ``tiny`` and the
+``tiny-*`` rows are today's ``smoke`` preset (``tiny`` until then) and changes of it. The
+default rows are ``tiny-pretrain``, ``tiny`` and MONAI's ``MaskedAutoEncoderViT`` at
+tiny-pretrain's setting (``monai-mae``); ``--rows`` names others (``--rows all``: every row).
+Every row other than ``tiny-pretrain`` changes the ``tiny`` preset at batch 8
+(``tiny-pretrain-batch-8``: the preset until it took batch 32, the base all rows were measured
+from); the ``cpu`` rows start from the ``cpu`` preset. Each row is trained by
 :func:`maesil_core.api.pretrain` (the real loader: foreground crop, random crops,
 augmentation, padding out of the loss) for ``--steps`` steps at ``--threads`` CPU threads, for
 every seed in ``--seeds``. A finished run is not trained again (its ``result.json`` is
@@ -112,8 +115,8 @@ def _all(*vs: Variant) -> Variant:
 
 
 def _tiny(c: RunConfig) -> RunConfig:
-    """tiny-pretrain -> the tiny preset: 3 mm, dual masking, decoder 64, batch 4, plain
-    decoder."""
+    """The base (the ``tiny`` preset) -> the ``smoke`` preset (row ``tiny``, its name when
+    measured): 3 mm, dual masking, decoder 64, batch 4, plain decoder."""
     c = _data(spacing=(3.0, 3.0, 3.0))(c)
     c = _model(mask_mode="dual", decoder_embed_dim=64)(c)
     c = _train(batch_size=4)(c)
@@ -124,12 +127,27 @@ def _on_tiny(*vs: Variant) -> Variant:
     return _all(_tiny, *vs)
 
 
+def _on_preset(name: str, *vs: Variant) -> Variant:
+    """Another preset in place of the base, run as long and on the same threads and device."""
+
+    def apply(c: RunConfig) -> RunConfig:
+        t = c.train
+        p = preset(name).override(
+            "train", steps=t.steps, threads=t.threads, device=t.device, precision=t.precision,
+            checkpoint_every=t.checkpoint_every, checkpoint_minutes=t.checkpoint_minutes,
+            keep_checkpoints=t.keep_checkpoints,
+        )  # fmt: skip
+        return _all(_data(num_workers=c.data.num_workers), *vs)(p)
+
+    return apply
+
+
 #: name -> (what changes, the change): "tiny-pretrain" is that preset, every other row one
 #: or two changes of it or of the ``tiny`` preset (rows ``tiny-*``)
 ROWS: dict[str, tuple[str, Variant]] = {
     "tiny-pretrain": (
-        "the tiny-pretrain preset (batch 32)",
-        _train(batch_size=preset("tiny-pretrain").train.batch_size),
+        "the tiny-pretrain preset (batch 32), called tiny since 2026-12-02",
+        _train(batch_size=preset("tiny").train.batch_size),
     ),
     "tiny-pretrain-batch-8": (
         "the tiny-pretrain preset at batch 8 (its batch until 2026-12-02)",
@@ -192,7 +210,7 @@ ROWS: dict[str, tuple[str, Variant]] = {
         "batch 32, peak lr 2e-3 (the square-root rule)",
         _train(batch_size=32, lr=2e-3),
     ),
-    "tiny": ("the tiny preset (3 mm, dual mask, decoder 64, batch 4)", _tiny),
+    "tiny": ("the tiny preset (3 mm, dual mask, decoder 64, batch 4), now smoke", _tiny),
     "tiny-spacing-1.5": ("tiny at 1.5 mm", _on_tiny(_data(spacing=(1.5, 1.5, 1.5)))),
     "tiny-random-mask": ("tiny with random masking", _on_tiny(_model(mask_mode="random"))),
     "tiny-batch-8": ("tiny at batch 8", _on_tiny(_train(batch_size=8))),
@@ -228,6 +246,18 @@ ROWS: dict[str, tuple[str, Variant]] = {
     "tiny-no-clip": ("tiny without gradient clipping", _on_tiny(_train(grad_clip=0.0))),
     "tiny-lr-3e-4": ("tiny at peak lr 3e-4", _on_tiny(_train(lr=3e-4))),
     "tiny-lr-3e-3": ("tiny at peak lr 3e-3", _on_tiny(_train(lr=3e-3))),
+    "cpu": (
+        "the cpu preset (2 mm, 64³ superpatches, encoder 192x6, dual mask, batch 4)",
+        _on_preset("cpu"),
+    ),
+    "cpu-pretrain-options": (
+        "cpu + tiny-pretrain's choices: random mask, interpolation prior, neighbour mixing",
+        _on_preset(
+            "cpu",
+            _model(mask_mode="random"),
+            _extra(decoder_prior="interpolation", decoder_local=True),
+        ),
+    ),
 }
 
 DEFAULT_ROWS = ("tiny-pretrain", "tiny", "monai-mae")
@@ -461,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown rows {unknown}; known: {list(ROWS)}")
     torch.set_num_threads(args.threads)
     split = split_data(args.split, args.data, args.out / "data")
-    base = preset("tiny-pretrain")  # the rows' base: at batch 8, as every row was measured
+    base = preset("tiny")  # the rows' base: at batch 8, as every row was measured
     base = base.override("train", batch_size=BASE_BATCH, steps=args.steps, threads=args.threads, device="cpu",
                          precision="fp32", checkpoint_every=args.steps, checkpoint_minutes=0.0,
                          keep_checkpoints=1)  # fmt: skip

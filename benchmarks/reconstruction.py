@@ -10,7 +10,7 @@ What it does, in one process:
 1. **Data.** Pretraining volumes: ``chest_ct`` (HU), ``head_ct`` (not HU: intensity ``auto``
    falls back to percentile scaling) and the ``dicom_ct`` series from ``--data`` (default
    ``../shared/data`` beside the repository). Held out: ``abdomen_ct``, never seen in
-   pretraining. Preprocessing = the ``tiny`` preset's (3 mm voxels, abdomen window -175..250
+   pretraining. Preprocessing = the ``smoke`` preset's (3 mm voxels, abdomen window -175..250
    HU, foreground crop). For each superpatch size one fixed pool of random crops is drawn
    with the MONAI pretraining loader (seeded) and every method trains on the SAME sequence
    of batches from it (same seed, same steps, same batch, same lr schedule).
@@ -126,7 +126,7 @@ def row_batch(e: Entry, batch: int) -> int:
 def run_config(
     e: Entry, steps: int, batch: int, seed: int, spacing: float | None = None
 ) -> RunConfig:
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     cfg.data.num_workers = 0
     if spacing is not None:
         cfg.data.spacing = (float(spacing),) * 3

@@ -1,7 +1,7 @@
 """What the reconstruction target asks for: where interpolation's error on a held-out CT lies.
 
-    python benchmarks/reconstruction_floor.py                          # dicom_ct, tiny-pretrain
-    python benchmarks/reconstruction_floor.py --preset tiny --json
+    python benchmarks/reconstruction_floor.py                          # dicom_ct, the tiny preset
+    python benchmarks/reconstruction_floor.py --preset smoke --json
 
 Issue 11 asks for a masked-voxel MSE at most 0.45x that of filling each tile's hidden voxels
 with its visible mean. Before asking a model for that, this measures on the held-out CT
@@ -101,7 +101,7 @@ def floor(data: Path, preset_name: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
-    ap.add_argument("--preset", default="tiny-pretrain")
+    ap.add_argument("--preset", default="tiny")
     ap.add_argument("--json", action="store_true", help="print every figure as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--checkpoint", help="segmentation run or .safetensors (default: train one)")
     ap.add_argument("--pretrained", help="pretraining run for reconstruct (default: train one)")
-    ap.add_argument("--preset", default="tiny", help="preset of the models trained here")
+    ap.add_argument("--preset", default="smoke", help="preset of the models trained here")
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--sw-batch-size", type=int, nargs="+", default=[None])
     ap.add_argument("--overlap", type=float, nargs="+", default=[None])

@@ -1,6 +1,6 @@
 """CPU threads: training steps/s with 1 thread, 2 threads and ``auto``, in one run.
 
-For the tiny preset's pretraining step (MAESIL, batch 4 of 32³) and its fine-tuning step
+For the smoke preset's pretraining step (MAESIL, batch 4 of 32³) and its fine-tuning step
 (UNETR segmenter, batch 4 of 32³ crops, Dice + cross-entropy), rounds of ``--steps`` steps
 alternate between the thread settings in one process (``torch.set_num_threads``), so every
 setting sees the same load; the median round counts. ``auto`` is what
@@ -31,7 +31,7 @@ from maesil_core.threads import auto_threads, load_average, usable_cores  # noqa
 def pretrain_step_fn(batch: int):
     from maesil_core.models import build_model
 
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     model = build_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     x = torch.rand(batch, 1, *cfg.model.superpatch)
@@ -49,7 +49,7 @@ def finetune_step_fn(batch: int, feature_size: int = 16, bf16: bool = False):
 
     from maesil_core.models.segmenter import make_segmenter
 
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     model = make_segmenter(cfg.model, 2, feature_size=feature_size)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     criterion = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)

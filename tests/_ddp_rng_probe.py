@@ -31,6 +31,6 @@ def build_and_probe(cfg):
 
 
 models.build_model = build_and_probe
-cfg = preset("tiny").override("train", steps=steps)
+cfg = preset("smoke").override("train", steps=steps)
 result = api.pretrain(None, run, cfg, resume=True)
 assert result.step == steps, result

@@ -62,7 +62,7 @@ def trained_run(tmp_path_factory, shared_data) -> Path:
     from maesil_core import api
     from maesil_core.config import preset
 
-    cfg = preset("tiny").override("train", steps=200, log_every=10, checkpoint_every=100)
+    cfg = preset("smoke").override("train", steps=200, log_every=10, checkpoint_every=100)
     cfg = cfg.override("data", num_workers=0)
     run = tmp_path_factory.mktemp("pretrained") / "run"
     data = [shared_data / "abdomen_ct" / "ct.nii.gz", shared_data / "dicom_ct"]
@@ -81,7 +81,8 @@ def tiny_runs(tmp_path_factory, shared_data) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("tiny_runs")
     ct = shared_data / "abdomen_ct" / "ct.nii.gz"
     pre, seg = folder / "pre", folder / "seg"
-    small = ["--steps", "2", "--batch-size", "1", "--threads", "1", "--workers", "0"]
+    small = ["--preset", "smoke", "--steps", "2", "--batch-size", "1", "--threads", "1",
+             "--workers", "0"]  # fmt: skip
     assert main(["pretrain", "--data", str(ct), "--out", str(pre), *small]) == 0
     code = main(
         ["finetune", "--images", str(ct), "--labels", str(ct.with_name("labels.nii.gz"))]

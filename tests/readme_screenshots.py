@@ -5,7 +5,7 @@ file name keeps pytest from collecting it); run it by hand:
 
 PNGs are palette-quantised to stay small (< 300 KB each). The explorer is shown on the
 Pretrain widget's 30-step run, or on the run ``MAESIL_EXPLORER_CHECKPOINT`` names (the
-README's screenshot: a tiny-pretrain run, README says which), with the interpolation
+README's screenshot: a tiny run, README says which), with the interpolation
 reference beside the reconstruction.
 """
 

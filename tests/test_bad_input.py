@@ -237,7 +237,9 @@ def inputs(tmp_path_factory, shared_data, tiny_runs, unwritable) -> SimpleNamesp
     x.config_probe = root / "config_probe.json"
     x.config_probe.write_text(json.dumps({"probe": {"image": ["ct.nii.gz"]}}))
     x.config_preset = root / "config_preset.json"
-    x.config_preset.write_text(json.dumps({"preset": "tiny-pretrain"}))
+    x.config_preset.write_text(json.dumps({"preset": "tiny"}))
+    x.config_renamed = root / "config_renamed.json"
+    x.config_renamed.write_text(json.dumps({"preset": "tiny-pretrain"}))
     x.config_probe_every = root / "config_probe_every.json"
     x.config_probe_every.write_text(
         json.dumps({"probe": {"images": [str(x.ct)], "labels": [str(x.lab)], "every": 0}})
@@ -382,7 +384,9 @@ CASES = [
     Case("config-misspelt-section", ("unknown section 'trian'", "did you mean 'train'"), lambda x: pretrain(x, "--config", x.config_section)),
     Case("config-unknown-top-key", ("unknown section 'steps'",), lambda x: pretrain(x, "--config", x.config_top)),
     Case("config-probe-unknown-key", ('unknown "probe" setting \'image\'', "did you mean 'images'"), lambda x: pretrain(x, "--config", x.config_probe)),
-    Case("config-preset-disagrees", ("--preset tiny", "config_preset.json", "different presets", "give one of them"), lambda x: pretrain(x, "--config", x.config_preset, "--preset", "tiny")),
+    Case("config-preset-disagrees", ("--preset smoke", "config_preset.json", "different presets", "give one of them"), lambda x: pretrain(x, "--config", x.config_preset, "--preset", "smoke")),
+    Case("preset-renamed", ("--preset", "'tiny-pretrain' is called 'tiny'", "use 'tiny'"), lambda x: pretrain(x, "--preset", "tiny-pretrain")),
+    Case("config-preset-renamed", ("config_renamed.json", "'tiny-pretrain' is called 'tiny'", "use 'tiny'"), lambda x: pretrain(x, "--config", x.config_renamed)),
     Case("config-probe-every-0", ("--probe-every", "at least 1", "config file", '"probe" section'), lambda x: pretrain(x, "--data", x.ct, "--config", x.config_probe_every)),
     Case("config-probe-half-pair", ("--probe-images", "but not its labels", "--probe-labels too"), lambda x: pretrain(x, "--data", x.ct, "--config", x.config_probe_every, "--probe-images", x.ct)),
     Case("config-embed-dim-abc", ("model.embed_dim", "whole number", "'abc'"), lambda x: pretrain(x, "--config", x.config_abc)),

@@ -225,7 +225,7 @@ def test_two_process_ddp_on_cpu_writes_one_checkpoint(tmp_path):
             "--out",
             run,
             "--preset",
-            "tiny",
+            "smoke",
             "--steps",
             "6",
             "--batch-size",
@@ -261,9 +261,9 @@ def test_pretrain_resume_keeps_the_runs_own_step_count(tmp_path, capsys):
     from maesil_core.config import preset
 
     ct, run = SHARED / "abdomen_ct" / "ct.nii.gz", tmp_path / "run"
-    cfg = preset("tiny").override("train", steps=4, log_every=2, batch_size=2)
+    cfg = preset("smoke").override("train", steps=4, log_every=2, batch_size=2)
     cfg = cfg.override("data", num_workers=0)
-    assert preset("tiny").train.steps != 4
+    assert preset("smoke").train.steps != 4
     flag = {"stop": False}
 
     def stop_after_2(info):
@@ -295,14 +295,14 @@ def test_pretrain_augments_unless_told_not_to(tmp_path, capsys):
 
 
 def test_a_config_files_preset_is_the_runs_preset(tmp_path):
-    """`--config` naming a preset starts from that preset (it was read over --preset's default,
-    tiny, and only its name kept); --preset alone, or neither, as before."""
+    """`--config` naming a preset starts from that preset (it was read over --preset's default
+    and only its name kept); --preset alone, or neither, as before."""
     from maesil_core.cli import build_parser
     from maesil_core.cli.common import run_config_from_args
     from maesil_core.config import preset
 
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({"preset": "tiny-pretrain", "train": {"lr": 5e-4}}))
+    config.write_text(json.dumps({"preset": "smoke", "train": {"lr": 5e-4}}))
     parser = build_parser()
 
     def cfg(*argv):
@@ -311,8 +311,8 @@ def test_a_config_files_preset_is_the_runs_preset(tmp_path):
         )
 
     got = cfg("--config", str(config))
-    want = preset("tiny-pretrain").override("train", lr=5e-4)
-    assert got.to_dict() == want.to_dict()  # 1.5 mm, batch 32, its decoder options
-    assert cfg("--config", str(config), "--preset", "tiny-pretrain").to_dict() == want.to_dict()
+    want = preset("smoke").override("train", lr=5e-4)
+    assert got.to_dict() == want.to_dict()  # 3 mm, batch 4, dual masking: not the default's
+    assert cfg("--config", str(config), "--preset", "smoke").to_dict() == want.to_dict()
     assert cfg().to_dict() == preset("tiny").to_dict()
     assert cfg("--preset", "cpu").preset == "cpu"

@@ -536,7 +536,7 @@ def test_inference_transforms_invert_to_input(shared_data):
 
 @pytest.mark.parametrize("cache", ["memory", "none", "disk"])
 def test_pretrain_loader_abdomen(cache, shared_data, tmp_path):
-    cfg = preset("tiny").data  # 3 mm, 4 crops per volume, no workers
+    cfg = preset("smoke").data  # 3 mm, 4 crops per volume, no workers
     cfg.cache = cache
     files = resolve_inputs([shared_data / "abdomen_ct" / "ct.nii.gz"])
     loader = make_pretrain_loader(files, cfg, (32, 32, 32), 4, cache_dir=tmp_path / "cache")
@@ -945,7 +945,7 @@ def test_loading_chain_stops_when_cancelled_but_the_memory_cache_keeps_it(shared
     matters (the check is part of the deterministic, cached chain)."""
     from maesil_core.errors import Cancelled
 
-    cfg = preset("tiny").data
+    cfg = preset("smoke").data
     stop = threading.Event()
     stop.set()
     with pytest.raises(Cancelled):
@@ -965,10 +965,10 @@ def test_loading_chain_stops_when_cancelled_but_the_memory_cache_keeps_it(shared
 @pytest.mark.parametrize("case", ["chest_ct/ct.nii.gz", "abdomen_ct/ct.nii.gz", "dicom_ct"])
 def test_labels_to_input_matches_monai_inversion(case, shared_data):
     """A label map on the model grid put back on the input grid by one gather per axis is
-    MONAI's nearest-neighbour inversion (Invertd), voxel for voxel, at the tiny preset's 3 mm."""
+    MONAI's nearest-neighbour inversion (Invertd), voxel for voxel, at the smoke preset's 3 mm."""
     from maesil_core.data.inverse import labels_to_input
 
-    tr = inference_transforms(preset("tiny").data)
+    tr = inference_transforms(preset("smoke").data)
     data = tr({"image": load_volume(shared_data / case)})
     shape = data["image"].shape[1:]
     labels = np.random.default_rng(0).integers(0, 6, size=shape).astype(np.uint8)
@@ -1058,7 +1058,7 @@ def test_fine_tune_preparation_stops_between_slabs_with_the_same_cases_otherwise
     monkeypatch.setattr(slabs, "VALUE_SLAB", 4)  # 8 or 9 slabs, as the map is stored
     ct = load_volume(shared_data / "abdomen_ct" / "ct.nii.gz")
     lab = load_labels(shared_data / "abdomen_ct" / "labels.nii.gz")
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     looks = _CountingFlag(at=10**9)
     labelset = make_label_set([(lab.path, lab.array)], classes=[5, 6], cancel=looks)
     n_set = looks.looks

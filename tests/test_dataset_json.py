@@ -58,7 +58,7 @@ def test_class_names_come_from_the_dataset_json_labels_map(tmp_path, shared_data
 
 def test_finetune_on_a_dataset_json_names_classes_from_its_labels(tmp_path, shared_data):
     task = _task(tmp_path, shared_data, MSD_LABELS)
-    cfg = preset("tiny").override(
+    cfg = preset("smoke").override(
         "train", steps=1, batch_size=1, log_every=1, checkpoint_every=1000, threads=1
     )
     ft.finetune(task / "dataset.json", None, tmp_path / "run", cfg, classes=["liver"])

@@ -1,6 +1,6 @@
 """Faults while a command runs: signals, kill -9, a second run on the same folder, a full disk.
 
-Training runs here are the tiny preset on the real ``abdomen_ct`` with one crop per step;
+Training runs here are the smoke preset on the real ``abdomen_ct`` with one crop per step;
 those that receive a signal or a kill run as a user runs them (``python -m maesil_core``
 in a process of their own), the rest in this process. What must hold (docs/bad-input.md,
 "Faults"): a stop by SIGINT / SIGTERM writes a checkpoint and exits 75 ("stopped early,
@@ -34,7 +34,7 @@ EXIT_STOPPED = 75  #: stopped early by a signal, resumable
 
 def tiny(ct: Path, out: Path, *more) -> list[str]:
     return [
-        "pretrain", "--data", str(ct), "--out", str(out), "--batch-size", "1", "--workers",
+        "pretrain", "--data", str(ct), "--out", str(out), "--preset", "smoke", "--batch-size", "1", "--workers",
         "0", "--threads", "1", *map(str, more),
     ]  # fmt: skip
 

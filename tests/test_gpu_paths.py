@@ -144,7 +144,7 @@ def test_checkpoints_keep_the_decoder_head_count_they_were_trained_with(tmp_path
 
     assert preset("base").model.decoder_num_heads == 8
     assert preset("base").model.decoder_embed_dim // 8 == 64
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     cfg.model.decoder_num_heads = 16  # 64 wide: heads of 4, as an old checkpoint would differ
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
@@ -169,8 +169,8 @@ def test_checkpoints_keep_the_decoder_head_count_they_were_trained_with(tmp_path
 
 @pytest.fixture(scope="module")
 def ct_batch(shared_data) -> dict:
-    """Two 32^3 crops of the real abdominal CT at 3 mm, as the tiny preset's loader cuts them."""
-    cfg = preset("tiny")
+    """Two 32^3 crops of the real abdominal CT at 3 mm, as the smoke preset's loader cuts them."""
+    cfg = preset("smoke")
     data = dataclasses.replace(cfg.data, num_workers=0, augment=False)
     files = [shared_data / "abdomen_ct" / "ct.nii.gz"]
     return next(infinite(make_pretrain_loader(files, data, cfg.model.superpatch, 2, seed=0)))
@@ -184,7 +184,7 @@ def test_every_method_trains_under_bf16_autocast_with_fused_adamw(method, ct_bat
     from maesil_core.models import build_model
     from maesil_core.train.loop import pretrain_loss
 
-    cfg = preset("tiny").override("model", method=method)
+    cfg = preset("smoke").override("model", method=method)
     batch = ct_batch
     torch.manual_seed(0)
     model = build_model(cfg.model).train()

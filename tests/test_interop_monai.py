@@ -54,7 +54,7 @@ def _match_eps(net: torch.nn.Module, eps: float) -> None:
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory, shared_data):
     """A tiny liver + spleen segmenter, briefly fine-tuned from scratch on abdomen_ct."""
-    cfg = preset("tiny").override(
+    cfg = preset("smoke").override(
         "train", steps=30, batch_size=2, lr=3e-3, warmup_steps=5, log_every=10, threads=1
     )
     cfg = cfg.override("train", checkpoint_every=1000)
@@ -275,7 +275,7 @@ def test_monai_unetr_export_for_the_matching_shape(tmp_path, shared_data):
     out = monai_vit.export_unetr(ckpt, tmp_path / "unetr.pt")
     net = UNETR(**out.kwargs).eval()
     net.load_state_dict(torch.load(out.path, weights_only=True), strict=True)
-    x = _crop(shared_data / "chest_ct" / "ct.nii.gz", preset("tiny"), (32, 32, 32))
+    x = _crop(shared_data / "chest_ct" / "ct.nii.gz", preset("smoke"), (32, 32, 32))
     with torch.no_grad():
         ref = model(x)
         _match_eps(net, 1e-6)
@@ -290,7 +290,7 @@ def test_monai_unetr_export_for_the_matching_shape(tmp_path, shared_data):
 
 
 def test_import_monai_ssl_vit_gives_its_features_and_fine_tunes(tmp_path, shared_data):
-    """MONAI's self-supervised ViTAutoEnc weights (tiny preset's shape, MONAI's own init and
+    """MONAI's self-supervised ViTAutoEnc weights (smoke preset's shape, MONAI's own init and
     default qkv_bias=False) -> a checkpoint whose encoder computes MONAI's features exactly,
     that fine-tunes, and that exports back to the same ViT weights."""
     from monai.networks.nets import ViTAutoEnc
@@ -301,7 +301,7 @@ def test_import_monai_ssl_vit_gives_its_features_and_fine_tunes(tmp_path, shared
     weights = tmp_path / "ssl_vit.pt"
     torch.save(ssl.state_dict(), weights)
     run = tmp_path / "imported"
-    tiny16 = preset("tiny").override("model", patch=(16, 16, 16), block=(1, 1, 1))
+    tiny16 = preset("smoke").override("model", patch=(16, 16, 16), block=(1, 1, 1))
     monai_vit.import_vit(weights, run, tiny16)
     ckpt = load_checkpoint(run)
     assert ckpt.meta.extra["encoder_only"] and ckpt.config.model.pos_embed == "learned"
@@ -345,14 +345,14 @@ def test_import_refuses_what_does_not_map(tmp_path):
     cls = ViT(1, 32, 8, hidden_size=96, mlp_dim=384, num_layers=4, num_heads=3, classification=True)
     torch.save(cls.state_dict(), tmp_path / "cls.pt")
     with pytest.raises(CheckpointError, match="class token"):
-        monai_vit.import_vit(tmp_path / "cls.pt", tmp_path / "a", preset("tiny"))
+        monai_vit.import_vit(tmp_path / "cls.pt", tmp_path / "a", preset("smoke"))
     wide = ViT(1, 32, 8, hidden_size=120, mlp_dim=480, num_layers=4, num_heads=3)
     torch.save(wide.state_dict(), tmp_path / "wide.pt")
     with pytest.raises(ConfigError, match=r"embed_dim 120 \(weights\) vs 96"):
-        monai_vit.import_vit(tmp_path / "wide.pt", tmp_path / "b", preset("tiny"))
+        monai_vit.import_vit(tmp_path / "wide.pt", tmp_path / "b", preset("smoke"))
     torch.save({"model": ConfigError("not a tensor")}, tmp_path / "pickle.pt")  # a pickled object
     with pytest.raises(CheckpointError, match="state dict of tensors"):
-        monai_vit.import_vit(tmp_path / "pickle.pt", tmp_path / "c", preset("tiny"))
+        monai_vit.import_vit(tmp_path / "pickle.pt", tmp_path / "c", preset("smoke"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -378,7 +378,7 @@ def test_cli_exports_and_imports_an_encoder(trained_run, shared_data, tmp_path, 
     assert code == 0, err
     assert "monai.networks.nets.ViT" in out and (tmp_path / "vit.json").is_file()
     code, out, err = _cli(
-        capsys, "import", "--from", "monai-vit", tmp_path / "vit.pt", "--preset", "tiny",
+        capsys, "import", "--from", "monai-vit", tmp_path / "vit.pt", "--preset", "smoke",
         "--out", tmp_path / "imported",
     )  # fmt: skip
     assert code == 0, err

@@ -27,7 +27,7 @@ CT = Path("/work/shared/data/abdomen_ct/ct.nii.gz")
 
 
 def tiny(**changes) -> ModelConfig:
-    return dataclasses.replace(preset("tiny").model, **changes)
+    return dataclasses.replace(preset("smoke").model, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -309,12 +309,12 @@ def masked_scores(m: MAESIL, x: torch.Tensor, mask: torch.Tensor) -> dict[str, f
     return {"mean_fill": err / ref["mean_fill_mse"], "interp": err / ref["mse"]}
 
 
-#: MAESIL's decoder options, the tiny-pretrain preset's
+#: MAESIL's decoder options, the tiny preset's
 DECODER_OPTIONS = {"decoder_prior": "interpolation", "decoder_local": True}
 
 
-def test_tiny_pretrain_learns_beyond_interpolation_on_held_out_ct(tmp_path):
-    """40 steps of the tiny-pretrain preset's model on crops of one half of a real CT: on
+def test_tiny_learns_beyond_interpolation_on_held_out_ct(tmp_path):
+    """40 steps of the tiny preset's model on crops of one half of a real CT: on
     crops of the other half, the hidden voxels are reconstructed better than by interpolating the visible
     ones (1.0 before training; 0.85 measured) and far better than the visible-mean fill
     (0.44 measured). Its checkpoint records the options and builds the same model."""
@@ -322,7 +322,7 @@ def test_tiny_pretrain_learns_beyond_interpolation_on_held_out_ct(tmp_path):
     from maesil_core.models.registry import build_from_checkpoint
 
     torch.manual_seed(0)
-    cfg = preset("tiny-pretrain")
+    cfg = preset("tiny")
     assert cfg.model.extra == DECODER_OPTIONS
     m = build_model(cfg.model)
     train, test = ct_halves(32, 8)
@@ -422,7 +422,7 @@ def test_bad_decoder_options_are_config_errors(changes):
 
 
 def test_another_method_leaves_maesil_options_behind():
-    """--method vae with --preset tiny-pretrain: the preset's decoder options are MAESIL's,
+    """--method vae with --preset tiny: the preset's decoder options are MAESIL's,
     not carried to a method that takes none (or other ones)."""
-    cfg = preset("tiny-pretrain").override("model", method="vae")
+    cfg = preset("tiny").override("model", method="vae")
     assert cfg.model.extra == {} and cfg.validate().model.method == "vae"

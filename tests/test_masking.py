@@ -88,7 +88,7 @@ def test_dual_union_equals_returned_mask_and_has_complete_blocks():
 
 @pytest.mark.parametrize("mode", ["random", "block", "dual"])
 def test_generator_reproduces_and_samples_differ(mode):
-    cfg = preset("tiny").model
+    cfg = preset("smoke").model
 
     def draw(seed):
         return make_mask(cfg, 4, mode=mode, generator=torch.Generator().manual_seed(seed))

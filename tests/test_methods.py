@@ -54,7 +54,7 @@ def ct_crops(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def tiny_cfg(method: str, steps: int):
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     extra = {"ae_base_channels": 8} if method in CONV_METHODS else {}
     cfg.model = dataclasses.replace(cfg.model, method=method, extra=extra)
     cfg.train = dataclasses.replace(
@@ -352,7 +352,7 @@ def test_glmae_ema_once_per_optimiser_step(tmp_path):
 
 
 def test_mae_masks_at_random_and_simmim_runs_encoder_on_full_grid():
-    cfg = dataclasses.replace(preset("tiny").model, method="mae", mask_mode="dual")
+    cfg = dataclasses.replace(preset("smoke").model, method="mae", mask_mode="dual")
     assert build_model(cfg).cfg.mask_mode == "random"
     sim = build_model(dataclasses.replace(cfg, method="simmim"))
     x = torch.rand(1, 1, 32, 32, 32)
@@ -369,7 +369,7 @@ def test_cli_pretrain_method(tmp_path):
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "maesil_core.cli", "pretrain", "--method", "vae", "--data", str(CT),
-         "--preset", "tiny", "--steps", "3", "--batch-size", "2", "--out", str(run), "--device", "cpu",
+         "--preset", "smoke", "--steps", "3", "--batch-size", "2", "--out", str(run), "--device", "cpu",
          "--workers", "0"],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -477,13 +477,13 @@ def test_method_options_are_typed_and_checked_before_a_run(tmp_path):
     from maesil_core.checkpoint import save_checkpoint
     from maesil_core.errors import ConfigError
 
-    cfg = preset("tiny").override("model", method="gl-mae", extra={"n_local": 1})
+    cfg = preset("smoke").override("model", method="gl-mae", extra={"n_local": 1})
     assert cfg.model.options.n_local == 1 and cfg.model.options.global_scale == 2
     for bad, needle in (({"n_locals": 1}, "n_locals"), ({"n_local": 1.5}, "n_local")):
         with pytest.raises(ConfigError, match=needle):
-            preset("tiny").override("model", method="gl-mae", extra=bad).validate()
+            preset("smoke").override("model", method="gl-mae", extra=bad).validate()
     with pytest.raises(ConfigError, match="simmim_loss"):
-        preset("tiny").override("model", method="simmim", extra={"simmim_loss": "l3"}).validate()
+        preset("smoke").override("model", method="simmim", extra={"simmim_loss": "l3"}).validate()
     model = build_model(cfg.model)
     assert model.n_local == 1
     reloaded, ckpt = build_from_checkpoint(save_checkpoint(tmp_path, model, cfg, 1))

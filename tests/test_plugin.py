@@ -85,7 +85,7 @@ def fast_config(steps=12):
     """A very small MAESIL (16^3 superpatches of 4^3 patches) that trains in seconds."""
     from maesil_core.config import preset
 
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     cfg = cfg.override("data", crops_per_volume=8, num_workers=0)
     cfg = cfg.override(
         "model",
@@ -340,7 +340,7 @@ def _setup_pretrain(viewer, out_dir, layer_name, steps):
     w = PretrainWidget(viewer)
     viewer.window.add_dock_widget(w, name="Pretrain")
     cfg = fast_config(steps)
-    w.preset.value = "tiny"
+    w.preset.value = "smoke"
     if layer_name is None:
         w.source.value = "Phantom (built in)"
     else:

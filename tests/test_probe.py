@@ -3,7 +3,7 @@
 Data: ``abdomen_ct`` (TotalSegmentator labels, liver 5 / spleen 1) trains the probe;
 ``dicom_ct`` with ``dicom_ct_labels`` (another patient, labels on another grid, aligned in
 world coordinates) scores it. The faster tests cut ``abdomen_ct`` into slabs instead
-(slices 0-15 train, 16-23 test: whole 8-voxel patches at the tiny preset's 3 mm).
+(slices 0-15 train, 16-23 test: whole 8-voxel patches at the smoke preset's 3 mm).
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ def paths(shared_data):
 
 @pytest.fixture(scope="module")
 def slab_data(shared_data):
-    """ProbeData on the tiny preset's grid: one abdomen slab trains, the next one tests."""
+    """ProbeData on the smoke preset's grid: one abdomen slab trains, the next one tests."""
     folder = shared_data / "abdomen_ct"
     image = load_volume(folder / "ct.nii.gz")
     labels = load_labels(folder / "labels.nii.gz", image)
     train = [[ft.crop_volume(v, box) for box in TRAIN_SLABS] for v in (image, labels)]
     test = [ft.crop_volume(v, TEST_SLAB) for v in (image, labels)]
     return pr.prepare_probe_data(
-        preset("tiny"), train[0], train[1], [test[0]], [test[1]], classes=CLASSES,
+        preset("smoke"), train[0], train[1], [test[0]], [test[1]], classes=CLASSES,
         label_names=folder / "label_names.json",
     )  # fmt: skip
 
@@ -93,7 +93,7 @@ def test_cli_probe_json_scores_the_encoder_beside_both_references(trained_run, p
 def test_the_probe_works_for_every_method(slab_data):
     """Every method's frozen features (ViT tokens; AE / VAE / VQ-VAE latents) on whole
     volumes, tiled by the model's input unit: one cell per patch, and a probe that scores."""
-    tiny = preset("tiny").model
+    tiny = preset("smoke").model
     shape = slab_data.test[0].image.shape[1:]
     for method in ("maesil", "mae", "simmim", "gl-mae", "ae", "vae", "vq-vae"):
         cfg = dataclasses.replace(tiny, method=method)
@@ -120,7 +120,7 @@ def test_patch_statistics_find_the_liver_and_the_probe_is_deterministic(slab_dat
 
 def test_api_probe_of_a_conv_autoencoder_checkpoint(tmp_path, slab_data, shared_data):
     """api.probe reads a VAE checkpoint (its latent mean is the feature) end to end."""
-    cfg = preset("tiny").override("model", method="vae").override("data", num_workers=0)
+    cfg = preset("smoke").override("model", method="vae").override("data", num_workers=0)
     cfg = cfg.override("train", steps=2, log_every=1, checkpoint_every=2)
     run = api.pretrain([shared_data / "abdomen_ct" / "ct.nii.gz"], tmp_path / "vae", cfg)
     folder = shared_data / "abdomen_ct"

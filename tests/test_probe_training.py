@@ -45,7 +45,7 @@ def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_da
     no probe panel)."""
     ct = shared_data / "abdomen_ct" / "ct.nii.gz"
     run = tmp_path / "probed"
-    common = ["--data", ct, "--preset", "tiny", "--threads", 1]
+    common = ["--data", ct, "--preset", "smoke", "--threads", 1]
     ab = shared_data / "abdomen_ct"
     config = tmp_path / "run.json"  # the probe from a --config file, completed by a flag
     config.write_text(json.dumps({"probe": {
@@ -95,7 +95,7 @@ def test_probe_monitor_holds_out_the_other_half_and_restores_train_mode(shared_d
     would blur its statistics), both with liver; the hook leaves the model in train mode. A
     Cancel stops the reading, and a probe cancelled during training is left out of its row."""
     ab = shared_data / "abdomen_ct"
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     pcfg = ProbeConfig(images=[ab / "ct.nii.gz"], labels=[ab / "labels.nii.gz"],
                        classes=["liver"], random_inits=1, max_voxels=5000)  # fmt: skip
     data = held_out_data(cfg, pcfg)
@@ -132,6 +132,6 @@ def test_probe_settings_are_checked_before_anything_runs(tmp_path, shared_data):
     ]  # fmt: skip
     for pcfg, option in bad:
         with pytest.raises(ConfigError) as info:
-            api.pretrain(None, tmp_path / "run", preset("tiny"), probe=pcfg)
+            api.pretrain(None, tmp_path / "run", preset("smoke"), probe=pcfg)
         assert info.value.option == option
         assert not (tmp_path / "run").exists()

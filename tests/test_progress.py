@@ -15,7 +15,7 @@ class Terminal(io.StringIO):
 
 
 def _pretrain(tmp_path, abdomen_ct, progress) -> None:
-    cfg = preset("tiny").override("train", steps=6, log_every=2, checkpoint_every=4)
+    cfg = preset("smoke").override("train", steps=6, log_every=2, checkpoint_every=4)
     api.pretrain([abdomen_ct], tmp_path / "run", cfg, progress=progress)
 
 

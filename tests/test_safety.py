@@ -86,7 +86,7 @@ def test_resume_state_round_trips_without_pickle(tmp_path):
     from maesil_core.train.loop import make_optimizer
     from maesil_core.train.seeding import rng_state, set_rng_state
 
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     model = build_model(cfg.model)
     opt = make_optimizer(model, cfg.train, torch.device("cpu"))
     model(torch.rand(2, 1, 32, 32, 32)).loss.backward()
@@ -116,7 +116,7 @@ def test_a_planted_disk_cache_file_is_recomputed_not_run(tmp_path, shared_data):
     ``torch.load(weights_only=True)``, recomputed, and never runs."""
     ct = shared_data / "abdomen_ct" / "ct.nii.gz"
     cache = tmp_path / "cache"
-    cfg = preset("tiny").override("train", steps=1, batch_size=1)
+    cfg = preset("smoke").override("train", steps=1, batch_size=1)
     cfg = cfg.override("data", num_workers=0, cache="disk", cache_dir=str(cache))
     api.pretrain([ct], tmp_path / "a", cfg)
     cached = list(cache.rglob("*.pt"))
@@ -171,7 +171,7 @@ def test_resumed_ddp_ranks_draw_their_own_random_streams(tmp_path, shared_data):
     """Two gloo processes resume one run: each rank's global RNG (the masks are drawn from
     it) differs, where restoring rank 0's saved state on every rank made them equal."""
     run = tmp_path / "run"
-    cfg = preset("tiny").override("train", steps=2, batch_size=1)
+    cfg = preset("smoke").override("train", steps=2, batch_size=1)
     api.pretrain(
         [shared_data / "abdomen_ct" / "ct.nii.gz"], run, cfg.override("data", num_workers=0)
     )

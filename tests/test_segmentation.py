@@ -19,6 +19,7 @@ import torch
 from maesil_core import api, cli
 from maesil_core import segmentation as ft
 from maesil_core.checkpoint import load_checkpoint, save_checkpoint
+from maesil_core.cli import segmentation as cli_segment
 from maesil_core.config import preset
 from maesil_core.data import load_labels, load_volume
 from maesil_core.data.labels import LabelSet, from_classes, from_mapping
@@ -46,7 +47,7 @@ def abdomen(shared_data):
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory, shared_data):
     """A tiny MAESIL pretrained briefly on the two abdominal CTs (no labels used)."""
-    cfg = preset("tiny").override("train", steps=40, log_every=10, checkpoint_every=1000)
+    cfg = preset("smoke").override("train", steps=40, log_every=10, checkpoint_every=1000)
     cfg = cfg.override("data", num_workers=0)
     run = tmp_path_factory.mktemp("seg_pre") / "run"
     api.pretrain([shared_data / "abdomen_ct" / "ct.nii.gz", shared_data / "dicom_ct"], run, cfg)
@@ -257,9 +258,9 @@ def test_pretrained_encoder_is_loaded_and_a_wrong_one_refused(pretrained_run, tm
         assert torch.equal(a, b), name  # the decoder keeps its initialisation
 
     # an encoder of another width: refused, saying what differs
-    other = preset("tiny").model
+    other = preset("smoke").model
     other.embed_dim, other.num_heads = 48, 3
-    wrong = save_checkpoint(tmp_path / "wide", build_model(other), preset("tiny"), 1)
+    wrong = save_checkpoint(tmp_path / "wide", build_model(other), preset("smoke"), 1)
     wrong_cfg = load_checkpoint(wrong).config
     wrong_cfg.model = other
     wrong = save_checkpoint(tmp_path / "wide", build_model(other), wrong_cfg, 1)
@@ -270,14 +271,14 @@ def test_pretrained_encoder_is_loaded_and_a_wrong_one_refused(pretrained_run, tm
 def test_unetr_layers_and_any_multiple_of_the_patch():
     assert default_layers(12, 4) == [2, 5, 8, 11]  # UNETR's 3, 6, 9, 12 for ViT-B / patch 16
     assert default_layers(4, 3) == [0, 2, 3]
-    model = UNETRSegmenter(preset("tiny").model, 3, feature_size=4).eval()
+    model = UNETRSegmenter(preset("smoke").model, 3, feature_size=4).eval()
     with torch.no_grad():
         assert model(torch.rand(1, 1, 48, 32, 16)).shape == (1, 4, 48, 32, 16)
 
 
 def test_sliding_window_equals_direct_forward_where_both_fit():
     torch.manual_seed(0)
-    model = UNETRSegmenter(preset("tiny").model, 2, feature_size=4).eval()
+    model = UNETRSegmenter(preset("smoke").model, 2, feature_size=4).eval()
     x = torch.rand(1, 64, 32, 96)  # three times the 32^3 window along W, twice along D
     with torch.no_grad():
         tiles = [
@@ -297,15 +298,15 @@ def test_a_cancel_inside_a_window_batch_stops_before_the_next_module(abdomen):
     """issue 14, Cancel under 1 s: a cancel set while a batch of windows is in the model
     raises Cancelled before the next module runs (not after the batch, seconds later on a
     full-size CT), and the model is left without the cancel's hooks. On the real CT, on the
-    tiny preset's grid."""
+    smoke preset's grid."""
     import threading
 
     from maesil_core.data import inference_transforms
     from maesil_core.errors import Cancelled
 
     _, image, _ = abdomen
-    x = inference_transforms(preset("tiny").data)({"image": image})["image"]
-    model = UNETRSegmenter(preset("tiny").model, 2, feature_size=4).eval()
+    x = inference_transforms(preset("smoke").data)({"image": image})["image"]
+    model = UNETRSegmenter(preset("smoke").model, 2, feature_size=4).eval()
     leaves = [m for m in model.modules() if not list(m.children())]
     flag, ran_after, seen = threading.Event(), [], []
 
@@ -365,7 +366,7 @@ def test_a_cancel_during_validation_stops_the_run_there_without_its_score(
         return model
 
     monkeypatch.setattr(seg_train, "build_segmenter", build_and_watch)
-    cfg = preset("tiny").override(
+    cfg = preset("smoke").override(
         "train", steps=6, batch_size=1, log_every=2, checkpoint_every=1000
     )
     result = ft.finetune(
@@ -402,7 +403,7 @@ def test_count_windows_matches_what_monai_runs():
 
 
 def test_layer_decay_and_frozen_encoder_reach_the_optimizer():
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     seg = ft.SegmentationConfig(feature_size=4, layer_decay=0.5)
     model = ft.build_segmenter(cfg, seg, 2)
     opt = make_optimizer(model, cfg.train, torch.device("cpu"))
@@ -700,7 +701,7 @@ def test_finetune_takes_the_architecture_and_geometry_from_pretrained(
     help_text = " ".join(capsys.readouterr().out.split())
     assert "With --pretrained the architecture always comes from the checkpoint" in help_text
 
-    # the same tiny encoder, pretrained at 4 mm with the wide window (tiny's own: 3 mm, abdomen)
+    # the same tiny encoder, pretrained at 4 mm with the wide window (smoke's own: 3 mm, abdomen)
     ckpt = load_checkpoint(pretrained_run)
     cfg4 = ckpt.config.override("data", spacing=(4.0, 4.0, 4.0), hu_window="wide")
     pre4 = save_checkpoint(tmp_path / "pre4", build_model(cfg4.model), cfg4, 1)
@@ -709,9 +710,9 @@ def test_finetune_takes_the_architecture_and_geometry_from_pretrained(
     base += ["--pretrained", pre4, "--classes", "liver", "--steps", 1, "--batch-size", 1]
     base += ["--feature-size", 4]
     cases = [
-        ([], [4.0] * 3, preset("tiny").train.lr),
-        (["--preset", "tiny", "--lr", 2e-3], [4.0] * 3, 2e-3),
-        (["--preset", "tiny", "--spacing", 3], [3.0] * 3, preset("tiny").train.lr),
+        ([], [4.0] * 3, preset("smoke").train.lr),
+        (["--preset", "smoke", "--lr", 2e-3], [4.0] * 3, 2e-3),
+        (["--preset", "smoke", "--spacing", 3], [3.0] * 3, preset("smoke").train.lr),
     ]
     for n, (extra, spacing, lr) in enumerate(cases):
         out = tmp_path / f"run{n}"
@@ -724,20 +725,47 @@ def test_finetune_takes_the_architecture_and_geometry_from_pretrained(
         assert config["train"]["lr"] == pytest.approx(lr), extra
 
 
+def test_tiny_fine_tunes_at_its_own_batch_not_its_pretraining_one(tmp_path):
+    """tiny pretrains at batch 32 for 1,000 steps; fine-tuning (from a tiny checkpoint, with
+    --preset tiny, or from scratch) takes batch 4 and 300 steps, a step of the segmenter being
+    100x the arithmetic; --batch-size / --steps / a --config file still choose."""
+    cfg = preset("tiny")
+    pre = load_checkpoint(save_checkpoint(tmp_path / "pre", build_model(cfg.model), cfg, 1))
+    parser = cli.build_parser()
+    out = str(tmp_path / "seg")
+
+    def finetune(*flags, checkpoint=pre):
+        argv = ["finetune", "--images", "x.nii.gz", "--out", out, *flags]
+        return cli_segment.finetune_config(parser.parse_args(argv), checkpoint).train
+
+    def pretrain(*flags):
+        args = parser.parse_args(["pretrain", "--out", out, *flags])
+        return cli.run_config_from_args(args).train
+
+    assert (pretrain().batch_size, pretrain().steps) == (32, 1000)
+    for got in (finetune(), finetune("--preset", "tiny"), finetune(checkpoint=None)):
+        assert (got.batch_size, got.steps) == (4, 300)
+    for got in (ft.config_from_pretrained(pre).train, ft.config_from_pretrained(None).train):
+        assert (got.batch_size, got.steps) == (4, 300)  # the Python API, the widgets
+    assert finetune("--batch-size", "8", "--steps", "50").batch_size == 8
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"train": {"batch_size": 16}}))
+    assert finetune("--config", str(config)).batch_size == 16
+    assert finetune(checkpoint=None).lr == cfg.train.lr  # the rest is the preset's
+
+
 @pytest.mark.parametrize("method", ["ae", "vae", "vq-vae", "mae"])
 def test_preset_beside_pretrained_is_compared_with_the_checkpoints_method(method, tmp_path):
-    """--preset tiny beside a tiny run of any method (pretrain --method, not the preset, chose
+    """--preset smoke beside a smoke run of any method (pretrain --method, not the preset, chose
     it) only sets the training settings; a preset of another size is refused."""
-    from maesil_core.cli import segmentation as cli_segment
-
-    cfg = preset("tiny").override("model", method=method)
+    cfg = preset("smoke").override("model", method=method)
     pre = load_checkpoint(save_checkpoint(tmp_path / "pre", build_model(cfg.model), cfg, 1))
 
     def config(*flags):
         argv = ["finetune", "--images", "x.nii.gz", "--out", str(tmp_path / "seg"), *flags]
         return cli_segment.finetune_config(cli.build_parser().parse_args(argv), pre)
 
-    got = config("--preset", "tiny", "--lr", "2e-3")
+    got = config("--preset", "smoke", "--lr", "2e-3")
     assert got.model.method == method and got.train.lr == pytest.approx(2e-3)
     with pytest.raises(CheckpointError, match="--preset small"):
         config("--preset", "small")

@@ -21,7 +21,7 @@ def test_slab_resampling_back_to_the_input_grid_equals_monais_inverse(scan, shar
     """abdomen_ct (RAS, 3 mm), the DICOM series (LPS, 512 x 512) and chest_ct (0.6 x 0.6 x
     5 mm): linear values to float precision, nearest labels identical."""
     vol = load_volume(shared_data / scan)
-    transform = inference_transforms(preset("tiny").data)
+    transform = inference_transforms(preset("smoke").data)
     sample = transform({"image": vol})
     grid = np.asarray(sample["image"])[0]  # (D, H, W) on the model grid
     assert grid.shape != vol.array.shape or scan.startswith("abdomen")
@@ -107,7 +107,7 @@ def test_reconstruction_outputs_are_int16_hu_with_the_interpolation_reference(
 
     # the interpolation reference: the input where the model saw it; where hidden, exactly
     # metrics.fill_from_visible (sigma half a patch, per superpatch) on the model grid,
-    # which for abdomen_ct (RAS, 3 mm) under the tiny preset is the input's own grid
+    # which for abdomen_ct (RAS, 3 mm) under the smoke preset is the input's own grid
     from maesil_core.metrics import fill_from_visible
 
     cfg = load_checkpoint(tiny_runs["pretrain"]).config

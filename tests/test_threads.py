@@ -77,7 +77,7 @@ def test_cli_threads_flag_takes_auto_or_a_count(tmp_path, capsys):
 def test_training_says_how_many_threads_and_restores_the_callers(tmp_path, abdomen_ct):
     """A run with the default (auto) reports its choice before the first step; the caller's
     own setting (napari's) is back afterwards."""
-    cfg = preset("tiny").override("train", steps=1, batch_size=1, log_every=1)
+    cfg = preset("smoke").override("train", steps=1, batch_size=1, log_every=1)
     assert cfg.train.threads == 0
     before = torch.get_num_threads()
     messages = []

@@ -1,4 +1,4 @@
-"""The training loop, checkpoints and resume, on real CT (tiny preset, CPU)."""
+"""The training loop, checkpoints and resume, on real CT (smoke preset, CPU)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from maesil_core.train import lr_at
 
 
 def tiny_cfg(steps: int, **train):
-    cfg = preset("tiny")
+    cfg = preset("smoke")
     cfg = cfg.override("train", steps=steps, log_every=5, checkpoint_every=1000, **train)
     return cfg.override("data", num_workers=0, cache="memory")
 
@@ -228,7 +228,7 @@ def test_resumed_config_takes_only_steps_device_and_threads():
 
 
 def test_learning_rate_schedule_shape():
-    cfg = preset("tiny").train
+    cfg = preset("smoke").train
     lrs = [lr_at(s, cfg) for s in range(cfg.steps)]
     assert lrs[0] < lrs[cfg.warmup_steps - 1] == pytest.approx(cfg.lr)
     assert lrs[-1] < 0.01 * cfg.lr + cfg.min_lr

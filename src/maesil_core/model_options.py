@@ -26,7 +26,7 @@ class NoOptions:
 
 @dataclass(frozen=True)
 class MAESILOptions:
-    """MAESIL's decoder (both on in the ``tiny-pretrain`` preset, measured in RESULTS.md; off by
+    """MAESIL's decoder (both on in the ``tiny`` preset, measured in RESULTS.md; off by
     default, so a checkpoint written without them builds the model it was)."""
 
     #: "none", or "interpolation": the decoder predicts the residual over the hidden voxels

@@ -303,6 +303,16 @@ def parse_threads(text: str) -> int:
     return value
 
 
+def add_preset_option(p: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    """``--preset NAME``, its choices listed in ``--help``. The name is checked where the
+    config is built (:func:`maesil_core.config.preset`): one line that names the fix, and a
+    renamed preset's new name, where argparse's ``choices`` print the usage too."""
+    from ..config import PRESETS
+
+    choices = "{" + ",".join(PRESETS) + "}"
+    p.add_argument("--preset", default=default, metavar=choices, help=help)
+
+
 def add_threads_option(p: argparse.ArgumentParser) -> None:
     """``--threads N|auto`` (default auto: :func:`maesil_core.threads.auto_threads`)."""
     p.add_argument("--threads", type=parse_threads, metavar="N|auto", help=THREADS_HELP)
@@ -321,10 +331,8 @@ def add_run_options(
 ) -> None:
     """Flags shared by ``pretrain`` and ``finetune`` (each says what its batch and its
     ``--config`` hold)."""
-    from ..config import PRESETS
-
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
-    p.add_argument("--preset", default=preset_default, choices=sorted(PRESETS), help=preset_help)
+    add_preset_option(p, preset_default, preset_help)
     p.add_argument("--config", type=Path, help=config_help)
     p.add_argument("--steps", type=int, help="optimiser steps" + default_steps_help)
     p.add_argument("--batch-size", type=int, help=batch_help)
@@ -392,11 +400,11 @@ def add_run_options(
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
 
 
-def run_config_from_args(args: argparse.Namespace):
-    """Preset -> --config file -> individual flags; validated."""
+def run_config_from_args(args: argparse.Namespace, stage: str = "pretrain"):
+    """Preset (its ``stage`` settings) -> --config file -> individual flags; validated."""
     from ..config import ConfigError, start_config
 
-    cfg = start_config(args.preset, args.config)
+    cfg = start_config(args.preset, args.config, stage)
     spacing = None
     if args.spacing:
         if len(args.spacing) not in (1, 3):

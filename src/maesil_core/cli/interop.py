@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_command, check_output_dir, check_output_file
+from .common import add_command, add_preset_option, check_output_dir, check_output_file
 
 FORMATS = {
     "monai-bundle": "a fine-tuned segmenter as a MONAI Bundle (configs/, models/model.pt, docs/, LICENSE)",
@@ -92,8 +92,6 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..config import PRESETS
-
     p = add_command(
         sub,
         "export",
@@ -135,10 +133,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="state dict (.pt, .pth, .safetensors) of a MONAI ViT or of a model holding one "
         "(UNETR, ViTAutoEnc); read without unpickling objects",
     )
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="architecture and training settings (default: the --config file's preset, else tiny)",
+    add_preset_option(
+        p,
+        None,
+        "architecture and training settings (default: the --config file's preset, else tiny)",
     )
     p.add_argument("--config", type=Path, help="JSON file overriding the preset, e.g. the heads")
     p.add_argument(

@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 
 EXAMPLES = """examples:
   maesil pretrain --out runs/demo                                 # tiny preset on the built-in CT phantom
-  maesil pretrain --data ../shared/data/abdomen_ct/ct.nii.gz ../shared/data/chest_ct --out runs/ct --preset tiny --steps 300
+  maesil pretrain --data ../shared/data/abdomen_ct/ct.nii.gz ../shared/data/chest_ct --out runs/ct --preset tiny
   maesil pretrain --data scans/ dataset.json list.txt 'more/*.nii.gz' --out runs/base --preset base --device cuda
   maesil pretrain --out runs/ct --resume --steps 600               # continue (and extend) a run
-  maesil pretrain --data ../shared/data/chest_ct --out runs/probed --preset tiny --steps 300 \\
+  maesil pretrain --data ../shared/data/chest_ct --out runs/probed --preset tiny \\
       --probe-images ../shared/data/abdomen_ct/ct.nii.gz --probe-labels ../shared/data/abdomen_ct/labels.nii.gz \\
-      --probe-classes liver spleen --probe-every 50   # + probe_liver, probe_spleen in metrics.csv
-  maesil pretrain --data scans/ --out runs/probed --config run.json   # {"preset": "tiny-pretrain", "probe": {"images": [...], ...}}
+      --probe-classes liver spleen --probe-every 100  # + probe_liver, probe_spleen in metrics.csv
+  maesil pretrain --data scans/ --out runs/probed --config run.json   # {"preset": "tiny", "probe": {"images": [...], ...}}
   torchrun --nproc-per-node 4 -m maesil_core pretrain --data scans/ --out runs/ddp --preset base"""
 
 

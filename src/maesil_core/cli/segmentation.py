@@ -169,7 +169,7 @@ def finetune_config(args: argparse.Namespace, pre_ckpt):
     if args.preset is None and not (args.config and config_preset(args.config)):
         known = pre_ckpt is not None and pre_ckpt.config.preset in PRESETS
         args.preset = pre_ckpt.config.preset if known else "tiny"
-    cfg = run_config_from_args(args)
+    cfg = run_config_from_args(args, stage="finetune")
     if pre_ckpt is not None:
         # a preset has no method of its own (pretrain --method sets it): compare the encoder the
         # preset gives to the checkpoint's method, so `--preset tiny` fits a tiny ae / vae run

@@ -289,16 +289,17 @@ def _default_eval_every(cfg: RunConfig) -> int:
 
 
 def config_from_pretrained(ckpt: Checkpoint | None, base: RunConfig | None = None) -> RunConfig:
-    """Fine-tuning config: ``base`` (default the tiny preset, or the checkpoint's preset)
-    with the checkpoint's architecture, spacing, HU window and intensity handling."""
+    """Fine-tuning config: ``base`` (default the tiny preset, or the checkpoint's preset, with
+    its fine-tuning training settings) with the checkpoint's architecture, spacing, HU window
+    and intensity handling."""
     if ckpt is None:
-        return base or preset("tiny")
+        return base or preset("tiny", "finetune")
     pcfg = ckpt.config
     if base is None:
         try:
-            base = preset(pcfg.preset)
+            base = preset(pcfg.preset, "finetune")
         except ConfigError:
-            base = preset("tiny")
+            base = preset("tiny", "finetune")
     cfg = RunConfig.from_dict(base.to_dict())
     cfg.model = RunConfig.from_dict(pcfg.to_dict()).model
     cfg.data.spacing = pcfg.data.spacing
