@@ -89,6 +89,52 @@ def test_pretrain_writes_probe_columns_and_resume_keeps_them(tmp_path, shared_da
     assert Image.open(plain / "loss.png").size == (600, 350)
 
 
+def tensorboard_scalars(run) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a run's TensorBoard logs as TensorBoard itself reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_shows_the_csv_rows_and_a_resume_replaces_what_it_redoes(
+    tmp_path, shared_data, capsys
+):
+    """TensorBoard holds every metrics.csv column (loss, lr, the probe and its references),
+    at the CSV's steps and values. A run stopped after logging step 4 but before its step-4
+    checkpoint (that checkpoint removed) resumes at step 2 and logs step 4 again: TensorBoard
+    shows it once, as metrics.csv does."""
+    ab = shared_data / "abdomen_ct"
+    run = tmp_path / "tb"
+    probe = ["--probe-images", ab / "ct.nii.gz", "--probe-labels", ab / "labels.nii.gz",
+             "--probe-classes", "liver", "--probe-every", 2]  # fmt: skip
+    pretrain_cli(capsys, "pretrain", "--data", ab / "ct.nii.gz", "--preset", "smoke", "--out", run,
+                 "--steps", 4, "--checkpoint-every", 2, "--threads", 1, *probe)  # fmt: skip
+
+    def assert_same_as_csv():
+        header, rows = read_rows(run)
+        tb = tensorboard_scalars(run)
+        assert set(tb) == set(header) - {"step"}
+        for column, points in tb.items():
+            want = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
+            assert [s for s, _ in points] == [s for s, _ in want], column
+            assert [v for _, v in points] == pytest.approx([v for _, v in want], rel=1e-4)
+        return tb
+
+    first = assert_same_as_csv()
+    assert {"loss", "probe_liver", "probe_random_init_liver", "probe_patch_stats_liver"} <= set(
+        first
+    )
+    assert [s for s, _ in first["probe_liver"]] == [2, 4]
+
+    for f in (run / "checkpoints").glob("step_000004.*"):
+        f.unlink()
+    pretrain_cli(capsys, "pretrain", "--out", run, "--resume", "--threads", 1)
+    again = assert_same_as_csv()  # step 4 once: the resumed run's
+    assert [s for s, _ in again["probe_liver"]] == [2, 4]
+
+
 def test_probe_monitor_holds_out_the_other_half_and_restores_train_mode(shared_data):
     """One labelled CT: the probe trains on its feet half and is scored on its head half,
     whole 8-slice patch cells of 3 mm each (slices 0-15 and 16-23 of 30: a cell half padding

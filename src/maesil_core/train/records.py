@@ -18,7 +18,9 @@ from ..files import atomic_write_csv
 class MetricsLog:
     """``metrics.csv`` and ``loss.png`` (always) and TensorBoard (when installed), on rank 0.
 
-    A resumed run keeps the rows up to the step it resumes at.
+    A resumed run keeps the rows up to the step it resumes at, in both: TensorBoard is told to
+    drop the events after it (``purge_step``), which a run stopped after its last checkpoint
+    had logged and the resumed run logs again.
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None):
@@ -35,7 +37,8 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         except Exception:  # tensorboard not installed: CSV only
             self._tb = None
 
