@@ -105,6 +105,7 @@ def test_tensorboard_shows_the_csv_rows_and_a_resume_replaces_what_it_redoes(
     at the CSV's steps and values. A run stopped after logging step 4 but before its step-4
     checkpoint (that checkpoint removed) resumes at step 2 and logs step 4 again: TensorBoard
     shows it once, as metrics.csv does."""
+    pytest.importorskip("tensorboard")  # the `testing` extra has it; `make test-min` does not
     ab = shared_data / "abdomen_ct"
     run = tmp_path / "tb"
     probe = ["--probe-images", ab / "ct.nii.gz", "--probe-labels", ab / "labels.nii.gz",

@@ -20,10 +20,10 @@ from maesil_core import api, cli
 from maesil_core import segmentation as ft
 from maesil_core.checkpoint import load_checkpoint, save_checkpoint
 from maesil_core.cli import segmentation as cli_segment
-from maesil_core.config import preset
+from maesil_core.config import RunConfig, preset
 from maesil_core.data import load_labels, load_volume
 from maesil_core.data.labels import LabelSet, from_classes, from_mapping
-from maesil_core.errors import CheckpointError, DataError
+from maesil_core.errors import CheckpointError, ConfigError, DataError
 from maesil_core.models import build_model
 from maesil_core.models.segmenter import UNETRSegmenter, default_layers
 from maesil_core.train.loop import make_optimizer
@@ -752,6 +752,13 @@ def test_tiny_fine_tunes_at_its_own_batch_not_its_pretraining_one(tmp_path):
     config.write_text(json.dumps({"train": {"batch_size": 16}}))
     assert finetune("--config", str(config)).batch_size == 16
     assert finetune(checkpoint=None).lr == cfg.train.lr  # the rest is the preset's
+    with pytest.raises(ConfigError, match="'tiny-pretrain' is called 'tiny'"):
+        finetune("--preset", "tiny-pretrain")
+    old = cfg.to_dict() | {"preset": "tiny-pretrain"}  # a run from before the rename
+    old = load_checkpoint(save_checkpoint(tmp_path / "old", build_model(cfg.model),
+                                          RunConfig.from_dict(old), 1))  # fmt: skip
+    for got in (finetune(checkpoint=old), ft.config_from_pretrained(old).train):
+        assert (got.batch_size, got.steps) == (4, 300)
 
 
 @pytest.mark.parametrize("method", ["ae", "vae", "vq-vae", "mae"])

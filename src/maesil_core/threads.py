@@ -2,7 +2,7 @@
 
 torch starts one intra-op thread per physical core. On a machine shared with other jobs
 those threads spin-wait for each other (OpenMP) on cores that other processes hold: on 2
-busy cores the tiny preset pretrained 24x slower with 2 threads than with 1
+busy cores the 3 mm smoke preset (then called tiny) pretrained 24x slower with 2 threads than with 1
 (BENCHMARKS.md, "CPU threads"). ``auto`` therefore counts the cores this process may run
 on (``os.sched_getaffinity``, at most torch's own default), subtracts the 1-minute load
 average (the processes already running or waiting for a core) and keeps the rest, at

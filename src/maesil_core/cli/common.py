@@ -361,7 +361,7 @@ def add_run_options(
         "--workers",
         type=int,
         help="data loader worker processes (default: none on a CPU, on a GPU the CPU cores "
-        "less one, at most 16; the tiny and cpu presets: none)",
+        "less one, at most 16; the smoke, tiny and cpu presets: none)",
     )
     p.add_argument(
         "--compile",

@@ -140,7 +140,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--method", choices=available_methods(), help="pretraining method (default maesil)"
     )
     p.add_argument(
-        "--mask-mode", choices=["dual", "random", "block"], help="masking (default dual)"
+        "--mask-mode",
+        choices=["dual", "random", "block"],
+        help="masking (default: the preset's; tiny random, the others dual)",
     )
     p.add_argument("--mask-ratio", type=float, help="share of masked patches (default 0.75)")
     add_run_options(

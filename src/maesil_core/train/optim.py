@@ -52,7 +52,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def cpu_computes_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (Intel AMX tiles, PyTorch's own check):
-    there oneDNN runs bf16 convolutions about twice as fast as fp32 (the tiny UNETR
+    there oneDNN runs bf16 convolutions about twice as fast as fp32 (the smoke UNETR
     fine-tuning step 2.0x, benchmarks/finetune_rate.py); elsewhere bf16 is emulated, slower."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
