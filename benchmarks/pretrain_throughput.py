@@ -23,6 +23,10 @@ For each case (model x per-device batch x decoder heads), in one process:
   ``--fed-warmup`` + N steps; steps/s from fit's own log rows after the warm-up, beside the
   synthetic step of the same configuration. ``fed / synthetic`` < 1 is time lost to data.
 
+The ``tiny`` and ``cpu`` presets turn MAESIL's decoder options on (an interpolation prior,
+neighbour mixing), which MONAI's MAE does not have: their rows print no ours / MONAI ratio
+and no analytic FLOPs; compare with MONAI at ``smoke``, ``small`` or ``base``.
+
     python benchmarks/pretrain_throughput.py --preset smoke --device cpu --steps 10 --out bench.json
     python benchmarks/pretrain_throughput.py --preset base --device cuda --batch-size 2 8 \\
         --decoder-heads 16 8 --models ours --fed-steps 40 --out base_sweep.json
@@ -419,9 +423,11 @@ def static_figures(tr: Trainer, warmup: int, measure_memory: bool) -> dict:
     tr.raw.zero_grad(set_to_none=True)
     out["flops_per_step_counted"] = flops
     out["attention_ops"] = ops
-    # the analytic count knows the ViT only: none for a case with other model options
-    ours_plain = tr.key == "ours" and not tr.extra
+    # the analytic count knows the ViT only: none for a model with decoder options on (a
+    # preset's, as tiny's and cpu's, or a case's --extra)
+    ours_plain = tr.key == "ours" and tr.cfg.options == type(tr.cfg.options)()
     out["flops_per_step_analytic"] = analytic_flops(tr.cfg, tr.batch) if ours_plain else None
+    out["like_monai"] = ours_plain or tr.key == "monai"  # same network as MONAI's, or MONAI's
     return out
 
 
@@ -645,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                 and r["decoder_heads"] == h
                 and not r["compiled"]
                 and not r["extra"]
+                and r.get("like_monai", True)
             ]
             if len(pair) == 2 and {r["key"] for r in pair} == {"ours", "monai"}:
                 o, m = pair

@@ -166,6 +166,10 @@ ROWS: dict[str, tuple[str, Variant]] = {
         "MONAI MaskedAutoEncoderViT at tiny-pretrain-batch-8's setting (its own decoder)",
         _all(_model(method="monai-mae"), _extra()),
     ),
+    "monai-mae-batch-32": (
+        "MONAI MaskedAutoEncoderViT at the tiny preset's setting (batch 32; its own decoder)",
+        _all(_model(method="monai-mae"), _extra(), _train(batch_size=32)),
+    ),
     "lr-3e-4": ("peak lr 3e-4 instead of 1e-3", _train(lr=3e-4)),
     "plain-lr-3e-4": (
         "plain decoder at peak lr 3e-4",
@@ -247,11 +251,13 @@ ROWS: dict[str, tuple[str, Variant]] = {
     "tiny-lr-3e-4": ("tiny at peak lr 3e-4", _on_tiny(_train(lr=3e-4))),
     "tiny-lr-3e-3": ("tiny at peak lr 3e-3", _on_tiny(_train(lr=3e-3))),
     "cpu": (
-        "the cpu preset (2 mm, 64³ superpatches, encoder 192x6, dual mask, batch 4)",
-        _on_preset("cpu"),
+        "the cpu preset until 2026-12-02 (2 mm, 64³ superpatches, encoder 192x6, dual mask, "
+        "plain decoder, batch 4)",
+        _on_preset("cpu", _model(mask_mode="dual"), _extra()),
     ),
     "cpu-pretrain-options": (
-        "cpu + tiny-pretrain's choices: random mask, interpolation prior, neighbour mixing",
+        "cpu + tiny-pretrain's choices: random mask, interpolation prior, neighbour mixing "
+        "(the cpu preset since 2026-12-02)",
         _on_preset(
             "cpu",
             _model(mask_mode="random"),

@@ -604,7 +604,10 @@ def _tiny() -> RunConfig:
 
 
 def _cpu() -> RunConfig:
-    """An hour or two on a laptop CPU: the README's reconstruction figure (RESULTS.md)."""
+    """An hour on a laptop CPU (8,000 steps, one thread). Random masking and ``tiny``'s
+    decoder (the interpolation prior, neighbour mixing): on a CT of another patient after
+    1,000 steps, 3 seeds, 0.50x the visible-mean fill against 1.90x with dual masking and a
+    plain decoder, probe liver 0.35 against 0.11 (RESULTS.md, "Fourth pass")."""
     return RunConfig(
         preset="cpu",
         data=DataConfig(spacing=(2.0, 2.0, 2.0), crops_per_volume=4, num_workers=0),
@@ -618,6 +621,8 @@ def _cpu() -> RunConfig:
             decoder_depth=2,
             decoder_num_heads=4,
             block=(2, 2, 2),
+            mask_mode="random",
+            extra={"decoder_prior": "interpolation", "decoder_local": True},
         ),
         train=TrainConfig(
             steps=8000, batch_size=4, lr=5e-4, warmup_steps=20, checkpoint_every=500, threads=1
