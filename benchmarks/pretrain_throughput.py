@@ -636,11 +636,16 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r.get('ops_per_step', '')} ({r.get('kernel_ops_per_step', '')}) |"
         )
     lines.append("")
+    share = ""  # the analytic model is the plain ViT's: none for decoder options (tiny, cpu)
+    if cfg.method != "maesil" or cfg.options == type(cfg.options)():
+        share = (
+            f"; analytic share of the step in decoder attention: "
+            f"{100 * attention_share(cfg)['decoder_attention']:.0f}% "
+            f"(decoder {100 * attention_share(cfg)['decoder']:.0f}%) at the preset's batch"
+        )
     lines.append(
         f"measured {peak_name} peak: {peak / 1e12:.3g} TFLOP/s; spec: "
-        f"{fmt(spec, '.0f', 1e12) or 'n/a'} ({spec_src}); analytic share of the step in decoder "
-        f"attention: {100 * attention_share(cfg)['decoder_attention']:.0f}% "
-        f"(decoder {100 * attention_share(cfg)['decoder']:.0f}%) at the preset's batch"
+        f"{fmt(spec, '.0f', 1e12) or 'n/a'} ({spec_src}){share}"
     )
     for b in batches:
         for h in heads:

@@ -607,7 +607,8 @@ def _cpu() -> RunConfig:
     """An hour on a laptop CPU (8,000 steps, one thread). Random masking and ``tiny``'s
     decoder (the interpolation prior, neighbour mixing): on a CT of another patient after
     1,000 steps, 3 seeds, 0.50x the visible-mean fill against 1.90x with dual masking and a
-    plain decoder, probe liver 0.35 against 0.11 (RESULTS.md, "Fourth pass")."""
+    plain decoder (RESULTS.md, "Fourth pass"; the probe, 0.35 against 0.11, varies too much
+    by seed to mean anything yet)."""
     return RunConfig(
         preset="cpu",
         data=DataConfig(spacing=(2.0, 2.0, 2.0), crops_per_volume=4, num_workers=0),

@@ -142,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mask-mode",
         choices=["dual", "random", "block"],
-        help="masking (default: the preset's; tiny random, the others dual)",
+        help="masking (default: the preset's; tiny, cpu and mim-med3d random, the others dual)",
     )
     p.add_argument("--mask-ratio", type=float, help="share of masked patches (default 0.75)")
     add_run_options(
