@@ -360,6 +360,24 @@ def _setup_pretrain(viewer, out_dir, layer_name, steps):
     return w
 
 
+def test_pretrain_widget_starts_on_the_preset_that_learns(viewer):
+    """The Pretrain widget opens on `tiny`, the setting measured to learn (RESULTS.md), and
+    the config its untouched fields describe is that preset's: 1.5 mm, random masking, its
+    decoder options, batch 32, 1,000 steps. Choosing `smoke` shows the 3 mm test preset."""
+    from maesil_core.config import preset
+    from napari_maesil._widgets.pretrain import PretrainWidget
+
+    w = PretrainWidget(viewer)
+    assert w.preset.value == "tiny"
+    got, want = w.config(), preset("tiny")
+    assert got.model == want.model and got.data.spacing == want.data.spacing == (1.5,) * 3
+    assert (got.train.batch_size, got.train.steps, got.train.lr) == (32, 1000, want.train.lr)
+    w.preset.value = "smoke"
+    got = w.config()
+    assert got.model == preset("smoke").model and got.data.spacing == (3.0,) * 3
+    assert (got.train.batch_size, got.train.steps) == (4, 300)
+
+
 def test_pretrain_widget_trains_and_keeps_viewer_responsive(viewer, qtbot, shared_data, tmp_path):
     from qtpy.QtCore import QTimer
 
