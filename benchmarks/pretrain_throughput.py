@@ -164,6 +164,12 @@ def analytic_flops(cfg: ModelConfig, batch: int) -> float:
     return 3.0 * batch * fwd
 
 
+def plain_decoder(cfg: ModelConfig) -> bool:
+    """True when no decoder option is on (the preset's own, as tiny's and cpu's, or a case's
+    --extra): the network is the plain ViT MAE that the analytic count and MONAI describe."""
+    return cfg.options == type(cfg.options)()
+
+
 def attention_share(cfg: ModelConfig) -> dict:
     """Share of the analytic step FLOPs in decoder attention (QK^T and AV) and in the decoder."""
     L = cfg.num_patches
@@ -423,9 +429,8 @@ def static_figures(tr: Trainer, warmup: int, measure_memory: bool) -> dict:
     tr.raw.zero_grad(set_to_none=True)
     out["flops_per_step_counted"] = flops
     out["attention_ops"] = ops
-    # the analytic count knows the ViT only: none for a model with decoder options on (a
-    # preset's, as tiny's and cpu's, or a case's --extra)
-    ours_plain = tr.key == "ours" and tr.cfg.options == type(tr.cfg.options)()
+    # the analytic count knows the plain ViT only
+    ours_plain = tr.key == "ours" and plain_decoder(tr.cfg)
     out["flops_per_step_analytic"] = analytic_flops(tr.cfg, tr.batch) if ours_plain else None
     out["like_monai"] = ours_plain or tr.key == "monai"  # same network as MONAI's, or MONAI's
     return out
@@ -637,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines.append("")
     share = ""  # the analytic model is the plain ViT's: none for decoder options (tiny, cpu)
-    if cfg.method != "maesil" or cfg.options == type(cfg.options)():
+    if plain_decoder(cfg):
         share = (
             f"; analytic share of the step in decoder attention: "
             f"{100 * attention_share(cfg)['decoder_attention']:.0f}% "

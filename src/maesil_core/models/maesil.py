@@ -11,7 +11,7 @@ round(ratio * L) of them (dual masking by default, see :mod:`.masking`). Then, a
 - :meth:`MAESIL.forward_loss`: the MSE on the masked patches only (padding left out).
 
 Decoder options (:class:`~maesil_core.model_options.MAESILOptions`; the first two on in
-``tiny``): ``decoder_prior="interpolation"`` adds the prediction to the hidden voxels
+``tiny`` and ``cpu``): ``decoder_prior="interpolation"`` adds the prediction to the hidden voxels
 interpolated from the visible ones (:func:`interpolate_hidden`), so the decoder learns what a
 smoothing filter cannot guess; ``decoder_local`` runs a :class:`~.vit3d.LocalMix` before each
 decoder block; ``decoder_refine`` corrects the hidden voxels of the picture with a few
